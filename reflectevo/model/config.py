@@ -1,0 +1,155 @@
+"""ModelConfig: the shape of a Llama-family decoder, read from a Hugging Face config.json or GGUF metadata."""
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from reflectevo.errors import ModelLoadError
+
+SUPPORTED_ARCHITECTURES = {
+    "LlamaForCausalLM": "llama",
+    "MistralForCausalLM": "mistral",
+    "Qwen2ForCausalLM": "qwen2",
+}
+KNOWN_ROPE_TYPES = ("default", "linear", "llama3")
+
+
+@dataclass
+class ModelConfig:
+    vocab_size: int = 32000
+    hidden_size: int = 4096
+    intermediate_size: int = 11008
+    num_layers: int = 32
+    num_heads: int = 32
+    num_kv_heads: int = 32
+    head_dim: int = 0  # 0 -> hidden_size // num_heads
+    rms_norm_eps: float = 1e-5
+    rope_theta: float = 10000.0
+    rope_scaling: dict | None = None
+    max_position_embeddings: int = 4096
+    tie_word_embeddings: bool = False
+    attention_bias: bool = False
+    sliding_window: int | None = None
+    max_window_layers: int = 0  # layers with index >= this use the sliding window (Qwen2); 0 = all
+    architecture: str = "llama"
+    name_or_path: str = ""
+    bos_token_id: int | None = None
+    eos_token_ids: list[int] = field(default_factory=list)
+
+    def __post_init__(self):
+        if not self.head_dim:
+            self.head_dim = self.hidden_size // self.num_heads
+        if self.num_heads % self.num_kv_heads:
+            raise ModelLoadError(f"num_heads {self.num_heads} is not a multiple of num_kv_heads {self.num_kv_heads}")
+        if self.rope_scaling is not None:
+            kind = self.rope_scaling.get("rope_type", self.rope_scaling.get("type", "default"))
+            if kind not in KNOWN_ROPE_TYPES:
+                raise ModelLoadError(f"rope_scaling type {kind!r} is not supported (supported: {KNOWN_ROPE_TYPES})")
+            if kind == "default":
+                self.rope_scaling = None
+
+    def window_for_layer(self, layer_idx: int) -> int | None:
+        if self.sliding_window is None or layer_idx < self.max_window_layers:
+            return None
+        return self.sliding_window
+
+    @classmethod
+    def from_hf(cls, cfg: dict, source: str = "config.json") -> "ModelConfig":
+        archs = cfg.get("architectures") or []
+        arch = next((SUPPORTED_ARCHITECTURES[a] for a in archs if a in SUPPORTED_ARCHITECTURES), None)
+        if arch is None:
+            model_type = cfg.get("model_type")
+            if model_type in ("llama", "mistral", "qwen2"):
+                arch = model_type
+            else:
+                raise ModelLoadError(
+                    f"{source}: unknown architecture {archs or model_type!r} "
+                    f"(supported: {sorted(SUPPORTED_ARCHITECTURES)})"
+                )
+        try:
+            hidden, heads = int(cfg["hidden_size"]), int(cfg["num_attention_heads"])
+            rope_scaling = cfg.get("rope_scaling")
+            rope_theta = cfg.get("rope_theta")
+            rope_params = cfg.get("rope_parameters")  # transformers >= 5 nests theta and scaling here
+            if isinstance(rope_params, dict):
+                rope_theta = rope_params.get("rope_theta", rope_theta)
+                if rope_params.get("rope_type", "default") != "default":
+                    rope_scaling = rope_params
+            window = cfg.get("sliding_window")
+            if arch == "qwen2" and not cfg.get("use_sliding_window", False):
+                window = None
+            eos = cfg.get("eos_token_id")
+            return cls(
+                vocab_size=int(cfg["vocab_size"]),
+                hidden_size=hidden,
+                intermediate_size=int(cfg["intermediate_size"]),
+                num_layers=int(cfg["num_hidden_layers"]),
+                num_heads=heads,
+                num_kv_heads=int(cfg.get("num_key_value_heads") or heads),
+                head_dim=int(cfg.get("head_dim") or hidden // heads),
+                rms_norm_eps=float(cfg.get("rms_norm_eps", 1e-6)),
+                rope_theta=float(rope_theta if rope_theta is not None else 10000.0),
+                rope_scaling=dict(rope_scaling) if rope_scaling else None,
+                max_position_embeddings=int(cfg.get("max_position_embeddings", 4096)),
+                tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
+                attention_bias=bool(cfg.get("attention_bias", arch == "qwen2")),
+                sliding_window=int(window) if window else None,
+                max_window_layers=int(cfg.get("max_window_layers", 0)) if arch == "qwen2" else 0,
+                architecture=arch,
+                name_or_path=str(cfg.get("_name_or_path", "")),
+                bos_token_id=cfg.get("bos_token_id"),
+                eos_token_ids=list(eos) if isinstance(eos, list) else ([eos] if eos is not None else []),
+            )
+        except KeyError as e:
+            raise ModelLoadError(f"{source}: missing field {e.args[0]!r}") from None
+        except (TypeError, ValueError) as e:
+            raise ModelLoadError(f"{source}: bad value ({e})") from None
+
+    def to_hf(self) -> dict:
+        """A config.json that transformers reads back as the same model."""
+        hf_arch = {v: k for k, v in SUPPORTED_ARCHITECTURES.items()}[self.architecture]
+        cfg = {
+            "architectures": [hf_arch],
+            "model_type": self.architecture,
+            "vocab_size": self.vocab_size,
+            "hidden_size": self.hidden_size,
+            "intermediate_size": self.intermediate_size,
+            "num_hidden_layers": self.num_layers,
+            "num_attention_heads": self.num_heads,
+            "num_key_value_heads": self.num_kv_heads,
+            "head_dim": self.head_dim,
+            "rms_norm_eps": self.rms_norm_eps,
+            "rope_theta": self.rope_theta,
+            "rope_scaling": self.rope_scaling,
+            "max_position_embeddings": self.max_position_embeddings,
+            "tie_word_embeddings": self.tie_word_embeddings,
+            "hidden_act": "silu",
+            "torch_dtype": "float32",
+            "bos_token_id": self.bos_token_id,
+            "eos_token_id": self.eos_token_ids[0] if len(self.eos_token_ids) == 1 else (self.eos_token_ids or None),
+        }
+        if self.architecture == "llama":
+            cfg["attention_bias"] = self.attention_bias
+            cfg["mlp_bias"] = False
+        if self.architecture == "mistral":
+            cfg["sliding_window"] = self.sliding_window
+        if self.architecture == "qwen2":
+            cfg["use_sliding_window"] = self.sliding_window is not None
+            cfg["sliding_window"] = self.sliding_window
+            cfg["max_window_layers"] = self.max_window_layers
+        return cfg
+
+    def replace(self, **changes) -> "ModelConfig":
+        return dataclasses.replace(self, **changes)
+
+
+def read_config_json(path: Path) -> ModelConfig:
+    try:
+        cfg = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise ModelLoadError(f"{path}: config.json not found") from None
+    except json.JSONDecodeError as e:
+        raise ModelLoadError(f"{path}:{e.lineno}: invalid JSON ({e.msg})") from None
+    return ModelConfig.from_hf(cfg, source=str(path))

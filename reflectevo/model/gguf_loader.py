@@ -1,0 +1,123 @@
+"""GGUF (llama.cpp) files -> ModelConfig, Tokenizer and a float state dict with our tensor names.
+
+llama.cpp's converter permutes the rows of Q and K of llama-architecture models so that RoPE acts on adjacent
+pairs (GPT-J style); the Hugging Face layout rotates the two halves of each head. We undo that permutation.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from reflectevo.errors import ModelLoadError
+from reflectevo.model.config import ModelConfig
+from reflectevo.model.tokenizer import Tokenizer
+
+_LAYER_NAMES = {
+    "attn_q": "self_attn.q_proj", "attn_k": "self_attn.k_proj", "attn_v": "self_attn.v_proj",
+    "attn_output": "self_attn.o_proj", "ffn_gate": "mlp.gate_proj", "ffn_up": "mlp.up_proj",
+    "ffn_down": "mlp.down_proj", "attn_norm": "input_layernorm", "ffn_norm": "post_attention_layernorm",
+}
+_TOP_NAMES = {"token_embd": "embed_tokens", "output_norm": "norm", "output": "lm_head"}
+
+
+def our_name(gguf_name: str) -> str | None:
+    parts = gguf_name.split(".")
+    if parts[0] == "blk" and len(parts) == 4 and parts[2] in _LAYER_NAMES:
+        return f"layers.{parts[1]}.{_LAYER_NAMES[parts[2]]}.{parts[3]}"
+    if len(parts) == 2 and parts[0] in _TOP_NAMES:
+        return f"{_TOP_NAMES[parts[0]]}.{parts[1]}"
+    return None
+
+
+def unpermute_rope_rows(w: torch.Tensor, n_heads: int) -> torch.Tensor:
+    """Inverse of llama.cpp's permute: rows (head, half, pair) -> (head, pair, half) back to HF order."""
+    rows = w.shape[0]
+    return w.reshape(n_heads, rows // n_heads // 2, 2, *w.shape[1:]).transpose(1, 2).reshape(w.shape)
+
+
+def read_fields(reader) -> dict:
+    out = {}
+    for name, field in reader.fields.items():
+        try:
+            out[name] = field.contents()
+        except Exception:  # a field type this gguf version cannot decode; not one we need
+            continue
+    return out
+
+
+def load_gguf(path: str | Path, dtype: torch.dtype = torch.float32):
+    """(config, tokenizer, state_dict) from a GGUF file; tensors dequantised to ``dtype``, one at a time."""
+    import gguf
+
+    path = Path(path)
+    if not path.is_file():
+        raise ModelLoadError(f"{path}: GGUF file not found")
+    try:
+        reader = gguf.GGUFReader(str(path))
+    except Exception as e:
+        raise ModelLoadError(f"{path}: not a readable GGUF file ({str(e).splitlines()[0] if str(e) else type(e).__name__})") from None
+    fields = read_fields(reader)
+    config = config_from_gguf(fields, {t.name for t in reader.tensors}, str(path))
+    tokenizer = Tokenizer.from_gguf_fields(fields)
+    if not config.eos_token_ids:
+        config.eos_token_ids = list(tokenizer.eos_token_ids)
+    state = {}
+    for t in reader.tensors:
+        name = our_name(t.name)
+        if name is None:
+            continue
+        shape = tuple(int(d) for d in reversed(t.shape.tolist()))
+        try:
+            arr = gguf.quants.dequantize(t.data, t.tensor_type)
+        except NotImplementedError:
+            raise ModelLoadError(f"{path}: tensor {t.name} has unsupported type {t.tensor_type.name}") from None
+        w = torch.from_numpy(np.array(arr, dtype=np.float32, copy=True).reshape(shape))
+        if config.architecture in ("llama", "mistral"):
+            if name.endswith("q_proj.weight") or name.endswith("q_proj.bias"):
+                w = unpermute_rope_rows(w, config.num_heads)
+            elif name.endswith("k_proj.weight") or name.endswith("k_proj.bias"):
+                w = unpermute_rope_rows(w, config.num_kv_heads)
+        state[name] = w.to(dtype)
+    return config, tokenizer, state
+
+
+def config_from_gguf(fields: dict, tensor_names: set[str], source: str) -> ModelConfig:
+    arch = fields.get("general.architecture")
+    if arch not in ("llama", "qwen2", "mistral"):
+        raise ModelLoadError(f"{source}: unknown architecture {arch!r} (supported: llama, mistral, qwen2)")
+
+    def get(key, default=None):
+        v = fields.get(f"{arch}.{key}", default)
+        if v is None:
+            raise ModelLoadError(f"{source}: GGUF metadata lacks {arch}.{key}")
+        return v
+
+    heads = int(get("attention.head_count"))
+    hidden = int(get("embedding_length"))
+    scaling = None
+    if fields.get(f"{arch}.rope.scaling.type") == "linear":
+        scaling = {"rope_type": "linear", "factor": float(fields[f"{arch}.rope.scaling.factor"])}
+    vocab = fields.get(f"{arch}.vocab_size") or len(fields.get("tokenizer.ggml.tokens", []))
+    window = fields.get(f"{arch}.attention.sliding_window")
+    return ModelConfig(
+        vocab_size=int(vocab),
+        hidden_size=hidden,
+        intermediate_size=int(get("feed_forward_length")),
+        num_layers=int(get("block_count")),
+        num_heads=heads,
+        num_kv_heads=int(get("attention.head_count_kv", heads)),
+        head_dim=int(fields.get(f"{arch}.attention.key_length") or fields.get(f"{arch}.rope.dimension_count") or hidden // heads),
+        rms_norm_eps=float(get("attention.layer_norm_rms_epsilon", 1e-5)),
+        rope_theta=float(get("rope.freq_base", 10000.0)),
+        rope_scaling=scaling,
+        max_position_embeddings=int(get("context_length", 4096)),
+        tie_word_embeddings="output.weight" not in tensor_names,
+        attention_bias="blk.0.attn_q.bias" in tensor_names,
+        sliding_window=int(window) if window else None,
+        architecture="llama" if arch == "mistral" and not window else arch,
+        name_or_path=str(fields.get("general.name", source)),
+        bos_token_id=fields.get("tokenizer.ggml.bos_token_id"),
+        eos_token_ids=[int(fields["tokenizer.ggml.eos_token_id"])] if "tokenizer.ggml.eos_token_id" in fields else [],
+    )

@@ -1,0 +1,202 @@
+"""Tokenizer: Hugging Face ``tokenizers`` underneath, chat templates rendered with jinja2 as transformers does.
+
+Built from a model directory (tokenizer.json + tokenizer_config.json [+ generation_config.json]) or from GGUF
+metadata (byte-level BPE vocab + merges, the pre-tokeniser the file names, control tokens as special tokens).
+"""
+from __future__ import annotations
+
+import json
+from datetime import datetime
+from pathlib import Path
+
+from tokenizers import AddedToken, Regex, pre_tokenizers, decoders, processors
+from tokenizers import Tokenizer as HFTokenizer
+from tokenizers.models import BPE
+
+from reflectevo.errors import ModelLoadError
+
+# Split patterns of llama.cpp pre-tokeniser names (tokenizer.ggml.pre) that are not plain GPT-2.
+_GPT2_SPLIT = r"""'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
+_LLAMA3_SPLIT = (
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}"
+    r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
+)
+_QWEN2_SPLIT = (
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}"
+    r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
+)
+_DIGIT_THEN_GPT2 = ("digits", _GPT2_SPLIT)  # SmolLM / StarCoder: every digit its own token, then GPT-2
+GGUF_PRE_SPLITS = {
+    "gpt2": _GPT2_SPLIT, "default": _GPT2_SPLIT,
+    "llama3": _LLAMA3_SPLIT, "llama-bpe": _LLAMA3_SPLIT, "llama-v3": _LLAMA3_SPLIT, "smaug-bpe": _LLAMA3_SPLIT,
+    "qwen2": _QWEN2_SPLIT, "deepseek-r1-qwen": _QWEN2_SPLIT,
+    "smollm": _DIGIT_THEN_GPT2, "starcoder": _DIGIT_THEN_GPT2, "refact": _DIGIT_THEN_GPT2,
+}
+END_OF_TURN_CANDIDATES = ("<|im_end|>", "<|eot_id|>", "<end_of_turn>", "<|end|>", "</s>")
+
+
+def _render_environment():
+    from jinja2.ext import loopcontrols
+    from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+    def raise_exception(message):
+        raise ValueError(f"chat template: {message}")
+
+    def tojson(x, ensure_ascii=False, indent=None, separators=None, sort_keys=False):
+        return json.dumps(x, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
+
+    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=[loopcontrols])
+    env.filters["tojson"] = tojson
+    env.globals["raise_exception"] = raise_exception
+    env.globals["strftime_now"] = lambda fmt: datetime.now().strftime(fmt)
+    return env
+
+
+class Tokenizer:
+    def __init__(self, backend: HFTokenizer, chat_template: str | None = None, special_tokens: dict | None = None,
+                 eos_token_ids: list[int] | None = None, bos_token_id: int | None = None,
+                 pad_token_id: int | None = None):
+        self.backend = backend
+        self.chat_template = chat_template
+        self.special_tokens = {k: v for k, v in (special_tokens or {}).items() if v is not None}
+        self.bos_token_id = bos_token_id
+        self.eos_token_ids = list(dict.fromkeys(eos_token_ids or []))
+        self.pad_token_id = pad_token_id if pad_token_id is not None else (self.eos_token_ids or [None])[0]
+        self._template = None
+
+    # -- basic ------------------------------------------------------------------------------------------
+    @property
+    def vocab_size(self) -> int:
+        return self.backend.get_vocab_size(with_added_tokens=True)
+
+    def token_to_id(self, token: str) -> int | None:
+        return self.backend.token_to_id(token)
+
+    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        """Token ids of ``text``. Special tokens are added only where the model's own post-processor adds them
+        (e.g. Llama-3's BOS); pass ``add_special_tokens=False`` for text that is already chat-formatted."""
+        if not isinstance(text, str):
+            raise TypeError(f"encode expects a str, got {type(text).__name__}")
+        return self.backend.encode(text, add_special_tokens=add_special_tokens).ids
+
+    def encode_batch(self, texts: list[str], add_special_tokens: bool = True) -> list[list[int]]:
+        return [e.ids for e in self.backend.encode_batch(texts, add_special_tokens=add_special_tokens)]
+
+    def decode(self, ids, skip_special_tokens: bool = False) -> str:
+        return self.backend.decode(list(ids), skip_special_tokens=skip_special_tokens)
+
+    @property
+    def eot_token_id(self) -> int | None:
+        """The token that ends an assistant turn in the chat template (ChatML <|im_end|>, Llama-3 <|eot_id|>...)."""
+        for tok in END_OF_TURN_CANDIDATES:
+            tid = self.backend.token_to_id(tok)
+            if tid is not None and (self.chat_template is None or tok in self.chat_template):
+                return tid
+        return self.eos_token_ids[0] if self.eos_token_ids else None
+
+    # -- chat -------------------------------------------------------------------------------------------
+    def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True, **kwargs) -> str:
+        """The same text transformers' ``apply_chat_template(..., tokenize=False)`` renders."""
+        if not self.chat_template:
+            raise ValueError("this tokenizer has no chat template (tokenizer_config.json or GGUF metadata)")
+        if self._template is None:
+            self._template = _render_environment().from_string(self.chat_template)
+        return self._template.render(messages=messages, add_generation_prompt=add_generation_prompt,
+                                     **self.special_tokens, **kwargs)
+
+    # -- construction -----------------------------------------------------------------------------------
+    @classmethod
+    def from_dir(cls, path: str | Path) -> "Tokenizer":
+        path = Path(path)
+        tj = path / "tokenizer.json"
+        if not tj.is_file():
+            raise ModelLoadError(f"{tj}: tokenizer.json not found")
+        try:
+            backend = HFTokenizer.from_file(str(tj))
+        except Exception as e:
+            raise ModelLoadError(f"{tj}: cannot read tokenizer ({str(e).splitlines()[0]})") from None
+        cfg = _read_json(path / "tokenizer_config.json")
+        gen = _read_json(path / "generation_config.json")
+        model_cfg = _read_json(path / "config.json")
+        template = cfg.get("chat_template")
+        if isinstance(template, list):  # named templates: take "default"
+            template = next((t["template"] for t in template if t.get("name") == "default"), None)
+        if template is None and (path / "chat_template.jinja").is_file():
+            template = (path / "chat_template.jinja").read_text()
+        specials = {k: _token_text(cfg.get(k)) for k in ("bos_token", "eos_token", "unk_token", "pad_token")}
+        eos_ids = []
+        for src in (gen.get("eos_token_id"), model_cfg.get("eos_token_id")):
+            eos_ids += src if isinstance(src, list) else ([src] if src is not None else [])
+        if specials.get("eos_token") and backend.token_to_id(specials["eos_token"]) is not None:
+            eos_ids.append(backend.token_to_id(specials["eos_token"]))
+        bos = specials.get("bos_token")
+        bos_id = backend.token_to_id(bos) if bos else model_cfg.get("bos_token_id")
+        pad = specials.get("pad_token")
+        pad_id = backend.token_to_id(pad) if pad else None
+        return cls(backend, template, specials, eos_ids, bos_id, pad_id)
+
+    @classmethod
+    def from_gguf_fields(cls, fields: dict) -> "Tokenizer":
+        """Byte-level BPE from GGUF metadata (``tokenizer.ggml.*``), as llama.cpp reads it."""
+        model = fields.get("tokenizer.ggml.model")
+        if model != "gpt2":
+            raise ModelLoadError(f"GGUF tokenizer model {model!r} is not supported (only byte-level BPE 'gpt2')")
+        tokens, types = fields["tokenizer.ggml.tokens"], fields.get("tokenizer.ggml.token_type") or []
+        merges = [tuple(m.split(" ", 1)) for m in fields.get("tokenizer.ggml.merges", [])]
+        backend = HFTokenizer(BPE(vocab={t: i for i, t in enumerate(tokens)}, merges=merges, fuse_unk=False,
+                                  byte_fallback=False))
+        split = GGUF_PRE_SPLITS.get(fields.get("tokenizer.ggml.pre", "default"), _GPT2_SPLIT)
+        pieces = []
+        if isinstance(split, tuple):
+            pieces.append(pre_tokenizers.Digits(individual_digits=True))
+            split = split[1]
+        pieces += [pre_tokenizers.Split(Regex(split), behavior="isolated"),
+                   pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)]
+        backend.pre_tokenizer = pre_tokenizers.Sequence(pieces)
+        backend.decoder = decoders.ByteLevel()
+        control = [t for t, ty in zip(tokens, types) if ty == 3]  # 3 = CONTROL in llama.cpp's token types
+        backend.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in control])
+        user = [t for t, ty in zip(tokens, types) if ty == 4]
+        if user:
+            backend.add_tokens([AddedToken(t, special=False, normalized=False) for t in user])
+
+        def tok(key):
+            i = fields.get(f"tokenizer.ggml.{key}_token_id")
+            return (int(i), tokens[int(i)]) if i is not None and int(i) < len(tokens) else (None, None)
+
+        bos_id, bos = tok("bos")
+        eos_id, eos = tok("eos")
+        pad_id, pad = tok("padding")
+        _, unk = tok("unknown")
+        eot_id, _ = tok("eot")
+        if fields.get("tokenizer.ggml.add_bos_token") and bos is not None:
+            backend.post_processor = processors.TemplateProcessing(
+                single=f"{bos} $A", pair=f"{bos} $A {bos} $B", special_tokens=[(bos, bos_id)])
+        eos_ids = [i for i in (eos_id, eot_id) if i is not None]
+        specials = {"bos_token": bos, "eos_token": eos, "unk_token": unk, "pad_token": pad}
+        return cls(backend, fields.get("tokenizer.chat_template"), specials, eos_ids, bos_id, pad_id)
+
+    def save(self, out_dir: str | Path):
+        """Write tokenizer.json + tokenizer_config.json (+ generation eos ids) in Hugging Face layout."""
+        out = Path(out_dir)
+        self.backend.save(str(out / "tokenizer.json"))
+        cfg = {"tokenizer_class": "PreTrainedTokenizerFast", "clean_up_tokenization_spaces": False,
+               "model_max_length": 1_000_000, **self.special_tokens}
+        if self.chat_template:
+            cfg["chat_template"] = self.chat_template
+        (out / "tokenizer_config.json").write_text(json.dumps(cfg, indent=2, ensure_ascii=False))
+
+
+def _token_text(value):
+    if isinstance(value, dict):  # serialized AddedToken
+        return value.get("content")
+    return value
+
+
+def _read_json(path: Path) -> dict:
+    if not path.is_file():
+        return {}
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise ModelLoadError(f"{path}:{e.lineno}: invalid JSON ({e.msg})") from None

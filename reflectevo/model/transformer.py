@@ -1,0 +1,192 @@
+"""A Llama-family decoder written out by hand: Llama 2/3/3.1, Mistral, Qwen2, SmolLM.
+
+    x = embed(ids)
+    for each layer:  x = x + o_proj(attention(rope(q_proj(rmsnorm(x))), rope(k_proj(.)), v_proj(.)))
+                     x = x + down_proj(silu(gate_proj(rmsnorm(x))) * up_proj(rmsnorm(x)))
+    logits = lm_head(rmsnorm(x))
+
+Seams for the rest of the project:
+- every linear layer is a plain ``nn.Linear`` that NF4 / LoRA layers replace in place (reflectevo.model.lora);
+- ``hidden_states`` stops before the lm_head (the fused losses take the hidden states and the head weight);
+- ``attention=`` takes the sampler's paged-KV backend, called as ``backend(layer_idx, q, k, v)``;
+- ``seq_ids=`` packs several sequences in one row with block-diagonal causal attention;
+- ``gradient_checkpointing`` recomputes each decoder layer in backward.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from reflectevo.kernels.rmsnorm import rms_norm
+from reflectevo.kernels.rope import apply_rope, rope_inv_freq
+from reflectevo.kernels.swiglu import swiglu
+from reflectevo.model.config import ModelConfig
+
+try:  # optional: FlashAttention-2 for packed (varlen) training batches on CUDA
+    from flash_attn import flash_attn_func, flash_attn_varlen_func
+except Exception:  # pragma: no cover - not installed on CPU machines
+    flash_attn_func = flash_attn_varlen_func = None
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return rms_norm(x, self.weight, self.eps)
+
+
+def causal_attention(q, k, v, window: int | None = None, seq_ids: torch.Tensor | None = None):
+    """Causal attention for q [B,T,Hq,D], k/v [B,T,Hkv,D] -> [B,T,Hq,D].
+
+    Token i sees token j when j <= i, i - j < window (sliding window) and seq_ids match (packing).
+    """
+    B, T, Hq, D = q.shape
+    if flash_attn_func is not None and q.is_cuda and q.dtype in (torch.float16, torch.bfloat16):
+        return _flash_attention(q, k, v, window, seq_ids)
+    qt, kt, vt = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
+    gqa = Hq != k.shape[2]
+    if seq_ids is None and (window is None or T <= window):
+        out = F.scaled_dot_product_attention(qt, kt, vt, is_causal=T > 1, enable_gqa=gqa)
+    else:
+        i = torch.arange(T, device=q.device)
+        mask = i[:, None] >= i[None, :]
+        if window is not None:
+            mask = mask & (i[:, None] - i[None, :] < window)
+        mask = mask.expand(B, 1, T, T)
+        if seq_ids is not None:
+            mask = mask & (seq_ids[:, None, :, None] == seq_ids[:, None, None, :])
+        out = F.scaled_dot_product_attention(qt, kt, vt, attn_mask=mask, enable_gqa=gqa)
+    return out.transpose(1, 2)
+
+
+def _flash_attention(q, k, v, window, seq_ids):  # pragma: no cover - needs CUDA + flash-attn
+    win = (window - 1, 0) if window is not None else (-1, -1)
+    if seq_ids is None:
+        return flash_attn_func(q, k, v, causal=True, window_size=win)
+    B, T = seq_ids.shape
+    flat = seq_ids.reshape(-1) + torch.arange(B, device=q.device).repeat_interleave(T) * (int(seq_ids.max()) + 1)
+    starts = torch.nonzero(torch.diff(flat, prepend=flat[:1] - 1)).flatten()
+    cu = torch.cat([starts, torch.tensor([B * T], device=q.device)]).to(torch.int32)
+    max_len = int((cu[1:] - cu[:-1]).max())
+    out = flash_attn_varlen_func(
+        q.reshape(B * T, *q.shape[2:]), k.reshape(B * T, *k.shape[2:]), v.reshape(B * T, *v.shape[2:]),
+        cu, cu, max_len, max_len, causal=True, window_size=win,
+    )
+    return out.reshape(q.shape)
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: ModelConfig, layer_idx: int):
+        super().__init__()
+        self.layer_idx = layer_idx
+        self.num_heads, self.num_kv_heads, self.head_dim = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+        self.window = cfg.window_for_layer(layer_idx)
+        bias = cfg.attention_bias
+        self.q_proj = nn.Linear(cfg.hidden_size, cfg.num_heads * cfg.head_dim, bias=bias)
+        self.k_proj = nn.Linear(cfg.hidden_size, cfg.num_kv_heads * cfg.head_dim, bias=bias)
+        self.v_proj = nn.Linear(cfg.hidden_size, cfg.num_kv_heads * cfg.head_dim, bias=bias)
+        self.o_proj = nn.Linear(cfg.num_heads * cfg.head_dim, cfg.hidden_size, bias=False)
+
+    def forward(self, x, cos, sin, attention=None, seq_ids=None):
+        B, T, _ = x.shape
+        q = self.q_proj(x).view(B, T, self.num_heads, self.head_dim)
+        k = self.k_proj(x).view(B, T, self.num_kv_heads, self.head_dim)
+        v = self.v_proj(x).view(B, T, self.num_kv_heads, self.head_dim)
+        q, k = apply_rope(q, k, cos, sin)
+        if attention is None:
+            out = causal_attention(q, k, v, self.window, seq_ids)
+        else:
+            out = attention(self.layer_idx, q, k, v)
+        return self.o_proj(out.reshape(B, T, -1))
+
+
+class MLP(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.gate_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
+        self.up_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
+        self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
+
+    def forward(self, x):
+        return self.down_proj(swiglu(self.gate_proj(x), self.up_proj(x)))
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, cfg: ModelConfig, layer_idx: int):
+        super().__init__()
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.self_attn = Attention(cfg, layer_idx)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.mlp = MLP(cfg)
+
+    def forward(self, x, cos, sin, attention=None, seq_ids=None):
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, attention, seq_ids)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class Transformer(nn.Module):
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.config = config
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.layers = nn.ModuleList(DecoderLayer(config, i) for i in range(config.num_layers))
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        if config.tie_word_embeddings:
+            self.lm_head.weight = self.embed_tokens.weight
+        self.gradient_checkpointing = False
+        inv_freq = rope_inv_freq(config.head_dim, config.rope_theta, config.rope_scaling)
+        self.register_buffer("inv_freq", inv_freq, persistent=False)
+
+    @property
+    def device(self) -> torch.device:
+        return self.embed_tokens.weight.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.embed_tokens.weight.dtype
+
+    def tie_weights(self):
+        if self.config.tie_word_embeddings:
+            self.lm_head.weight = self.embed_tokens.weight
+
+    def rope_tables(self, positions: torch.Tensor, dtype: torch.dtype):
+        """cos/sin [B,T,D] for integer positions [B,T], computed in fp32 then cast (as transformers does)."""
+        freqs = positions[..., None].float() * self.inv_freq.float()
+        emb = torch.cat([freqs, freqs], dim=-1)
+        return emb.cos().to(dtype), emb.sin().to(dtype)
+
+    def hidden_states(self, input_ids, positions=None, attention=None, seq_ids=None) -> torch.Tensor:
+        """[B,T] token ids -> [B,T,H] final-norm hidden states (no lm_head)."""
+        if input_ids.dim() != 2:
+            raise ValueError(f"input_ids must be [batch, seq], got shape {tuple(input_ids.shape)}")
+        B, T = input_ids.shape
+        if positions is None:
+            positions = torch.arange(T, device=input_ids.device).expand(B, T)
+        x = self.embed_tokens(input_ids)
+        cos, sin = self.rope_tables(positions, x.dtype)
+        for layer in self.layers:
+            if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
+                x = checkpoint(layer, x, cos, sin, attention, seq_ids, use_reentrant=False)
+            else:
+                x = layer(x, cos, sin, attention, seq_ids)
+        return self.norm(x)
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.lm_head(hidden)
+
+    def forward(self, input_ids, positions=None, attention=None, seq_ids=None) -> torch.Tensor:
+        return self.logits(self.hidden_states(input_ids, positions, attention, seq_ids)).float()
+
+    def num_parameters(self) -> int:
+        seen, total = set(), 0
+        for p in self.parameters():
+            if id(p) not in seen:
+                seen.add(id(p))
+                total += p.numel()
+        return total
