@@ -1,0 +1,259 @@
+"""y = x · dequant(W)ᵀ (+ bias) for an NF4 weight W [N, K], with dx = dy · dequant(W) for the backward pass.
+
+Math. ``W[n, k] = NF4[nibble(n*K + k)] * absmax[(n*K + k) // 64]`` with ``absmax`` decoded from its 8-bit code
+(see reflectevo.kernels.nf4). The fused kernels decode a [BLOCK_K, BLOCK_N] tile of W inside the K loop, in
+registers, and feed it to ``tl.dot``: the dense weight is never written to memory, so a forward pass reads
+0.52 bytes per weight instead of 2 (bf16) and allocates nothing of size N*K. When K is a multiple of the
+quantisation block, each tile row lies inside one block and its absmax is decoded once per row (PER_LINE).
+
+Paths (``nf4_matmul`` picks one; the thresholds are module constants so they can be tuned per GPU):
+- ``gemv``     rows <= GEMV_MAX_ROWS (8, the sampler's decode step): one program per BLOCK_N output features,
+               every row of x handled by broadcasting, no tensor cores.
+- ``fused``    rows <= FUSED_MAX_ROWS (1024): tiled tl.dot with in-loop dequantisation.
+- ``dequant``  more rows: the Triton dequant kernel writes a temporary bf16 W, then cuBLAS (torch.matmul). At
+               that size the matmul is compute-bound and the one-off decode (≈ 2.5 bytes/weight of traffic) is
+               amortised over the rows, so cuBLAS wins.
+On the CPU (no Triton) every call is dequant + matmul in PyTorch.
+
+The backward (dx = dy · W) uses the same kernel with W read transposed (``fused``), or dequant + matmul.
+The weight is frozen: no gradient for W; a bias gets its gradient when it requires one.
+"""
+from __future__ import annotations
+
+import torch
+
+from reflectevo.kernels._dispatch import HAS_TRITON, use_triton
+from reflectevo.kernels.nf4 import DOUBLE_QUANT_BLOCKSIZE, NF4_TABLE, NF4Tensor, nf4_dequantize
+
+if HAS_TRITON:
+    import triton
+    import triton.language as tl
+
+    from reflectevo.kernels.nf4 import cast_rne
+
+GEMV_MAX_ROWS = 8
+FUSED_MAX_ROWS = 1024
+PATHS = ("gemv", "fused", "dequant")
+
+
+if HAS_TRITON:
+
+    @triton.jit
+    def _levels(data_ptr, table_ptr, flat, mask):
+        """NF4 levels (fp32, in [-1, 1]) at flat element indices ``flat`` (any tile shape)."""
+        byte = tl.load(data_ptr + (flat >> 1), mask=mask, other=0).to(tl.int32)
+        nib = (byte >> ((1 - (flat & 1)) * 4).to(tl.int32)) & 0xF
+        return tl.load(table_ptr + nib, mask=mask, other=0.0)
+
+    @triton.jit
+    def _scales(absmax_ptr, absmax2_ptr, code2_ptr, offset_ptr, blk, mask, DOUBLE: tl.constexpr):
+        """fp32 absmax of blocks ``blk``: ``code2[qabsmax] * absmax2[blk // 256] + offset`` (or stored fp32)."""
+        if DOUBLE:
+            qa = tl.load(absmax_ptr + blk, mask=mask, other=0).to(tl.int32)
+            c = tl.load(code2_ptr + qa, mask=mask, other=0.0)
+            a2 = tl.load(absmax2_ptr + blk // 256, mask=mask, other=0.0)
+            return c * a2 + tl.load(offset_ptr)
+        else:
+            return tl.load(absmax_ptr + blk, mask=mask, other=0.0)
+
+    @triton.jit
+    def _fused_kernel(a_ptr, data_ptr, absmax_ptr, absmax2_ptr, code2_ptr, offset_ptr, table_ptr, bias_ptr, out_ptr,
+                      M, P, R, stride_am, stride_om, w_stride_r, w_stride_p,
+                      BLOCKSIZE: tl.constexpr, DOUBLE: tl.constexpr, HAS_BIAS: tl.constexpr, IEEE: tl.constexpr,
+                      DOT_FP32: tl.constexpr, TRANS: tl.constexpr, PER_LINE: tl.constexpr,
+                      BLOCK_M: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_R: tl.constexpr):
+        """out[M, P] = a[M, R] · B[R, P] with B[r, p] = W_flat[r * w_stride_r + p * w_stride_p] decoded in-loop.
+        Forward (TRANS=0): R = K, P = N, strides (1, K). Input gradient (TRANS=1): R = N, P = K, strides (K, 1).
+        PER_LINE: K % BLOCKSIZE == 0 and the tile's K extent divides BLOCKSIZE, so each W row of the tile lies in
+        one quantisation block and the absmax is decoded once per row instead of once per element."""
+        pid_m = tl.program_id(0)
+        pid_p = tl.program_id(1)
+        rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        rp = pid_p * BLOCK_P + tl.arange(0, BLOCK_P)
+        acc = tl.zeros((BLOCK_M, BLOCK_P), dtype=tl.float32)
+        for r0 in range(0, R, BLOCK_R):
+            rr = r0 + tl.arange(0, BLOCK_R)
+            a_mask = (rm[:, None] < M) & (rr[None, :] < R)
+            a = tl.load(a_ptr + rm[:, None].to(tl.int64) * stride_am + rr[None, :], mask=a_mask, other=0.0)
+            w_mask = (rr[:, None] < R) & (rp[None, :] < P)
+            flat = rr[:, None].to(tl.int64) * w_stride_r + rp[None, :].to(tl.int64) * w_stride_p
+            level = _levels(data_ptr, table_ptr, flat, w_mask)
+            if PER_LINE:
+                if TRANS:
+                    blk = (rr.to(tl.int64) * w_stride_r + pid_p * BLOCK_P) // BLOCKSIZE
+                    scale = _scales(absmax_ptr, absmax2_ptr, code2_ptr, offset_ptr, blk, rr < R, DOUBLE)[:, None]
+                else:
+                    blk = (rp.to(tl.int64) * w_stride_p + r0) // BLOCKSIZE
+                    scale = _scales(absmax_ptr, absmax2_ptr, code2_ptr, offset_ptr, blk, rp < P, DOUBLE)[None, :]
+            else:
+                scale = _scales(absmax_ptr, absmax2_ptr, code2_ptr, offset_ptr, flat // BLOCKSIZE, w_mask, DOUBLE)
+            w = cast_rne(level * scale, a_ptr.dtype.element_ty)
+            if DOT_FP32:  # the interpreter's tl.dot mishandles bf16 operands: same products, in fp32
+                acc += tl.dot(a.to(tl.float32), w.to(tl.float32), input_precision="ieee")
+            elif IEEE:  # fp32 inputs: no TF32 rounding
+                acc += tl.dot(a, w, input_precision="ieee")
+            else:
+                acc += tl.dot(a, w)
+        if HAS_BIAS:
+            acc += tl.load(bias_ptr + rp, mask=rp < P, other=0.0).to(tl.float32)[None, :]
+        o_mask = (rm[:, None] < M) & (rp[None, :] < P)
+        tl.store(out_ptr + rm[:, None].to(tl.int64) * stride_om + rp[None, :],
+                 cast_rne(acc, out_ptr.dtype.element_ty), mask=o_mask)
+
+    @triton.jit
+    def _gemv_kernel(x_ptr, data_ptr, absmax_ptr, absmax2_ptr, code2_ptr, offset_ptr, table_ptr, bias_ptr, out_ptr,
+                     M, N, K, stride_xm, stride_om,
+                     BLOCKSIZE: tl.constexpr, DOUBLE: tl.constexpr, HAS_BIAS: tl.constexpr,
+                     PER_LINE: tl.constexpr, ROWS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+        """out[M, N] = x[M, K] · Wᵀ for M <= ROWS (a power of two <= 8): each W tile is decoded once for all rows."""
+        rn = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+        rm = tl.arange(0, ROWS)
+        acc = tl.zeros((ROWS, BLOCK_N), dtype=tl.float32)
+        for k0 in range(0, K, BLOCK_K):
+            rk = k0 + tl.arange(0, BLOCK_K)
+            w_mask = (rn[:, None] < N) & (rk[None, :] < K)
+            flat = rn[:, None].to(tl.int64) * K + rk[None, :]
+            level = _levels(data_ptr, table_ptr, flat, w_mask)
+            if PER_LINE:
+                blk = (rn.to(tl.int64) * K + k0) // BLOCKSIZE
+                scale = _scales(absmax_ptr, absmax2_ptr, code2_ptr, offset_ptr, blk, rn < N, DOUBLE)[:, None]
+            else:
+                scale = _scales(absmax_ptr, absmax2_ptr, code2_ptr, offset_ptr, flat // BLOCKSIZE, w_mask, DOUBLE)
+            w = cast_rne(level * scale, x_ptr.dtype.element_ty).to(tl.float32)
+            x = tl.load(x_ptr + rm[:, None] * stride_xm + rk[None, :], mask=(rm[:, None] < M) & (rk[None, :] < K),
+                        other=0.0).to(tl.float32)
+            acc += tl.sum(x[:, None, :] * w[None, :, :], axis=2)
+        if HAS_BIAS:
+            acc += tl.load(bias_ptr + rn, mask=rn < N, other=0.0).to(tl.float32)[None, :]
+        tl.store(out_ptr + rm[:, None] * stride_om + rn[None, :], cast_rne(acc, out_ptr.dtype.element_ty),
+                 mask=(rm[:, None] < M) & (rn[None, :] < N))
+
+
+def _q_args(q: NF4Tensor):
+    dq = q.double_quant
+    a = q.absmax
+    return (q.data, a, q.absmax2 if dq else a, q.code2 if dq else a, q.offset if dq else a, NF4_TABLE.to(q.device))
+
+
+def _fused(a2d: torch.Tensor, q: NF4Tensor, bias, transpose_w: bool) -> torch.Tensor:
+    n_out, k_in = q.shape
+    M, R = a2d.shape
+    P = k_in if transpose_w else n_out
+    strides = (k_in, 1) if transpose_w else (1, k_in)
+    out = torch.empty(M, P, dtype=a2d.dtype, device=a2d.device)
+    if a2d.is_cuda:
+        bm, bp, br = (16 if M <= 16 else 64), 64, 64
+    else:
+        bm, bp, br = 16, 16, 32
+    grid = (triton.cdiv(M, bm), triton.cdiv(P, bp))
+    _fused_kernel[grid](
+        a2d, *_q_args(q), bias if bias is not None else a2d, out, M, P, R, a2d.stride(0), out.stride(0), *strides,
+        BLOCKSIZE=q.blocksize, DOUBLE=q.double_quant, HAS_BIAS=bias is not None,
+        IEEE=a2d.dtype == torch.float32, DOT_FP32=not a2d.is_cuda, TRANS=transpose_w,
+        PER_LINE=k_in % q.blocksize == 0 and q.blocksize % (bp if transpose_w else br) == 0,
+        BLOCK_M=bm, BLOCK_P=bp, BLOCK_R=br, enable_fp_fusion=False,
+    )
+    return out
+
+
+def _gemv(x2d: torch.Tensor, q: NF4Tensor, bias) -> torch.Tensor:
+    n_out, k_in = q.shape
+    M = x2d.shape[0]
+    out = torch.empty(M, n_out, dtype=x2d.dtype, device=x2d.device)
+    rows = max(2, triton.next_power_of_2(M))
+    bk = min(64, q.blocksize)
+    bn = max(16, 8192 // (rows * bk)) if x2d.is_cuda else 16  # rows * bn * bk <= 8192 products in registers
+    _gemv_kernel[(triton.cdiv(n_out, bn),)](
+        x2d, *_q_args(q), bias if bias is not None else x2d, out, M, n_out, k_in, x2d.stride(0), out.stride(0),
+        BLOCKSIZE=q.blocksize, DOUBLE=q.double_quant, HAS_BIAS=bias is not None,
+        PER_LINE=k_in % q.blocksize == 0 and q.blocksize % bk == 0, ROWS=rows, BLOCK_N=bn, BLOCK_K=bk,
+        enable_fp_fusion=False,
+    )
+    return out
+
+
+def nf4_matmul_reference(x: torch.Tensor, q: NF4Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """Dequantise to x's dtype, then a dense matmul (PyTorch)."""
+    return torch.nn.functional.linear(x, nf4_dequantize(q, x.dtype), bias)
+
+
+def choose_path(x2d: torch.Tensor) -> str:
+    """``gemv`` for decode-sized batches, ``fused`` up to FUSED_MAX_ROWS, else ``dequant`` (always on CPU)."""
+    rows = x2d.shape[0]
+    if not use_triton(x2d):
+        return "dequant"
+    if rows <= GEMV_MAX_ROWS:
+        return "gemv"
+    return "fused" if rows <= FUSED_MAX_ROWS else "dequant"
+
+
+def _forward(x2d, q, bias, path):
+    if path == "dequant" or not use_triton(x2d):
+        return torch.nn.functional.linear(x2d, nf4_dequantize(q, x2d.dtype), bias)
+    if path == "gemv":
+        return _gemv(x2d, q, bias)
+    return _fused(x2d, q, bias, transpose_w=False)
+
+
+class _NF4Matmul(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x2d, bias, q, path):
+        ctx.q, ctx.path = q, path
+        ctx.has_bias = bias is not None
+        return _forward(x2d, q, bias, path)
+
+    @staticmethod
+    def backward(ctx, dy):
+        q = ctx.q
+        dx = dbias = None
+        if ctx.needs_input_grad[0]:
+            dy = dy.contiguous()
+            if ctx.path != "dequant" and use_triton(dy) and dy.shape[0] <= FUSED_MAX_ROWS:
+                dx = _fused(dy, q, None, transpose_w=True)
+            else:
+                dx = dy @ nf4_dequantize(q, dy.dtype)
+        if ctx.has_bias and ctx.needs_input_grad[1]:
+            dbias = dy.sum(0)
+        return dx, dbias, None, None
+
+
+def nf4_matmul(x: torch.Tensor, q: NF4Tensor, bias: torch.Tensor | None = None,
+               path: str | None = None) -> torch.Tensor:
+    """x [..., K] · dequant(q)ᵀ [K, N] (+ bias) -> [..., N] in x's dtype; differentiable w.r.t. x (and bias).
+    ``path`` forces ``gemv`` / ``fused`` / ``dequant`` (default: ``choose_path``)."""
+    if len(q.shape) != 2:
+        raise ValueError(f"nf4_matmul: weight must be 2-D [out, in], got shape {tuple(q.shape)}")
+    if x.shape[-1] != q.shape[1]:
+        raise ValueError(f"nf4_matmul: x has {x.shape[-1]} features, weight expects {q.shape[1]}")
+    if path is not None and path not in PATHS:
+        raise ValueError(f"nf4_matmul: path={path!r}, expected one of {PATHS}")
+    lead = x.shape[:-1]
+    x2d = x.reshape(-1, x.shape[-1])
+    if not x2d.is_contiguous():
+        x2d = x2d.contiguous()
+    path = path or choose_path(x2d)
+    if x2d.shape[0] == 0:
+        path = "dequant"
+    elif path == "gemv" and x2d.shape[0] > GEMV_MAX_ROWS:
+        path = "fused"
+    if bias is not None:
+        bias = bias.to(x.dtype)
+    out = _NF4Matmul.apply(x2d, bias, q, path)
+    return out.reshape(*lead, q.shape[0])
+
+
+def llama3_8b_nf4_bytes_per_param() -> dict:
+    """Storage of the NF4 base (every linear except lm_head) for Llama-3-8B shapes, computed from the layout."""
+    hidden, inter, kv, layers = 4096, 14336, 1024, 32
+    shapes = [(hidden, hidden), (kv, hidden), (kv, hidden), (hidden, hidden), (inter, hidden), (inter, hidden),
+              (hidden, inter)]
+    params = nbytes = 0
+    for n, k in shapes:
+        numel = n * k
+        blocks = -(-numel // 64)
+        # data, qabsmax, absmax2, offset
+        nbytes += (numel + 1) // 2 + blocks + 4 * -(-blocks // DOUBLE_QUANT_BLOCKSIZE) + 4
+        params += numel
+    nbytes += 256 * 4 * len(shapes)  # one 8-bit code table per tensor
+    return {"linear_params": params * layers, "nf4_bytes": nbytes * layers,
+            "bytes_per_param": nbytes / params}

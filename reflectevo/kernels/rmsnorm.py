@@ -1,0 +1,163 @@
+"""RMSNorm (Llama / Hugging Face semantics), a PyTorch reference and Triton forward/backward kernels.
+
+Math, per row x of length N (any leading shape, normalised over the last dim):
+
+    rstd = 1 / sqrt(mean(x^2) + eps)                 (in fp32; fp64 for fp64 inputs)
+    xhat = x * rstd
+    y    = weight * xhat.to(x.dtype)                  (the product rounded once to x.dtype)
+
+Hugging Face's LlamaRMSNorm normalises in fp32, casts back to the input dtype and then multiplies by the weight;
+we do the same. One departure: the result is always returned in ``x.dtype`` (HF would promote a bf16 input with
+an fp32 weight to fp32).
+
+Backward (g = dy * weight):
+
+    dx      = rstd * (g - xhat * mean(g * xhat))
+    dweight = sum over rows of dy * xhat.to(x.dtype)
+
+Memory: the forward kernel reads x once and writes y and one fp32 ``rstd`` per row. Autograd keeps only x,
+weight and rstd [rows]; autograd of the reference keeps an fp32 copy of x and the fp32 rounded-normalised x (two
+fp32 tensors of x's shape: four times the bytes of a bf16 x). The backward kernel recomputes xhat from x and
+rstd, writes dx in one pass and reduces dweight through per-program partial sums (no atomics); it skips dweight
+entirely when the weight is frozen (LoRA / QLoRA).
+"""
+from __future__ import annotations
+
+import torch
+
+from reflectevo.kernels._dispatch import HAS_TRITON, use_triton
+
+if HAS_TRITON:
+    import triton
+    import triton.language as tl
+
+_MAX_BLOCK = 65536  # one row must fit in one program; wider rows take the PyTorch path
+
+
+def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def rms_norm_reference(x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
+    """Plain PyTorch RMSNorm, the same operations as Hugging Face's LlamaRMSNorm (output in x.dtype)."""
+    compute = _compute_dtype(x.dtype)
+    xc = x.to(compute)
+    rstd = torch.rsqrt(xc.pow(2).mean(-1, keepdim=True) + eps)
+    normed = (xc * rstd).to(x.dtype)
+    return (weight.to(compute) * normed.to(compute)).to(x.dtype)
+
+
+if HAS_TRITON:
+
+    @triton.jit
+    def _rms_norm_fwd_kernel(X, W, Y, RSTD, stride_x, stride_y, N, eps,
+                             BLOCK: tl.constexpr, COMPUTE: tl.constexpr):
+        row = tl.program_id(0).to(tl.int64)
+        cols = tl.arange(0, BLOCK)
+        mask = cols < N
+        x = tl.load(X + row * stride_x + cols, mask=mask, other=0.0).to(COMPUTE)
+        w = tl.load(W + cols, mask=mask, other=0.0).to(COMPUTE)
+        rstd = 1.0 / tl.sqrt(tl.sum(x * x, axis=0) / N + eps)
+        xhat = (x * rstd).to(X.dtype.element_ty).to(COMPUTE)
+        tl.store(Y + row * stride_y + cols, (xhat * w).to(Y.dtype.element_ty), mask=mask)
+        tl.store(RSTD + row, rstd)
+
+    @triton.jit
+    def _rms_norm_bwd_kernel(DY, X, W, RSTD, DX, DW_PARTIAL, stride_dy, stride_x, stride_dx, M, N,
+                             rows_per_program,
+                             BLOCK: tl.constexpr, COMPUTE: tl.constexpr, HAS_DW: tl.constexpr):
+        pid = tl.program_id(0)
+        cols = tl.arange(0, BLOCK)
+        mask = cols < N
+        w = tl.load(W + cols, mask=mask, other=0.0).to(COMPUTE)
+        dw_acc = tl.zeros([BLOCK], dtype=COMPUTE)
+        row_start = pid.to(tl.int64) * rows_per_program
+        row_end = tl.minimum(row_start + rows_per_program, M)
+        for r in range(row_start, row_end):
+            x = tl.load(X + r * stride_x + cols, mask=mask, other=0.0).to(COMPUTE)
+            dy = tl.load(DY + r * stride_dy + cols, mask=mask, other=0.0).to(COMPUTE)
+            rstd = tl.load(RSTD + r)
+            xhat = x * rstd
+            g = dy * w
+            c = tl.sum(g * xhat, axis=0) / N
+            dx = (g - xhat * c) * rstd
+            tl.store(DX + r * stride_dx + cols, dx.to(DX.dtype.element_ty), mask=mask)
+            if HAS_DW:
+                dw_acc += dy * xhat.to(X.dtype.element_ty).to(COMPUTE)
+        if HAS_DW:
+            tl.store(DW_PARTIAL + pid.to(tl.int64) * N + cols, dw_acc, mask=mask)
+
+
+def _tl_compute(dtype: torch.dtype):
+    return tl.float64 if dtype == torch.float64 else tl.float32
+
+
+def _num_warps(block: int) -> int:
+    return 4 if block <= 1024 else (8 if block <= 4096 else 16)
+
+
+def _rows(t: torch.Tensor, n: int) -> torch.Tensor:
+    """[..., N] -> [M, N] with unit stride along N (copies only when it must)."""
+    t2 = t.reshape(-1, n)
+    return t2 if t2.stride(-1) == 1 else t2.contiguous()
+
+
+def _bwd_programs(rows: int, device: torch.device) -> int:
+    if device.type == "cuda":
+        sms = torch.cuda.get_device_properties(device).multi_processor_count
+        return max(1, min(rows, 4 * sms))
+    return max(1, min(rows, 4))
+
+
+class _RMSNormFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, eps: float):
+        n = x.shape[-1]
+        x2 = _rows(x, n)
+        w = weight.contiguous()
+        m = x2.shape[0]
+        compute = _compute_dtype(x.dtype)
+        y = torch.empty((m, n), dtype=x.dtype, device=x.device)
+        rstd = torch.empty(m, dtype=compute, device=x.device)
+        block = triton.next_power_of_2(n)
+        if m > 0:
+            _rms_norm_fwd_kernel[(m,)](x2, w, y, rstd, x2.stride(0), y.stride(0), n, eps,
+                                       BLOCK=block, COMPUTE=_tl_compute(x.dtype), num_warps=_num_warps(block))
+        ctx.save_for_backward(x2, w, rstd)
+        ctx.x_shape = x.shape
+        ctx.weight_dtype = weight.dtype
+        return y.view(x.shape)
+
+    @staticmethod
+    def backward(ctx, dy: torch.Tensor):
+        x2, w, rstd = ctx.saved_tensors
+        m, n = x2.shape
+        need_dx, need_dw = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        dy2 = _rows(dy, n)
+        dx = torch.empty_like(x2, memory_format=torch.contiguous_format)
+        programs = _bwd_programs(m, x2.device)
+        rows_per_program = triton.cdiv(m, programs) if m > 0 else 1
+        programs = triton.cdiv(m, rows_per_program) if m > 0 else 0
+        dw_partial = torch.zeros((max(programs, 1), n) if need_dw else (1,), dtype=rstd.dtype, device=x2.device)
+        block = triton.next_power_of_2(n)
+        if m > 0:
+            _rms_norm_bwd_kernel[(programs,)](dy2, x2, w, rstd, dx, dw_partial, dy2.stride(0), x2.stride(0),
+                                              dx.stride(0), m, n, rows_per_program,
+                                              BLOCK=block, COMPUTE=_tl_compute(x2.dtype), HAS_DW=need_dw,
+                                              num_warps=_num_warps(block))
+        dweight = dw_partial.sum(0).to(ctx.weight_dtype) if need_dw else None
+        return (dx.view(ctx.x_shape) if need_dx else None), dweight, None
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
+    """RMSNorm over the last dim of ``x`` (any leading shape), Llama/HF semantics, result in ``x.dtype``.
+
+    Triton on CUDA (and on CPU under the interpreter when forced), the PyTorch reference otherwise.
+    """
+    if weight.dim() != 1 or weight.shape[0] != x.shape[-1]:
+        raise ValueError(f"rms_norm: weight shape {tuple(weight.shape)} does not match x's last dim {x.shape[-1]}")
+    if weight.device != x.device:
+        raise ValueError(f"rms_norm: weight is on {weight.device}, x on {x.device}")
+    if use_triton(x) and x.shape[-1] <= _MAX_BLOCK and x.is_floating_point():
+        return _RMSNormFunction.apply(x, weight, float(eps))
+    return rms_norm_reference(x, weight, eps)

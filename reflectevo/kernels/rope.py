@@ -1,0 +1,220 @@
+"""Rotary position embeddings (Hugging Face "rotate_half" convention): frequencies, a PyTorch reference and a
+Triton kernel used for both directions.
+
+Frequencies for head_dim D and base theta (fp32, as Hugging Face computes them):
+
+    inv_freq[i] = 1 / theta^(2i / D),  i = 0 .. D/2-1
+    "linear" scaling:  inv_freq / factor
+    "llama3" scaling (Llama 3.1): with wavelen = 2*pi / inv_freq, low_wl = L / low_freq_factor and
+        high_wl = L / high_freq_factor (L = original_max_position_embeddings):
+        wavelen < high_wl            -> inv_freq                         (high frequencies kept)
+        wavelen > low_wl             -> inv_freq / factor                (low frequencies scaled)
+        otherwise, s = (L / wavelen - low_freq_factor) / (high_freq_factor - low_freq_factor),
+                                     -> (1 - s) * inv_freq / factor + s * inv_freq
+    angles = position * inv_freq;  cos = cos(cat(angles, angles)),  sin = sin(cat(angles, angles))
+
+Rotation of one head vector x = [x1, x2] (halves of length D/2), with cos = [c1, c2], sin = [s1, s2]:
+
+    out = x * cos + rotate_half(x) * sin,  rotate_half(x) = [-x2, x1]
+        = [x1*c1 - x2*s1,  x2*c2 + x1*s2]
+
+It is linear in x, so the gradient is the transposed rotation (the same rotation with -sin when the two halves
+of cos/sin are equal, as they are for cat(angles, angles)):
+
+    dx = [do1*c1 + do2*s2,  do2*c2 - do1*s1]
+
+Memory and traffic: the kernel reads q/k and one cos/sin row per token and writes the rotated tensors in one
+pass; backward saves only cos/sin. The reference materialises an fp32 copy, rotate_half(x), x*cos and
+rotate_half(x)*sin for each of q and k (four temporaries of q's shape in fp32, written and read back).
+cos/sin are treated as constants (no gradient); a call whose cos/sin require grad takes the reference path.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+
+from reflectevo.kernels._dispatch import HAS_TRITON, use_triton
+
+if HAS_TRITON:
+    import triton
+    import triton.language as tl
+
+_MAX_TILE = 4096  # heads x half-dim elements rotated at once by one program
+
+
+def rope_inv_freq(head_dim: int, theta: float, scaling: dict | None = None) -> torch.Tensor:
+    """Inverse frequencies [head_dim // 2] (fp32) for plain, "linear" or "llama3" RoPE scaling.
+
+    ``scaling`` is a Hugging Face ``rope_scaling`` dict (key ``rope_type`` or the older ``type``); None,
+    ``{}`` or type "default" mean no scaling.
+    """
+    if head_dim <= 0 or head_dim % 2:
+        raise ValueError(f"rope_inv_freq: head_dim must be a positive even number, got {head_dim}")
+    exponent = torch.arange(0, head_dim, 2, dtype=torch.int64).to(torch.float32) / head_dim
+    inv_freq = 1.0 / (float(theta) ** exponent)
+    if not scaling:
+        return inv_freq
+    if float(scaling.get("partial_rotary_factor", 1.0)) != 1.0:
+        raise ValueError(f"rope_scaling: partial_rotary_factor is not supported: {scaling}")
+    kind = scaling.get("rope_type", scaling.get("type", "default"))
+    if kind == "default":
+        return inv_freq
+    if kind == "linear":
+        return inv_freq / float(_need(scaling, "factor"))
+    if kind == "llama3":
+        factor = float(_need(scaling, "factor"))
+        low = float(_need(scaling, "low_freq_factor"))
+        high = float(_need(scaling, "high_freq_factor"))
+        old_len = float(_need(scaling, "original_max_position_embeddings"))
+        wavelen = 2 * math.pi / inv_freq
+        low_wavelen, high_wavelen = old_len / low, old_len / high
+        scaled = torch.where(wavelen > low_wavelen, inv_freq / factor, inv_freq)
+        smooth = (old_len / wavelen - low) / (high - low)
+        blended = (1 - smooth) * scaled / factor + smooth * scaled
+        medium = (wavelen >= high_wavelen) & (wavelen <= low_wavelen)
+        return torch.where(medium, blended, scaled)
+    raise ValueError(f"rope scaling type {kind!r} is not supported (only 'default', 'linear', 'llama3')")
+
+
+def _need(scaling: dict, key: str):
+    if key not in scaling:
+        raise ValueError(f"rope_scaling is missing {key!r}: {scaling}")
+    return scaling[key]
+
+
+def rope_cos_sin(positions: torch.Tensor, head_dim: int, theta: float, scaling: dict | None = None,
+                 dtype: torch.dtype = torch.float32) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos, sin of shape positions.shape + (head_dim,) ([T] -> [T, D], [B, T] -> [B, T, D]), in ``dtype``."""
+    if positions.is_floating_point():
+        raise ValueError(f"rope_cos_sin: positions must be an integer tensor, got {positions.dtype}")
+    inv_freq = rope_inv_freq(head_dim, theta, scaling).to(positions.device)
+    angles = positions.to(torch.float32)[..., None] * inv_freq
+    emb = torch.cat((angles, angles), dim=-1)
+    return emb.cos().to(dtype), emb.sin().to(dtype)
+
+
+def _rotate_half(x: torch.Tensor) -> torch.Tensor:
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((-x2, x1), dim=-1)
+
+
+def _check(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> None:
+    if q.dim() != 4 or k.dim() != 4:
+        raise ValueError(f"apply_rope: q and k must be [B, T, heads, head_dim], got {tuple(q.shape)}, {tuple(k.shape)}")
+    b, t, _, d = q.shape
+    if k.shape[0] != b or k.shape[1] != t or k.shape[3] != d:
+        raise ValueError(f"apply_rope: k shape {tuple(k.shape)} does not match q shape {tuple(q.shape)}")
+    if d % 2:
+        raise ValueError(f"apply_rope: head_dim must be even, got {d}")
+    if cos.shape != sin.shape:
+        raise ValueError(f"apply_rope: cos {tuple(cos.shape)} and sin {tuple(sin.shape)} differ in shape")
+    if cos.shape[-2:] != (t, d) or cos.dim() not in (2, 3) or (cos.dim() == 3 and cos.shape[0] not in (1, b)):
+        raise ValueError(f"apply_rope: cos/sin must be [T, D] or [B, T, D] with T={t}, D={d}, got {tuple(cos.shape)}")
+
+
+def _bcast(cos: torch.Tensor) -> torch.Tensor:
+    """[T, D] or [B, T, D] -> [B or 1, T, 1, D] for broadcasting against [B, T, H, D]."""
+    return (cos if cos.dim() == 3 else cos[None]).unsqueeze(2)
+
+
+def apply_rope_reference(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
+    """Plain PyTorch rotate_half RoPE, computed in fp32 (fp64 for fp64 inputs), returned in each input's dtype."""
+    _check(q, k, cos, sin)
+
+    def rotate(x):
+        compute = torch.float64 if x.dtype == torch.float64 else torch.float32
+        c, s = _bcast(cos).to(compute), _bcast(sin).to(compute)
+        xc = x.to(compute)
+        return (xc * c + _rotate_half(xc) * s).to(x.dtype)
+
+    return rotate(q), rotate(k)
+
+
+if HAS_TRITON:
+
+    @triton.jit
+    def _rope_kernel(X, COS, SIN, OUT, T, H, HALF,
+                     stride_xb, stride_xt, stride_xh, stride_ob, stride_ot, stride_oh, stride_cb, stride_ct,
+                     BLOCK_H: tl.constexpr, BLOCK_HALF: tl.constexpr, BACKWARD: tl.constexpr,
+                     COMPUTE: tl.constexpr):
+        pid = tl.program_id(0).to(tl.int64)
+        b = pid // T
+        t = pid % T
+        d = tl.arange(0, BLOCK_HALF)
+        dmask = d < HALF
+        c_row = b * stride_cb + t * stride_ct
+        c1 = tl.load(COS + c_row + d, mask=dmask, other=0.0).to(COMPUTE)[None, :]
+        c2 = tl.load(COS + c_row + HALF + d, mask=dmask, other=0.0).to(COMPUTE)[None, :]
+        s1 = tl.load(SIN + c_row + d, mask=dmask, other=0.0).to(COMPUTE)[None, :]
+        s2 = tl.load(SIN + c_row + HALF + d, mask=dmask, other=0.0).to(COMPUTE)[None, :]
+        x_row = X + b * stride_xb + t * stride_xt
+        o_row = OUT + b * stride_ob + t * stride_ot
+        for h0 in range(0, H, BLOCK_H):
+            h = h0 + tl.arange(0, BLOCK_H)
+            mask = (h < H)[:, None] & dmask[None, :]
+            x_ptr = x_row + h[:, None] * stride_xh + d[None, :]
+            o_ptr = o_row + h[:, None] * stride_oh + d[None, :]
+            x1 = tl.load(x_ptr, mask=mask, other=0.0).to(COMPUTE)
+            x2 = tl.load(x_ptr + HALF, mask=mask, other=0.0).to(COMPUTE)
+            if BACKWARD:
+                o1 = x1 * c1 + x2 * s2
+                o2 = x2 * c2 - x1 * s1
+            else:
+                o1 = x1 * c1 - x2 * s1
+                o2 = x2 * c2 + x1 * s2
+            tl.store(o_ptr, o1.to(OUT.dtype.element_ty), mask=mask)
+            tl.store(o_ptr + HALF, o2.to(OUT.dtype.element_ty), mask=mask)
+
+
+def _rope_launch(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, backward: bool) -> torch.Tensor:
+    """Rotate x [B, T, H, D] (any strides over B, T, H) into a new contiguous tensor."""
+    if x.stride(-1) != 1:
+        x = x.contiguous()
+    b, t, h, d = x.shape
+    out = torch.empty((b, t, h, d), dtype=x.dtype, device=x.device)
+    if out.numel() == 0:
+        return out
+    half = d // 2
+    block_half = triton.next_power_of_2(half)
+    block_h = max(1, min(triton.next_power_of_2(h), _MAX_TILE // block_half))
+    stride_cb = cos.stride(0) if cos.dim() == 3 and cos.shape[0] > 1 else 0
+    compute = tl.float64 if x.dtype == torch.float64 else tl.float32
+    _rope_kernel[(b * t,)](x, cos, sin, out, t, h, half,
+                           x.stride(0), x.stride(1), x.stride(2), out.stride(0), out.stride(1), out.stride(2),
+                           stride_cb, cos.stride(-2),
+                           BLOCK_H=block_h, BLOCK_HALF=block_half, BACKWARD=backward, COMPUTE=compute,
+                           num_warps=4 if block_h * block_half <= 1024 else 8)
+    return out
+
+
+def _rows_contiguous(cos: torch.Tensor) -> torch.Tensor:
+    return cos if cos.stride(-1) == 1 else cos.contiguous()
+
+
+class _RoPEFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q, k, cos, sin):
+        cos, sin = _rows_contiguous(cos), _rows_contiguous(sin)
+        if cos.stride() != sin.stride():
+            cos, sin = cos.contiguous(), sin.contiguous()
+        ctx.save_for_backward(cos, sin)
+        return _rope_launch(q, cos, sin, False), _rope_launch(k, cos, sin, False)
+
+    @staticmethod
+    def backward(ctx, dq_out, dk_out):
+        cos, sin = ctx.saved_tensors
+        dq = _rope_launch(dq_out, cos, sin, True) if ctx.needs_input_grad[0] and dq_out is not None else None
+        dk = _rope_launch(dk_out, cos, sin, True) if ctx.needs_input_grad[1] and dk_out is not None else None
+        return dq, dk, None, None
+
+
+def apply_rope(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
+    """Rotate q [B, T, Hq, D] and k [B, T, Hk, D] by cos/sin ([T, D] or [B, T, D]); returns (q_out, k_out).
+
+    Computed in fp32 (fp64 for fp64 inputs), each output in its input's dtype.
+    """
+    _check(q, k, cos, sin)
+    if use_triton(q) and not (cos.requires_grad or sin.requires_grad) and cos.device == q.device:
+        return _RoPEFunction.apply(q, k, cos, sin)
+    return apply_rope_reference(q, k, cos, sin)

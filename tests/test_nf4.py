@@ -1,0 +1,208 @@
+"""NF4 quantisation against bitsandbytes (byte-identical packing, identical dequantisation), the Triton dequant
+kernel against the PyTorch reference, and the fused 4-bit matmul (forward and dx) against dequant + matmul."""
+import io
+
+import pytest
+import torch
+
+from reflectevo.kernels import kernel_backend
+from reflectevo.kernels.nf4 import (
+    NF4_TABLE,
+    NF4Tensor,
+    dynamic_code,
+    nf4_dequantize,
+    nf4_dequantize_reference,
+    nf4_from_bnb,
+    nf4_quantize,
+)
+from reflectevo.kernels.nf4_matmul import llama3_8b_nf4_bytes_per_param, nf4_matmul
+
+bnbf = pytest.importorskip("bitsandbytes.functional")
+
+
+def _weights():
+    g = torch.Generator().manual_seed(0)
+    yield "random", torch.randn(70, 33, generator=g)
+    yield "random_large", torch.randn(257, 129, generator=g)
+    yield "zero", torch.zeros(64, 64)
+    yield "constant", torch.full((48, 40), 0.3)
+    yield "constant_neg_1d", torch.full((300,), -2.0)
+    yield "tiny_scale", torch.randn(31, 97, generator=g) * 1e-30
+    rows = torch.logspace(-6, 3, 3)[:, None]
+    yield "mixed_scale", torch.randn(3, 64 * 256 + 5, generator=g) * rows  # spans > 1 double-quant block
+    yield "single", torch.tensor([0.7])
+    yield "odd_bf16", torch.randn(17, 3, generator=g).bfloat16()
+    yield "outliers", torch.randn(65, 65, generator=g) * (1 + 100 * (torch.rand(65, 65, generator=g) > 0.99))
+
+
+WEIGHTS = list(_weights())
+
+
+@pytest.mark.parametrize("name,w", WEIGHTS, ids=[n for n, _ in WEIGHTS])
+def test_bytes_and_dequant_match_bitsandbytes(name, w):
+    packed, state = bnbf.quantize_4bit(w, blocksize=64, compress_statistics=True, quant_type="nf4")
+    q = nf4_quantize(w, blocksize=64, double_quant=True)
+    assert q.data.dtype == torch.uint8 and q.absmax.dtype == torch.uint8
+    assert torch.equal(q.data, packed.reshape(-1))
+    assert torch.equal(q.absmax, state.absmax)
+    assert torch.equal(q.absmax2, state.state2.absmax)
+    assert torch.equal(q.code2, state.state2.code)
+    assert torch.equal(q.offset, state.offset)
+    for dtype in (torch.float32, torch.bfloat16, torch.float16):
+        state.dtype = dtype
+        ref = bnbf.dequantize_4bit(packed, state)
+        ours = nf4_dequantize_reference(q, dtype)
+        assert ours.dtype == dtype and ours.shape == w.shape
+        assert torch.equal(ours.reshape(-1), ref.reshape(-1)), (name, dtype)
+
+
+@pytest.mark.parametrize("blocksize", [32, 128, 256])
+def test_other_blocksizes_match_bitsandbytes(blocksize):
+    w = torch.randn(90, 70)
+    packed, state = bnbf.quantize_4bit(w, blocksize=blocksize, compress_statistics=True, quant_type="nf4")
+    q = nf4_quantize(w, blocksize=blocksize)
+    assert torch.equal(q.data, packed.reshape(-1)) and torch.equal(q.absmax, state.absmax)
+    assert torch.equal(nf4_dequantize_reference(q, torch.float32), bnbf.dequantize_4bit(packed, state))
+    with kernel_backend("triton"):
+        assert torch.equal(nf4_dequantize(q, torch.float32), nf4_dequantize_reference(q, torch.float32))
+        x = torch.randn(3, 70)
+        torch.testing.assert_close(nf4_matmul(x, q, path="gemv"), x @ nf4_dequantize_reference(q, torch.float32).t())
+
+
+def test_without_double_quant_matches_bitsandbytes():
+    w = torch.randn(100, 77)
+    packed, state = bnbf.quantize_4bit(w, blocksize=64, compress_statistics=False, quant_type="nf4")
+    q = nf4_quantize(w, double_quant=False)
+    assert torch.equal(q.data, packed.reshape(-1)) and torch.equal(q.absmax, state.absmax)
+    assert torch.equal(nf4_dequantize_reference(q, torch.float32), bnbf.dequantize_4bit(packed, state))
+
+
+def test_bnb_tensor_imports_and_dequantizes_identically():
+    w = torch.randn(100, 130)
+    packed, state = bnbf.quantize_4bit(w, blocksize=64, compress_statistics=True, quant_type="nf4")
+    q = nf4_from_bnb(packed, state)
+    ref = bnbf.dequantize_4bit(packed, state)
+    assert torch.equal(nf4_dequantize_reference(q, torch.float32), ref)
+    with kernel_backend("triton"):
+        assert torch.equal(nf4_dequantize(q, torch.float32), ref)
+
+
+def test_tables_match_bitsandbytes():
+    assert torch.equal(NF4_TABLE, bnbf.get_4bit_type("nf4", device="cpu"))
+    assert torch.equal(dynamic_code(), bnbf.create_dynamic_map())
+
+
+def test_error_is_small_and_zero_exact():
+    w = torch.randn(128, 128)
+    d = nf4_dequantize_reference(nf4_quantize(w), torch.float32)
+    rel = (d - w).norm() / w.norm()
+    assert 0.05 < rel < 0.15  # NF4 on Gaussian weights: ~10% relative error
+    assert torch.count_nonzero(nf4_dequantize_reference(nf4_quantize(torch.zeros(10, 10)))) == 0
+
+
+@pytest.mark.parametrize("name,w", [WEIGHTS[i] for i in (0, 3, 4, 5, 8)], ids=[WEIGHTS[i][0] for i in (0, 3, 4, 5, 8)])
+@pytest.mark.parametrize("double_quant", [True, False])
+def test_triton_dequant_matches_reference(name, w, double_quant):
+    q = nf4_quantize(w, double_quant=double_quant)
+    for dtype in (torch.float32, torch.bfloat16):
+        with kernel_backend("triton"):
+            out = nf4_dequantize(q, dtype)
+        assert torch.equal(out, nf4_dequantize_reference(q, dtype))
+
+
+def test_triton_dequant_across_double_quant_blocks():
+    w = torch.randn(2, 64 * 256 + 64 * 3 + 7) * torch.tensor([[1e-3], [10.0]])
+    q = nf4_quantize(w)
+    assert q.absmax2.numel() == 3
+    with kernel_backend("triton"):
+        out = nf4_dequantize(q, torch.float32)
+    assert torch.equal(out, nf4_dequantize_reference(q, torch.float32))
+
+
+def test_nf4tensor_moves_and_saves(tmp_path):
+    q = nf4_quantize(torch.randn(40, 24))
+    moved = q.to("cpu", dtype=torch.float32)
+    assert moved.dtype == torch.float32 and moved.data.data_ptr() == q.data.data_ptr()
+    buf = io.BytesIO()
+    torch.save(q.state_dict(), buf)
+    buf.seek(0)
+    back = NF4Tensor.from_state_dict(torch.load(buf))
+    assert back.shape == q.shape and back.blocksize == 64 and back.dtype == q.dtype
+    assert torch.equal(nf4_dequantize_reference(back), nf4_dequantize_reference(q))
+    from safetensors.torch import load_file, save_file
+
+    save_file(q.state_dict(), str(tmp_path / "w.safetensors"))
+    back = NF4Tensor.from_state_dict(load_file(str(tmp_path / "w.safetensors")))
+    assert torch.equal(nf4_dequantize_reference(back), nf4_dequantize_reference(q))
+    torch.save(q, tmp_path / "q.pt")
+    assert torch.equal(torch.load(tmp_path / "q.pt", weights_only=False).data, q.data)
+
+
+def test_bad_input():
+    with pytest.raises(ValueError, match="blocksize"):
+        nf4_quantize(torch.randn(8, 8), blocksize=48)
+    with pytest.raises(ValueError, match="dtype"):
+        nf4_quantize(torch.ones(8, 8, dtype=torch.int32))
+    q = nf4_quantize(torch.randn(16, 32))
+    with pytest.raises(ValueError, match="features"):
+        nf4_matmul(torch.randn(2, 31), q)
+
+
+def _ref_matmul(x, q, bias, dy):
+    """fp32 math on the weight rounded to x's dtype (what dequant + matmul computes, without output rounding)."""
+    w = nf4_dequantize_reference(q, x.dtype).float()
+    y = x.float() @ w.t() + (bias.float() if bias is not None else 0)
+    return y, dy.float() @ w
+
+
+MATMUL_CASES = [
+    # (N, K, tokens, dtype, path)
+    (48, 96, 1, torch.float32, "gemv"),
+    (40, 70, 5, torch.bfloat16, "gemv"),
+    (32, 128, 3, torch.float32, "gemv"),  # K % 64 == 0: one absmax per tile row
+    (40, 128, 24, torch.float32, "fused"),
+    (48, 96, 20, torch.float32, "fused"),
+    (33, 64, 17, torch.bfloat16, "fused"),
+    (40, 70, 9, torch.float32, "fused"),  # K not a multiple of 64: blocks straddle rows
+    (48, 96, 12, torch.bfloat16, "dequant"),
+]
+
+
+@pytest.mark.parametrize("n,k,m,dtype,path", MATMUL_CASES)
+def test_fused_matmul_forward_and_dx(n, k, m, dtype, path):
+    g = torch.Generator().manual_seed(n * k + m)
+    q = nf4_quantize(torch.randn(n, k, generator=g))
+    bias = torch.randn(n, generator=g).to(dtype) if m % 2 else None
+    x = torch.randn(2, m, k, generator=g).to(dtype).requires_grad_(True)
+    with kernel_backend("triton"):
+        y = nf4_matmul(x, q, bias, path=path)
+        dy = torch.randn(y.shape, generator=g).to(dtype)
+        (dx,) = torch.autograd.grad(y, x, dy)
+    y_ref, dx_ref = _ref_matmul(x.detach().reshape(-1, k), q, bias, dy.reshape(-1, n))
+    assert y.shape == (2, m, n) and y.dtype == dtype and dx.dtype == dtype
+    tol = dict(rtol=1e-5, atol=1e-5) if dtype == torch.float32 else dict(rtol=1e-2, atol=1e-2)
+    torch.testing.assert_close(y.reshape(-1, n).float(), y_ref, **tol)
+    torch.testing.assert_close(dx.reshape(-1, k).float(), dx_ref, **tol)
+
+
+def test_cpu_default_path_is_dequant_matmul():
+    q = nf4_quantize(torch.randn(24, 32))
+    x = torch.randn(3, 32, requires_grad=True)
+    y = nf4_matmul(x, q)
+    w = nf4_dequantize_reference(q, torch.float32)
+    assert torch.equal(y, x @ w.t())
+    y.sum().backward()
+    torch.testing.assert_close(x.grad, torch.ones(3, 24) @ w)
+
+
+def test_llama3_8b_bytes_per_param():
+    r = llama3_8b_nf4_bytes_per_param()
+    assert r["linear_params"] == 32 * (2 * 4096 * 4096 + 2 * 1024 * 4096 + 3 * 14336 * 4096)
+    assert 0.5156 < r["bytes_per_param"] <= 0.52
+
+
+def test_storage_bytes_match_layout():
+    q = nf4_quantize(torch.randn(512, 512))
+    n = 512 * 512
+    assert q.nbytes() == n // 2 + n // 64 + 4 * (n // 64 // 256) + 256 * 4 + 4
+    assert (q.data.numel() + q.absmax.numel() + 4 * q.absmax2.numel()) / n <= 0.52
