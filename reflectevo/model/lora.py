@@ -1,0 +1,219 @@
+"""QLoRA layers: a frozen NF4 base linear and LoRA adapters that wrap any base linear.
+
+``y = base(x) + scaling · B(A(dropout(x)))`` with ``A`` [r, in] and ``B`` [out, r]; ``scaling = alpha / r`` or
+``alpha / sqrt(r)`` with rsLoRA. Initialisation as PEFT: A Kaiming-uniform (a = sqrt(5)), B zero, so a fresh
+adapter leaves the model unchanged. Only A and B train; the base stays frozen (NF4: 0.52 bytes/parameter).
+Module and state names mirror PEFT (``...q_proj.lora_A.weight``) so reflectevo.model.peft_io maps keys 1:1.
+"""
+from __future__ import annotations
+
+import contextlib
+import math
+import re
+
+import torch
+from torch import nn
+
+from reflectevo.kernels.nf4 import NF4Tensor, nf4_dequantize, nf4_quantize
+from reflectevo.kernels.nf4_matmul import nf4_matmul
+
+DEFAULT_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+class NF4Linear(nn.Module):
+    """A frozen linear layer whose weight is stored as an NF4Tensor; ``y = nf4_matmul(x, W, bias)``."""
+
+    def __init__(self, q: NF4Tensor, bias: torch.Tensor | None = None, compute_dtype: torch.dtype = torch.bfloat16):
+        super().__init__()
+        if len(q.shape) != 2:
+            raise ValueError(f"NF4Linear: weight must be 2-D, got shape {tuple(q.shape)}")
+        self.q = q
+        self.out_features, self.in_features = int(q.shape[0]), int(q.shape[1])
+        self.compute_dtype = compute_dtype
+        self.bias = nn.Parameter(bias.detach().to(compute_dtype), requires_grad=False) if bias is not None else None
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear, compute_dtype: torch.dtype | None = None, blocksize: int = 64):
+        compute_dtype = compute_dtype or linear.weight.dtype
+        q = nf4_quantize(linear.weight.detach(), blocksize=blocksize, double_quant=True)
+        q.dtype = compute_dtype
+        return cls(q, linear.bias, compute_dtype)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dtype != self.compute_dtype:
+            x = x.to(self.compute_dtype)
+        return nf4_matmul(x, self.q, self.bias)
+
+    def dequantize(self, dtype: torch.dtype | None = None) -> torch.Tensor:
+        return nf4_dequantize(self.q, dtype or self.compute_dtype)
+
+    def _apply(self, fn, recurse=True):
+        probe = fn(torch.empty(0, dtype=torch.float64, device=self.q.device))  # reveals .to(device/dtype)
+        self.q = self.q.to(probe.device)
+        if probe.dtype != torch.float64 and probe.dtype.is_floating_point:
+            self.compute_dtype = probe.dtype
+            self.q.dtype = probe.dtype
+        return super()._apply(fn, recurse)
+
+    def extra_repr(self) -> str:
+        return (f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
+                f"nf4 blocksize={self.q.blocksize}, compute_dtype={self.compute_dtype}")
+
+
+class LoRALinear(nn.Module):
+    """``base(x) + scaling · lora_B(lora_A(dropout(x)))``; ``base`` is an nn.Linear or NF4Linear (frozen)."""
+
+    def __init__(self, base: nn.Module, r: int = 8, alpha: float = 16, dropout: float = 0.0,
+                 use_rslora: bool = False, dtype: torch.dtype = torch.float32):
+        super().__init__()
+        if r <= 0:
+            raise ValueError(f"LoRA rank r={r}: must be positive")
+        if not 0.0 <= dropout < 1.0:
+            raise ValueError(f"LoRA dropout={dropout}: must be in [0, 1)")
+        self.base = base
+        self.in_features, self.out_features = base.in_features, base.out_features
+        self.r, self.alpha, self.dropout_p, self.use_rslora = int(r), float(alpha), float(dropout), bool(use_rslora)
+        self.scaling = self.alpha / (math.sqrt(self.r) if use_rslora else self.r)
+        device = _module_device(base)
+        self.lora_A = nn.Linear(self.in_features, self.r, bias=False, device=device, dtype=dtype)
+        self.lora_B = nn.Linear(self.r, self.out_features, bias=False, device=device, dtype=dtype)
+        self.lora_dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        self.disabled = False
+        self.reset_lora_parameters()
+        for p in self.base.parameters():
+            p.requires_grad_(False)
+
+    def reset_lora_parameters(self):
+        nn.init.kaiming_uniform_(self.lora_A.weight, a=math.sqrt(5))
+        nn.init.zeros_(self.lora_B.weight)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.base(x)
+        if self.disabled:
+            return y
+        a = self.lora_A.weight
+        h = self.lora_B(self.lora_A(self.lora_dropout(x.to(a.dtype))))
+        return y + (h * self.scaling).to(y.dtype)
+
+    def base_weight(self) -> torch.Tensor:
+        """The base weight in fp32 (dequantised for NF4)."""
+        if isinstance(self.base, NF4Linear):
+            return self.base.dequantize(torch.float32)
+        return self.base.weight.detach().float()
+
+    @torch.no_grad()
+    def merge(self) -> torch.Tensor:
+        """fp32 weight W + scaling · B A (the adapter folded into the dequantised base)."""
+        return self.base_weight() + self.scaling * (self.lora_B.weight.float() @ self.lora_A.weight.float())
+
+    def extra_repr(self) -> str:
+        return f"r={self.r}, alpha={self.alpha}, dropout={self.dropout_p}, rslora={self.use_rslora}"
+
+
+def _module_device(m: nn.Module) -> torch.device:
+    if isinstance(m, NF4Linear):
+        return m.q.device
+    return next(m.parameters()).device
+
+
+def _parent(model: nn.Module, name: str):
+    parent_name, _, attr = name.rpartition(".")
+    return (model.get_submodule(parent_name) if parent_name else model), attr
+
+
+@torch.no_grad()
+def quantize_model(model: nn.Module, compute_dtype: torch.dtype = torch.bfloat16, blocksize: int = 64) -> nn.Module:
+    """Replace every nn.Linear except lm_head (the embeddings are not linear) by an NF4Linear, in place."""
+    names = [n for n, m in model.named_modules()
+             if type(m) is nn.Linear and n.rpartition(".")[2] not in ("lm_head", "lora_A", "lora_B")]
+    for name in names:
+        parent, attr = _parent(model, name)
+        lin = getattr(parent, attr)
+        setattr(parent, attr, NF4Linear.from_linear(lin, compute_dtype=compute_dtype, blocksize=blocksize))
+    return model
+
+
+def _is_target(name: str, targets) -> bool:
+    if isinstance(targets, str):
+        return re.fullmatch(targets, name) is not None
+    leaf = name.rpartition(".")[2]
+    return leaf in targets or name in targets
+
+
+def attach_lora(model: nn.Module, r: int = 8, alpha: float = 16, dropout: float = 0.0,
+                target_modules=DEFAULT_TARGETS, use_rslora: bool = False,
+                dtype: torch.dtype = torch.float32) -> list[nn.Parameter]:
+    """Wrap each target linear (nn.Linear / NF4Linear, matched by leaf name, or by regex when ``target_modules``
+    is a string) in a LoRALinear; freeze everything else. Returns the trainable LoRA parameters."""
+    if has_lora(model):
+        raise ValueError("attach_lora: the model already has LoRA adapters")
+    for p in model.parameters():
+        p.requires_grad_(False)
+    names = [n for n, m in model.named_modules()
+             if isinstance(m, (nn.Linear, NF4Linear)) and _is_target(n, target_modules)]
+    if not names:
+        raise ValueError(f"attach_lora: no linear layer matches target_modules={target_modules!r}")
+    for name in names:
+        parent, attr = _parent(model, name)
+        setattr(parent, attr, LoRALinear(getattr(parent, attr), r, alpha, dropout, use_rslora, dtype))
+    params = lora_parameters(model)
+    for p in params:
+        p.requires_grad_(True)
+    return params
+
+
+def lora_modules(model: nn.Module) -> dict[str, LoRALinear]:
+    return {n: m for n, m in model.named_modules() if isinstance(m, LoRALinear)}
+
+
+def lora_parameters(model: nn.Module) -> list[nn.Parameter]:
+    out = []
+    for m in lora_modules(model).values():
+        out += [m.lora_A.weight, m.lora_B.weight]
+    return out
+
+
+def has_lora(model: nn.Module) -> bool:
+    return any(isinstance(m, LoRALinear) for m in model.modules())
+
+
+@contextlib.contextmanager
+def adapters_disabled(model: nn.Module):
+    """Inside the block every LoRALinear returns only its base output (e.g. the DPO reference model)."""
+    mods = list(lora_modules(model).values())
+    previous = [m.disabled for m in mods]
+    for m in mods:
+        m.disabled = True
+    try:
+        yield model
+    finally:
+        for m, prev in zip(mods, previous):
+            m.disabled = prev
+
+
+@torch.no_grad()
+def merged_state_dict(model: nn.Module, dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
+    """Plain weights (our key names): LoRA folded into the base, NF4 dequantised, everything else as is."""
+    out: dict[str, torch.Tensor] = {}
+    special: set[str] = set()
+    for name, m in model.named_modules():
+        if any(name.startswith(s + ".") for s in special):
+            continue
+        if isinstance(m, LoRALinear):
+            out[f"{name}.weight"] = m.merge()
+            bias = getattr(m.base, "bias", None)
+            special.add(name)
+        elif isinstance(m, NF4Linear):
+            out[f"{name}.weight"] = m.dequantize(torch.float32)
+            bias = m.bias
+            special.add(name)
+        else:
+            continue
+        if bias is not None:
+            out[f"{name}.bias"] = bias.detach()
+    for k, v in model.state_dict().items():
+        if not any(k.startswith(s + ".") for s in special):
+            out[k] = v.detach()
+    if dtype is not None:
+        out = {k: v.to(dtype) if v.is_floating_point() else v for k, v in out.items()}
+    return out

@@ -1,0 +1,232 @@
+"""LoRA adapters in PEFT's on-disk format, and merged-model export as a Hugging Face directory.
+
+Adapter directory: ``adapter_config.json`` (peft_type LORA, r, lora_alpha, ...) + ``adapter_model.safetensors``
+with keys ``base_model.model.model.<module path>.lora_A.weight`` [r, in] / ``.lora_B.weight`` [out, r]
+(``base_model.model.lm_head...`` for the head). Our module paths are Hugging Face's minus the leading ``model.``.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+import torch
+
+from reflectevo.errors import ModelLoadError
+from reflectevo.model.lora import attach_lora, lora_modules, merged_state_dict
+
+CONFIG_NAME = "adapter_config.json"
+WEIGHTS_NAME = "adapter_model.safetensors"
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "generation_config.json",
+                   "tokenizer.model", "vocab.json", "merges.txt", "chat_template.jinja")
+
+
+def peft_key(module_path: str, which: str) -> str:
+    """PEFT state key for our module path (``layers.0.self_attn.q_proj``) and ``lora_A`` / ``lora_B``."""
+    head = module_path == "lm_head" or module_path.startswith("lm_head.")
+    prefix = "base_model.model." if head else "base_model.model.model."
+    return f"{prefix}{module_path}.{which}.weight"
+
+
+def _our_path(key: str) -> tuple[str, str] | None:
+    """(module path, 'lora_A' | 'lora_B') for a PEFT key, or None when it is not a LoRA A/B weight."""
+    k = key
+    for prefix in ("base_model.model.",):
+        if k.startswith(prefix):
+            k = k[len(prefix):]
+    if k.startswith("model."):
+        k = k[len("model."):]
+    for which in ("lora_A", "lora_B"):
+        for suffix in (f".{which}.weight", f".{which}.default.weight"):
+            if k.endswith(suffix):
+                return k[: -len(suffix)], which
+    return None
+
+
+def _atomic_dir(out_dir: Path, write) -> Path:
+    out_dir = Path(out_dir)
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out_dir.with_name(f".{out_dir.name}.tmp{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    try:
+        write(tmp)
+        if out_dir.exists():
+            old = out_dir.with_name(f".{out_dir.name}.old{os.getpid()}")
+            os.replace(out_dir, old)
+            os.replace(tmp, out_dir)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, out_dir)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return out_dir
+
+
+def adapter_config(model: torch.nn.Module, base_model_name_or_path: str = "") -> dict:
+    mods = lora_modules(model)
+    if not mods:
+        raise ValueError("save_adapter: the model has no LoRA adapters")
+    first = next(iter(mods.values()))
+    for name, m in mods.items():
+        if (m.r, m.alpha, m.dropout_p, m.use_rslora) != (first.r, first.alpha, first.dropout_p, first.use_rslora):
+            raise ValueError(f"save_adapter: {name} has r/alpha/dropout/rslora different from the other adapters")
+    targets = sorted({n.rpartition(".")[2] for n in mods})
+    return {
+        "alpha_pattern": {}, "auto_mapping": None, "base_model_name_or_path": base_model_name_or_path,
+        "bias": "none", "fan_in_fan_out": False, "inference_mode": True, "init_lora_weights": True,
+        "layers_pattern": None, "layers_to_transform": None, "lora_alpha": first.alpha, "lora_dropout": first.dropout_p,
+        "modules_to_save": None, "peft_type": "LORA", "r": first.r, "rank_pattern": {}, "revision": None,
+        "target_modules": targets, "task_type": "CAUSAL_LM", "use_dora": False, "use_rslora": first.use_rslora,
+    }
+
+
+def save_adapter(model: torch.nn.Module, out_dir, base_model_name_or_path: str = "") -> Path:
+    """Write the adapter as PEFT does (config + safetensors); the directory appears complete or not at all."""
+    from safetensors.torch import save_file
+
+    cfg = adapter_config(model, base_model_name_or_path or getattr(getattr(model, "config", None), "name_or_path", ""))
+    tensors = {}
+    for name, m in lora_modules(model).items():
+        tensors[peft_key(name, "lora_A")] = m.lora_A.weight.detach().to("cpu").contiguous()
+        tensors[peft_key(name, "lora_B")] = m.lora_B.weight.detach().to("cpu").contiguous()
+
+    def write(tmp: Path):
+        (tmp / CONFIG_NAME).write_text(json.dumps(cfg, indent=2))
+        save_file(tensors, str(tmp / WEIGHTS_NAME), metadata={"format": "pt"})
+
+    return _atomic_dir(Path(out_dir), write)
+
+
+def _read_adapter(adapter_dir: Path) -> tuple[dict, dict]:
+    cfg_path = adapter_dir / CONFIG_NAME
+    try:
+        cfg = json.loads(cfg_path.read_text())
+    except FileNotFoundError:
+        raise ModelLoadError(f"{cfg_path}: adapter_config.json not found") from None
+    except json.JSONDecodeError as e:
+        raise ModelLoadError(f"{cfg_path}:{e.lineno}: invalid JSON ({e.msg})") from None
+    if cfg.get("peft_type", "LORA") != "LORA":
+        raise ModelLoadError(f"{cfg_path}: peft_type {cfg.get('peft_type')!r} is not supported (only LORA)")
+    for flag in ("use_dora", "fan_in_fan_out"):
+        if cfg.get(flag):
+            raise ModelLoadError(f"{cfg_path}: {flag}=true is not supported")
+    for pat in ("rank_pattern", "alpha_pattern"):
+        if cfg.get(pat):
+            raise ModelLoadError(f"{cfg_path}: a non-empty {pat} is not supported")
+    if cfg.get("bias", "none") != "none" or cfg.get("modules_to_save"):
+        raise ModelLoadError(f"{cfg_path}: bias/modules_to_save adapters are not supported")
+    wpath = adapter_dir / WEIGHTS_NAME
+    if wpath.is_file():
+        from safetensors.torch import load_file
+
+        weights = load_file(str(wpath))
+    elif (adapter_dir / "adapter_model.bin").is_file():
+        weights = torch.load(adapter_dir / "adapter_model.bin", map_location="cpu", weights_only=True)
+    else:
+        raise ModelLoadError(f"{wpath}: adapter weights not found")
+    return cfg, weights
+
+
+@torch.no_grad()
+def load_adapter(model: torch.nn.Module, adapter_dir) -> torch.nn.Module:
+    """Attach LoRA as the adapter's config says (unless already attached with the same r) and load its weights.
+    Any key that names no module of ours, or has another shape, is an error naming the key."""
+    adapter_dir = Path(adapter_dir)
+    cfg, weights = _read_adapter(adapter_dir)
+    wpath = adapter_dir / WEIGHTS_NAME
+    r, alpha = int(cfg["r"]), float(cfg.get("lora_alpha", cfg["r"]))
+    targets = cfg.get("target_modules")
+    if isinstance(targets, list):
+        targets = tuple(targets)
+    mods = lora_modules(model)
+    if not mods:
+        # only modules the file has weights for get adapters (PEFT's target list may name absent layers)
+        in_file = {p for p in (_our_path(k) for k in weights) if p is not None}
+        paths = {p for p, _ in in_file}
+        if not paths:
+            raise ModelLoadError(f"{wpath}: no lora_A/lora_B weights found")
+        unknown = sorted(p for p in paths if not _has_linear(model, p))
+        if unknown:
+            raise ModelLoadError(f"{wpath}: key {peft_key(unknown[0], 'lora_A')!r} names no linear layer of this model")
+        attach_lora(model, r=r, alpha=alpha, dropout=float(cfg.get("lora_dropout", 0.0)),
+                    target_modules="|".join(map(_re_escape, sorted(paths))),
+                    use_rslora=bool(cfg.get("use_rslora", False)))
+        mods = lora_modules(model)
+    expected = {}
+    for name, m in mods.items():
+        if m.r != r:
+            raise ModelLoadError(f"{wpath}: r={r} but the model's adapter {name} has r={m.r}")
+        expected[peft_key(name, "lora_A")] = m.lora_A.weight
+        expected[peft_key(name, "lora_B")] = m.lora_B.weight
+    normalised = {}
+    for key, t in weights.items():
+        parsed = _our_path(key)
+        if parsed is None:
+            raise ModelLoadError(f"{wpath}: unexpected key {key!r} (not a LoRA A/B weight)")
+        ours = peft_key(*parsed)
+        if ours not in expected:
+            raise ModelLoadError(f"{wpath}: key {key!r} names no LoRA layer of this model")
+        if tuple(t.shape) != tuple(expected[ours].shape):
+            raise ModelLoadError(f"{wpath}: key {key!r} has shape {tuple(t.shape)}, the model expects "
+                                 f"{tuple(expected[ours].shape)}")
+        normalised[ours] = t
+    missing = [k for k in expected if k not in normalised]
+    if missing:
+        raise ModelLoadError(f"{wpath}: adapter lacks {missing[0]!r}")
+    for k, t in normalised.items():
+        expected[k].copy_(t.to(dtype=expected[k].dtype, device=expected[k].device))
+    return model
+
+
+def _re_escape(s: str) -> str:
+    import re
+
+    return re.escape(s)
+
+
+def _has_linear(model, path: str) -> bool:
+    from reflectevo.model.lora import NF4Linear
+
+    try:
+        m = model.get_submodule(path)
+    except AttributeError:
+        return False
+    return isinstance(m, (torch.nn.Linear, NF4Linear))
+
+
+@torch.no_grad()
+def export_merged(model: torch.nn.Module, out_dir, tokenizer_dir=None, dtype: torch.dtype | None = None) -> Path:
+    """A Hugging Face model directory (config.json + model.safetensors [+ tokenizer files]) with every adapter
+    merged and every NF4 weight dequantised; ``dtype`` defaults to the model's embedding dtype."""
+    from safetensors.torch import save_file
+
+    config = getattr(model, "config", None)
+    if config is None or not hasattr(config, "to_hf"):
+        raise ValueError("export_merged: the model has no ModelConfig (.config.to_hf)")
+    dtype = dtype or model.embed_tokens.weight.dtype
+    state = merged_state_dict(model, dtype)
+    if config.tie_word_embeddings:
+        if "lm_head" in lora_modules(model):
+            raise ValueError("export_merged: lm_head has a LoRA adapter but its weight is tied to embed_tokens "
+                             "(tie_word_embeddings=true); the merged head cannot be stored")
+        state.pop("lm_head.weight", None)
+    tensors = {(k if k.startswith("lm_head.") else f"model.{k}"): v.to("cpu").contiguous() for k, v in state.items()}
+    hf = config.to_hf()
+    hf["torch_dtype"] = str(dtype).removeprefix("torch.")
+    if config.name_or_path:
+        hf["_name_or_path"] = config.name_or_path
+    tok_dir = Path(tokenizer_dir) if tokenizer_dir is not None else None
+    if tok_dir is not None and not (tok_dir / "tokenizer.json").is_file():
+        raise ModelLoadError(f"{tok_dir / 'tokenizer.json'}: tokenizer.json not found")
+
+    def write(tmp: Path):
+        (tmp / "config.json").write_text(json.dumps(hf, indent=2))
+        save_file(tensors, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+        if tok_dir is not None:
+            for name in TOKENIZER_FILES:
+                if (tok_dir / name).is_file():
+                    shutil.copy2(tok_dir / name, tmp / name)
+
+    return _atomic_dir(Path(out_dir), write)
