@@ -1,0 +1,185 @@
+"""Engine: the batched sampler (paged KV cache, prefix caching, continuous batching, per-request sampling).
+
+    engine = Engine(model, tokenizer)
+    outs = engine.generate(prompts, SamplingParams(...))   # outs[i][j]: j-th sample of prompt i
+"""
+from __future__ import annotations
+
+import random
+
+import torch
+
+from reflectevo.gen.block_manager import BlockManager
+from reflectevo.gen.progress import Progress
+from reflectevo.gen.runner import ModelRunner
+from reflectevo.gen.sampler import sample, seq_key
+from reflectevo.gen.sampling_params import SamplingParams
+from reflectevo.gen.scheduler import Scheduler
+from reflectevo.gen.sequence import CompletionOutput, Sequence, Status
+
+
+class Engine:
+    def __init__(self, model, tokenizer, *, block_size: int = 16, kv_cache_gib: float | None = None,
+                 gpu_memory_utilization: float = 0.85, max_num_seqs: int = 256, max_num_batched_tokens: int = 16384,
+                 max_model_len: int | None = None, progress: bool | None = None):
+        if block_size < 16 or block_size & (block_size - 1):
+            raise ValueError(f"block_size must be a power of two >= 16, got {block_size}")
+        if max_num_seqs < 1 or max_num_batched_tokens < 1:
+            raise ValueError("max_num_seqs and max_num_batched_tokens must be >= 1")
+        self.model = model
+        self.tokenizer = tokenizer
+        cfg = model.config
+        self.max_model_len = min(max_model_len or cfg.max_position_embeddings, cfg.max_position_embeddings)
+        windows = [w for w in (cfg.window_for_layer(i) for i in range(cfg.num_layers)) if w]
+        if windows:  # the paged backend attends to the whole context: stop where a sliding window would start
+            self.max_model_len = min(self.max_model_len, min(windows))
+        self.block_size = block_size
+        self.progress = progress
+        dtype = model.dtype if model.dtype in (torch.float32, torch.float16, torch.bfloat16) else torch.float32
+        per_block = ModelRunner.bytes_per_block(cfg, block_size, dtype)
+        num_blocks = int(self._kv_budget(model.device, kv_cache_gib, gpu_memory_utilization) // per_block)
+        if num_blocks < 1:
+            raise ValueError(f"KV cache budget holds no block of {per_block} bytes; raise kv_cache_gib")
+        self.runner = ModelRunner(model, num_blocks, block_size)
+        self.block_manager = BlockManager(num_blocks, block_size)
+        self.stats = {"prefill_tokens_computed": 0, "prefix_cache_hit_tokens": 0, "preemptions": 0,
+                      "decode_tokens": 0, "steps": 0}
+        self.scheduler = Scheduler(self.block_manager, max_num_seqs, max_num_batched_tokens, self.stats)
+        eos = getattr(tokenizer, "eos_token_ids", None) or cfg.eos_token_ids or []
+        self.eos_token_ids = set(int(t) for t in eos)
+        self._next_seq_id = 0
+        self._weights_seen = self._weights_signature()
+
+    def _weights_signature(self):
+        """Changes when a parameter is modified in place (optimizer step) or added/removed (adapter swap)."""
+        return tuple((id(p), p._version) for p in self.model.parameters())
+
+    def reset_prefix_cache(self):
+        self.block_manager.reset_prefix_cache()
+
+    @staticmethod
+    def _kv_budget(device: torch.device, kv_cache_gib, fraction: float) -> float:
+        if kv_cache_gib is not None:
+            if kv_cache_gib <= 0:
+                raise ValueError(f"kv_cache_gib must be > 0, got {kv_cache_gib}")
+            return kv_cache_gib * 2**30
+        if device.type == "cuda":
+            free, _ = torch.cuda.mem_get_info(device)
+            return free * fraction  # the activations of one step come out of the remaining fraction
+        return 2.0 * 2**30  # pages are only touched as blocks fill
+
+    @property
+    def num_blocks(self) -> int:
+        return self.block_manager.num_blocks
+
+    # ------------------------------------------------------------------ input checks
+    def _encode(self, prompts) -> list[list[int]]:
+        if isinstance(prompts, (str, bytes)) or not isinstance(prompts, (list, tuple)):
+            raise TypeError("prompts must be a list of strings or a list of token-id lists")
+        out = []
+        for i, p in enumerate(prompts):
+            ids = self.tokenizer.encode(p, add_special_tokens=False) if isinstance(p, str) else [int(t) for t in p]
+            if not ids:
+                raise ValueError(f"prompts[{i}] is empty")
+            limit = min(self.max_model_len - 1, self.num_blocks * self.block_size)
+            if len(ids) > limit:
+                raise ValueError(f"prompts[{i}] has {len(ids)} tokens, more than the context allows ({limit}: "
+                                 f"max_model_len {self.max_model_len}, KV cache {self.num_blocks * self.block_size})")
+            vocab = self.model.config.vocab_size
+            if min(ids) < 0 or max(ids) >= vocab:
+                raise ValueError(f"prompts[{i}] has token ids outside [0, {vocab})")
+            out.append(ids)
+        return out
+
+    # ------------------------------------------------------------------ generation
+    def generate(self, prompts, params: SamplingParams | list[SamplingParams] | None = None,
+                 progress: bool | None = None) -> list[list[CompletionOutput]]:
+        params = SamplingParams() if params is None else params
+        if isinstance(params, SamplingParams):
+            params = [params] * len(prompts)
+        if len(params) != len(prompts) or not all(isinstance(p, SamplingParams) for p in params):
+            raise ValueError(f"params must be one SamplingParams or a list of {len(prompts)} of them")
+        prompt_ids = self._encode(prompts)
+        signature = self._weights_signature()
+        if signature != self._weights_seen:  # cached K/V came from other weights
+            self.reset_prefix_cache()
+            self._weights_seen = signature
+        seqs: list[list[Sequence]] = []
+        for i, (ids, sp) in enumerate(zip(prompt_ids, params)):
+            base = sp.seed if sp.seed is not None else random.getrandbits(63)
+            group = []
+            for j in range(sp.n):
+                seq = Sequence(self._next_seq_id, i, j, ids, sp, seq_key(base, j))
+                self._next_seq_id += 1
+                self.scheduler.add(seq)
+                group.append(seq)
+            seqs.append(group)
+        total = sum(len(g) for g in seqs)
+        show = self.progress if progress is None else progress
+        bar = Progress(total, enabled=total >= 64 if show is None else bool(show))
+        was_training = self.model.training
+        self.model.eval()  # no dropout (LoRA) while sampling; the caller's mode comes back afterwards
+        try:
+            self._loop(seqs, bar)
+        except BaseException:
+            self.scheduler.abort()  # leave the engine usable: free every block, drop the queue
+            raise
+        finally:
+            self.model.train(was_training)
+        bar.close()
+        return [[self._output(s) for s in g] for g in seqs]
+
+    def _loop(self, seqs, bar: Progress):
+        while self.scheduler.has_work():
+            batch, is_prefill = self.scheduler.schedule()
+            if not batch:
+                bar.update(self._count_finished(seqs), 0)
+                continue
+            logits = self.runner.run(batch, is_prefill)
+            next_ids = sample(logits, batch).tolist()  # the one host sync of the step
+            self.stats["steps"] += 1
+            if not is_prefill:
+                self.stats["decode_tokens"] += len(batch)
+            for seq, tok in zip(batch, next_ids):
+                self._append(seq, tok)
+            bar.update(self._count_finished(seqs), len(batch))
+
+    def _count_finished(self, seqs) -> int:
+        return sum(s.status == Status.FINISHED for g in seqs for s in g)
+
+    def _append(self, seq: Sequence, tok: int):
+        seq.token_ids.append(tok)
+        self.block_manager.register_full_blocks(seq, len(seq) - 1)
+        seq.num_cached_tokens = len(seq) - 1
+        sp = seq.params
+        reason = None
+        if (tok in sp.stop_token_ids) or (not sp.ignore_eos and tok in self.eos_token_ids):
+            reason = "stop"
+        elif sp.stop and self._hit_stop_string(seq):
+            reason = "stop"
+        elif seq.num_output_tokens >= sp.max_tokens or len(seq) >= self.max_model_len:
+            reason = "length"
+        if reason is not None:
+            self.scheduler.finish(seq, reason)
+
+    def _hit_stop_string(self, seq: Sequence) -> bool:
+        text = self.tokenizer.decode(seq.output_ids, skip_special_tokens=seq.params.skip_special_tokens)
+        longest = max(len(s) for s in seq.params.stop)
+        search_from = max(0, len(seq.text) - longest - 4)  # a match may start in text decoded earlier
+        seq.text = text
+        hits = [i for i in (text.find(s, search_from) for s in seq.params.stop) if i >= 0]
+        if hits:
+            seq.stop_text_end = min(hits)
+            return True
+        return False
+
+    def _output(self, seq: Sequence) -> CompletionOutput:
+        ids = seq.output_ids
+        text_ids = ids
+        if seq.finish_reason == "stop" and ids and seq.stop_text_end is None:
+            text_ids = ids[:-1]  # the eos / stop token itself is not part of the text
+        text = self.tokenizer.decode(text_ids, skip_special_tokens=seq.params.skip_special_tokens)
+        if seq.stop_text_end is not None:
+            text = seq.text[: seq.stop_text_end]
+        return CompletionOutput(index=seq.sample_idx, text=text, token_ids=list(ids),
+                                finish_reason=seq.finish_reason or "length")
