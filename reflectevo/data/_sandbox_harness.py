@@ -1,0 +1,224 @@
+"""Runs inside the sandbox (see sandbox.py): set up isolation, then run code + setup code + asserts in a child.
+
+argv: payload.json mode uid gid (stdlib only; must stay runnable by any Python >= 3.9)
+  mode "ns": we are PID 1 of fresh pid/mount/net/ipc/uts namespaces; mount private read-only tmpfs over the
+  world-writable directories, make the interpreter's files reachable for the unprivileged uid, work in a
+  private size-limited tmpfs directory (TMPDIR points there).
+  mode "plain": no namespaces; work in the directory the payload names.
+stdin carries the nonce (one line) and is then replaced by /dev/null. We fork: the child sets the rlimits,
+drops to ``uid``/``gid`` and runs the candidate; it proves it reached the end with a token of its own on a
+private pipe. Only then, and when no other process of this run is still alive, does this parent write the
+nonce to the fd named in the payload. stdout/stderr are size-limited files set up by the caller.
+"""
+import ctypes
+import json
+import os
+import resource
+import sys
+import traceback
+
+# modules that solutions commonly import, loaded while the interpreter's files are surely readable (in "plain"
+# mode an unprivileged uid may not be able to open the interpreter's library directory later)
+import array, bisect, calendar, cmath, collections, copy, datetime, decimal  # noqa: E401,F401
+import fractions, functools, hashlib, heapq, io, itertools, math, operator, random  # noqa: E401,F401
+import re, shutil, signal, socket, statistics, string, struct, textwrap, time, typing  # noqa: E401,F401
+import unicodedata  # noqa: F401
+
+MS_RDONLY, MS_NOSUID, MS_NODEV, MS_REMOUNT, MS_BIND, MS_REC = 1, 2, 4, 32, 4096, 16384
+MNT_DETACH = 2
+
+
+def _mount(libc, source, target, fstype, flags, data):
+    if libc.mount(source.encode() if source else None, target.encode(), fstype.encode() if fstype else None,
+                  flags, data.encode() if data else None) != 0:
+        raise OSError(ctypes.get_errno(), f"mount {target}")
+
+
+def _setup_namespace(uid, gid, work_mb, fallback_workdir):
+    """Private mounts inside the new mount namespace; every step degrades gracefully if mounting fails."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    # world-writable places become private and empty (and read-only once the work dir exists)
+    private = []
+    for d in ("/tmp", "/var/tmp", "/dev/shm", "/run/lock", "/var/lock"):
+        if os.path.isdir(d) and not os.path.islink(d):
+            try:
+                size = work_mb if d == "/tmp" else 1
+                _mount(libc, "tmpfs", d, "tmpfs", MS_NOSUID | MS_NODEV, f"size={size}m,mode=0755")
+                private.append(d)
+            except OSError:
+                pass
+    if "/tmp" in private:
+        _reach_interpreter(libc)
+    work, work_is_mount = "/tmp/work", False
+    if "/tmp" in private:
+        os.mkdir(work, 0o700)
+        try:
+            _mount(libc, "tmpfs", work, "tmpfs", MS_NOSUID | MS_NODEV,
+                   f"size={work_mb}m,mode=0700,uid={uid},gid={gid}")
+            work_is_mount = True
+        except OSError:
+            try:
+                os.chown(work, uid, gid)
+            except OSError:
+                pass
+        os.chdir(work)
+    else:
+        os.chdir(fallback_workdir)
+    for d in private:
+        if d == "/tmp" and not work_is_mount:
+            continue
+        try:
+            _mount(libc, None, d, None, MS_REMOUNT | MS_RDONLY | MS_NOSUID | MS_NODEV, None)
+        except OSError:
+            pass
+
+
+def _reach_interpreter(libc):
+    """Directories on the way to the interpreter's files that "others" cannot traverse (e.g. /root holding a
+    pyenv) are hidden under a tmpfs, and only the child the interpreter needs is bound back."""
+    needed = {}
+    for p in [sys.prefix, sys.base_prefix, sys.exec_prefix, os.path.dirname(os.path.realpath(sys.executable))] + \
+            [p for p in sys.path if p]:
+        parts = os.path.realpath(p).split("/")
+        for i in range(2, len(parts)):
+            d = "/".join(parts[:i])
+            try:
+                if not os.stat(d).st_mode & 0o001:
+                    needed.setdefault(d, set()).add("/".join(parts[: i + 1]))
+                    break
+            except OSError:
+                break
+    stage = 0
+    for d, children in needed.items():
+        staged = []
+        try:
+            for child in sorted(children):
+                tmp = f"/tmp/.bind{stage}"
+                stage += 1
+                os.mkdir(tmp)
+                _mount(libc, child, tmp, None, MS_BIND | MS_REC, None)
+                staged.append((child, tmp))
+            _mount(libc, "tmpfs", d, "tmpfs", MS_NOSUID | MS_NODEV, "size=1m,mode=0755")
+            for child, tmp in staged:
+                os.mkdir(child)
+                _mount(libc, tmp, child, None, MS_BIND | MS_REC, None)
+        except OSError:
+            pass
+        for _child, tmp in staged:
+            libc.umount2(tmp.encode(), MNT_DETACH)
+            try:
+                os.rmdir(tmp)
+            except OSError:
+                pass
+
+
+def _other_processes_alive():
+    """True when another live process of this run (same environment marker) exists: a daemon left behind."""
+    marker = ("REFLECTEVO_SANDBOX_MARK=" + os.environ.get("REFLECTEVO_SANDBOX_MARK", "")).encode()
+    me = os.getpid()
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit() or int(entry) == me:
+            continue
+        try:
+            with open(f"/proc/{entry}/stat", "rb") as f:
+                if f.read().rsplit(b")", 1)[1].split()[0] == b"Z":
+                    continue
+            with open(f"/proc/{entry}/environ", "rb") as f:
+                if marker in f.read():
+                    return True
+        except (OSError, IndexError):
+            continue
+    return False
+
+
+def _drop_privileges(uid, gid):
+    if os.getuid() != 0 or uid == 0:
+        return
+    try:
+        os.setgroups([])
+        os.setgid(gid)
+        os.setuid(uid)
+    except OSError:
+        try:  # an unmapped id (user namespaces): nobody is the next best thing
+            os.setgid(65534)
+            os.setuid(65534)
+        except OSError:
+            pass
+
+
+def _run_candidate(payload, uid, gid, report_fd, token):
+    """Child process: limits, unprivileged ids, then code, setup code and asserts; report ``token`` at the end."""
+    for name, value in payload["limits"].items():
+        try:
+            resource.setrlimit(getattr(resource, name), (value, value))
+        except (ValueError, OSError, AttributeError):
+            pass
+    _drop_privileges(uid, gid)
+    os.environ["HOME"] = os.environ["TMPDIR"] = os.getcwd()
+    sys.argv = ["solution.py"]
+    namespace = {"__name__": "__main__", "__builtins__": __builtins__}
+    code, setup, tests = payload["code"], payload["setup"], payload["tests"]
+    exec(compile(code, "solution.py", "exec"), namespace)
+    if setup.strip():
+        exec(compile(setup, "test_setup.py", "exec"), namespace)
+    for i, test in enumerate(tests):
+        exec(compile(test, f"test_{i}.py", "exec"), namespace)
+    sys.stdout.flush()
+    os.write(report_fd, token)
+
+
+def main():
+    payload_path, mode, uid, gid = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4])
+    with open(payload_path, encoding="utf-8") as f:
+        payload = json.load(f)
+    nonce = sys.stdin.readline().strip()
+    devnull = os.open(os.devnull, os.O_RDONLY)
+    os.dup2(devnull, 0)
+    os.close(devnull)
+    done_fd = payload["done_fd"]
+    os.set_inheritable(done_fd, False)
+    if mode == "ns":
+        _setup_namespace(uid, gid, payload["limits"]["RLIMIT_FSIZE"] >> 20, payload["workdir"])
+    else:
+        os.chdir(payload["workdir"])
+    # the candidate runs in a child: it never sees the nonce, and this (privileged) parent cannot be signalled
+    token = os.urandom(16).hex().encode()
+    report_r, report_w = os.pipe()
+    pid = os.fork()
+    if pid == 0:
+        os.close(report_r)
+        os.close(done_fd)
+        code = 1
+        try:
+            _run_candidate(payload, uid, gid, report_w, token)
+            code = 0
+        except SystemExit as e:
+            code = e.code if isinstance(e.code, int) else 1
+        except BaseException:
+            traceback.print_exc()
+        finally:
+            try:
+                sys.stdout.flush()
+                sys.stderr.flush()
+            finally:
+                os._exit(code)
+    os.close(report_w)
+    _, status = os.waitpid(pid, 0)
+    os.set_blocking(report_r, False)
+    try:
+        report = os.read(report_r, 64)
+    except OSError:
+        report = b""
+    exit_code = os.waitstatus_to_exitcode(status)
+    if exit_code < 0:
+        exit_code = 128 - exit_code
+    if exit_code == 0 and report == token:
+        if _other_processes_alive():
+            sys.stderr.write("sandbox: the program left processes running\n")
+            os._exit(3)
+        os.write(done_fd, (nonce + "\n").encode())
+    os._exit(exit_code)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,182 @@
+"""JSON Lines input/output with one-line errors, crash-safe appends and resumable runs.
+
+* ``read_jsonl`` raises :class:`DataError` ``"file:line: what is wrong"`` for malformed JSON, a line that is not
+  an object, or a missing required field. A pretty-printed file of concatenated JSON objects (the shape of the
+  official raw example) is accepted too, so the official samples load as they are.
+* ``append_jsonl`` writes one record per call and flushes it (optionally fsyncs), so a killed run loses at most the
+  line it was writing.
+* ``completed_ids`` lists the ids already written; a torn last line (a run killed mid-write) is cut off so that
+  a resumed run appends cleanly after the last complete record.
+* ``write_jsonl_atomic`` writes to a temporary file in the same folder and renames it over the target.
+"""
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any, Iterable, Iterator
+
+from ..errors import ReflectEvoError
+
+__all__ = ["DataError", "read_jsonl", "iter_jsonl", "append_jsonl", "write_jsonl_atomic", "completed_ids"]
+
+
+class DataError(ReflectEvoError, ValueError):
+    """Bad input data; the message is one line naming the file (and line) and what is wrong."""
+
+
+def _one_line(text: str, limit: int = 160) -> str:
+    text = " ".join(str(text).split())
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def _iter_concatenated(path: Path, text: str) -> Iterator[tuple[int, dict]]:
+    """Objects of a file holding pretty-printed JSON objects one after another (line = where each starts)."""
+    decoder = json.JSONDecoder()
+    pos = 0
+    while True:
+        while pos < len(text) and text[pos].isspace():
+            pos += 1
+        if pos >= len(text):
+            return
+        line = text.count("\n", 0, pos) + 1
+        try:
+            obj, pos = decoder.raw_decode(text, pos)
+        except json.JSONDecodeError as e:
+            raise DataError(f"{path}:{text.count(chr(10), 0, e.pos) + 1}: malformed JSON ({e.msg})") from None
+        if not isinstance(obj, dict):
+            raise DataError(f"{path}:{line}: expected a JSON object, got {type(obj).__name__}")
+        yield line, obj
+
+
+def iter_jsonl(path: str | os.PathLike, required_fields: Iterable[str] = ()) -> Iterator[tuple[int, dict]]:
+    """Yield ``(line_number, record)`` for each record; raise :class:`DataError` on the first bad line."""
+    path = Path(path)
+    required = tuple(required_fields)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise DataError(f"{path}: file not found") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise DataError(f"{path}: cannot read ({_one_line(e)})") from None
+    stripped = text.lstrip()
+    if stripped.startswith("{") and "\n" in stripped and stripped.split("\n", 1)[0].strip() == "{":
+        records: Iterable[tuple[int, dict]] = _iter_concatenated(path, text)
+    else:
+        records = _iter_lines(path, text)
+    for line_no, obj in records:
+        missing = [f for f in required if f not in obj]
+        if missing:
+            raise DataError(f"{path}:{line_no}: missing field {', '.join(repr(m) for m in missing)}")
+        yield line_no, obj
+
+
+def _iter_lines(path: Path, text: str) -> Iterator[tuple[int, dict]]:
+    for line_no, line in enumerate(text.splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            obj = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise DataError(f"{path}:{line_no}: malformed JSON ({e.msg} at column {e.colno})") from None
+        if not isinstance(obj, dict):
+            raise DataError(f"{path}:{line_no}: expected a JSON object, got {type(obj).__name__}")
+        yield line_no, obj
+
+
+def read_jsonl(path: str | os.PathLike, required_fields: Iterable[str] = ()) -> list[dict]:
+    """All records of a JSONL file as dicts; one-line :class:`DataError` ``file:line: ...`` on bad input."""
+    return [obj for _, obj in iter_jsonl(path, required_fields)]
+
+
+def _dumps(record: Any) -> str:
+    return json.dumps(record, ensure_ascii=False)
+
+
+def append_jsonl(path: str | os.PathLike, record: dict, fsync: bool = False) -> None:
+    """Append one record as one line and flush it (``fsync=True`` also forces it to disk)."""
+    line = _dumps(record)
+    if "\n" in line:  # json.dumps escapes newlines; this would only happen with a custom encoder
+        raise DataError(f"{path}: record serialises to more than one line")
+    with open(path, "a", encoding="utf-8") as f:
+        f.write(line + "\n")
+        f.flush()
+        if fsync:
+            os.fsync(f.fileno())
+
+
+def write_jsonl_atomic(path: str | os.PathLike, records: Iterable[dict]) -> int:
+    """Write all records to ``path`` atomically (temp file + rename); returns the number written."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    n = 0
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            for record in records:
+                f.write(_dumps(record) + "\n")
+                n += 1
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except FileNotFoundError:
+            pass
+        raise
+    return n
+
+
+def _is_object(raw: bytes) -> bool:
+    try:
+        return isinstance(json.loads(raw), dict)
+    except ValueError:
+        return False
+
+
+def completed_ids(path: str | os.PathLike, id_field: str = "id") -> set:
+    """Ids of the complete records in ``path`` (empty set when it does not exist).
+
+    A torn last line (not a valid JSON object) is what a killed run leaves behind: it is cut off the file so
+    the next ``append_jsonl`` starts on a fresh line; a complete last record that only lacks its newline gets
+    one. A malformed line anywhere else is an error.
+    """
+    path = Path(path)
+    if not path.exists():
+        return set()
+    data = path.read_bytes()
+    keep = len(data)
+    if data and not data.endswith(b"\n"):
+        last_nl = data.rfind(b"\n")
+        if _is_object(data[last_nl + 1:]):  # complete but unterminated: terminate it
+            with open(path, "ab") as f:
+                f.write(b"\n")
+            data += b"\n"
+            keep = len(data)
+        else:
+            keep = last_nl + 1  # 0 when the only line is torn
+    else:
+        # a complete-looking last line can still be garbage if the writer died between write and newline
+        body = data.rstrip(b"\n")
+        last_nl = body.rfind(b"\n")
+        tail = body[last_nl + 1:]
+        if tail.strip() and not _is_object(tail):
+            keep = last_nl + 1
+    if keep != len(data):
+        with open(path, "r+b") as f:
+            f.truncate(keep)
+    ids = set()
+    text = data[:keep].decode("utf-8", errors="strict")
+    for line_no, line in enumerate(text.splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            obj = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise DataError(f"{path}:{line_no}: malformed JSON ({e.msg} at column {e.colno})") from None
+        if not isinstance(obj, dict) or id_field not in obj:
+            raise DataError(f"{path}:{line_no}: missing field {id_field!r}")
+        ids.add(obj[id_field])
+    return ids

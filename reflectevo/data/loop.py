@@ -1,0 +1,335 @@
+"""The ReflectEvo loop: trial 1 -> reflections -> trial 2 for many questions at once, resumable.
+
+Questions are processed in chunks (``chunk_size``, 32 by default). Inside a chunk every phase sends ALL its
+prompts to ONE ``engine.generate`` call, so the sampler batches across questions and its prefix cache shares
+the task's instructions and worked examples (every trial prompt of a task starts with the same text):
+
+1. trial 1 for every question (greedy);
+2. ``n_reflections`` reflections for every failed question (one request with ``n`` samples per question:
+   temperature 0.8, top_p 0.9, at most 512 tokens, seeded by (seed, question id), so a question gets the same
+   reflections whatever else shares the batch and after a resume);
+3. trial 2 for every reflection (greedy), each built from the SAVED trial-1 transcript (never from another
+   reflection's trial 2: defect 1 of the public code).
+
+A trial is one greedy call: the prompt ends with "Thought:" inside the assistant turn and the model writes its
+thought and its action; generation stops before an "Observation" (the environment writes that). Thought,
+action and answer are parsed from the text (``Prompts.parse_trial``). When the model ended without reaching an
+"Action:" (it ran out of tokens or closed its turn), a second greedy call, batched over all such trials,
+continues exactly that text with "\\nAction:" and gives the action (the official code's second call). The
+oracle observation (right / wrong, from the gold answer) then ends the transcript.
+
+Prompts are saved exactly as the engine received them: ``reason_prompt`` / ``reflection_prompt`` are the
+chat-formatted texts of the first call (for a forced action, the second call's prompt is ``reason_prompt`` +
+the generated text + "\\nAction:", recoverable from the record).
+
+Records use the official raw schema (``id, question, answer, [test_list], output: [...]``, ``output[0]`` =
+trial 1, then one trial-2 entry per reflection) and are appended one line each (flushed) when their chunk
+completes, with an fsync per chunk. A rerun on the same file skips the ids already complete (a torn last line
+from a killed run is cut off first), so a kill loses at most one chunk and nothing is written twice.
+
+Evaluation mode (``test_time=True``): one reflection per failure with the test-time reflection prompt (no
+demand), and trial-1 outputs may come from a cache (keyed by id) so that settings share the same first trials.
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+import random
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+from .instructions import parse_demand, sample_demand
+from .jsonl import DataError, append_jsonl, completed_ids
+from .prompts import DEFAULT, Prompts, Trial, answer_format, extract_answer, format_action
+
+__all__ = ["LoopConfig", "ReflectLoop", "AdapterOffEngine", "question_seed", "chat_renderer"]
+
+
+@dataclass
+class LoopConfig:
+    n_reflections: int = 2
+    demand: str = "1-1-1"               # an a-b-c key, or "random" (one demand drawn per question, seeded)
+    seed: int = 0
+    max_tokens: int = 256               # one trial (thought + action)
+    action_max_tokens: int = 48         # the forced action of a trial that stopped before "Action:" (code: max_tokens)
+    reflection_max_tokens: int = 512
+    reflection_temperature: float = 0.8
+    reflection_top_p: float = 0.9
+    test_time: bool = False             # evaluation: test-time reflection prompt, no demand
+    force_action: bool = True
+    chunk_size: int = 32
+    verify_workers: int | None = None   # MBPP sandbox workers (None: the task's default)
+    reasoning_source: str = "N/A"       # names written into the records
+    reflection_source: str = "N/A"
+
+    def validate(self) -> None:
+        if self.n_reflections < 1:
+            raise DataError(f"--n-reflections must be >= 1, got {self.n_reflections}")
+        if self.chunk_size < 1:
+            raise DataError(f"chunk size must be >= 1, got {self.chunk_size}")
+        for name in ("max_tokens", "action_max_tokens", "reflection_max_tokens"):
+            if getattr(self, name) < 1:
+                raise DataError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
+        if str(self.demand).strip().lower() != "random":
+            parse_demand(self.demand)
+
+
+def question_seed(seed: int, item_id) -> int:
+    """A 63-bit seed that depends only on (seed, question id)."""
+    digest = hashlib.sha256(f"reflectevo|{seed}|{item_id!r}".encode("utf-8")).digest()
+    return int.from_bytes(digest[:8], "big") & ((1 << 63) - 1)
+
+
+def chat_renderer(tokenizer) -> Callable[[list], str]:
+    """messages -> the chat-formatted text the engine receives (generation prompt added)."""
+    return lambda messages: tokenizer.apply_chat_template(messages, add_generation_prompt=True)
+
+
+class AdapterOffEngine:
+    """An engine whose calls run with the model's LoRA adapters switched off (the base model = the generator).
+
+    It must not share a prefix cache with the adapter model's engine: the same tokens have other K/V there.
+    """
+
+    def __init__(self, engine, model):
+        self.engine, self.model = engine, model
+
+    def generate(self, prompts, params=None, **kwargs):
+        from reflectevo.model.lora import adapters_disabled
+
+        with adapters_disabled(self.model):
+            return self.engine.generate(prompts, params, **kwargs)
+
+
+def _log_stderr(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+@dataclass
+class _Trial:
+    prompt: str
+    trial: Trial
+    correct: bool = False
+    error: str | None = None
+    transcript: str = ""
+
+
+@dataclass
+class _Pending:
+    """One question moving through the phases of its chunk."""
+    item: dict
+    t1: _Trial | dict | None = None       # dict: a cached trial-1 output entry
+    demand: str | None = None
+    reflection_prompt: str = ""
+    reflections: list[str] = field(default_factory=list)
+    t2: list[_Trial] = field(default_factory=list)
+
+    @property
+    def t1_correct(self) -> bool:
+        return bool(self.t1["is_correct"]) if isinstance(self.t1, dict) else self.t1.correct
+
+    @property
+    def t1_transcript(self) -> str:
+        return self.t1["scratchpad"] if isinstance(self.t1, dict) else self.t1.transcript
+
+
+class ReflectLoop:
+    """Runs the loop over items with a trial engine (generator) and a reflection engine (reflector).
+
+    Engines need ``generate(prompts: list[str], params | list[params]) -> outs[i][j].text`` (reflectevo.gen).
+    With no adapter both may be the same engine; with an adapter pass ``AdapterOffEngine`` for the trials.
+    """
+
+    def __init__(self, task, trial_engine, reflect_engine, tokenizer, cfg: LoopConfig | None = None,
+                 prompts: Prompts | None = None, log: Callable[[str], None] | None = _log_stderr):
+        from reflectevo.gen import SamplingParams
+
+        self.task, self.cfg = task, cfg or LoopConfig()
+        self.cfg.validate()
+        self.trial_engine, self.reflect_engine = trial_engine, reflect_engine
+        self.render = chat_renderer(tokenizer)
+        self.P = prompts or DEFAULT
+        self.log = log or (lambda msg: None)
+        self.SamplingParams = SamplingParams
+        self.stats = {"questions": 0, "t1_correct": 0, "reflections": 0, "t2_correct": 0, "forced_actions": 0,
+                      "seconds": 0.0}
+
+    # ---------------------------------------------------------------------------------------------- prompts
+    def trial1_prompt(self, item: dict) -> str:
+        return self.render(self.P.trial_messages(self.task, item)) + self.P.response_prefix
+
+    def trial2_prompt(self, item: dict, reflection: str, transcript1: str) -> str:
+        return self.render(self.P.trial2_messages(self.task, item, reflection, transcript1)) + self.P.response_prefix
+
+    def reflection_prompt(self, item: dict, transcript1: str, demand) -> str:
+        if self.cfg.test_time:
+            return self.render(self.P.test_reflection_messages(item, transcript1))
+        return self.render(self.P.reflection_messages(item, transcript1, demand))
+
+    def demand_for(self, item: dict):
+        if self.cfg.test_time:
+            return None
+        if str(self.cfg.demand).strip().lower() == "random":
+            return sample_demand(random.Random(question_seed(self.cfg.seed, item["id"]) ^ 0x5DEECE66D))
+        return parse_demand(self.cfg.demand)
+
+    # ---------------------------------------------------------------------------------------------- phases
+    def run_trials(self, engine, prompts: list[str], items: list[dict]) -> list[_Trial]:
+        """One greedy trial per prompt (batched), forced actions where needed (batched), then verification."""
+        if not prompts:
+            return []
+        SP = self.SamplingParams
+        stops = self.P.stop_sequences(self.task)
+        outs = engine.generate(prompts, SP(temperature=0.0, max_tokens=self.cfg.max_tokens, stop=stops))
+        texts = [o[0].text for o in outs]
+        reasons = [o[0].finish_reason for o in outs]
+        trials = [_Trial(p, self.P.parse_trial(self.task, t)) for p, t in zip(prompts, texts)]
+        is_code = answer_format(self.task) == "code"
+        need = [i for i, tr in enumerate(trials) if tr.trial.answer is None and "action:" not in texts[i].lower()]
+        if self.cfg.force_action and need:
+            follow = [prompts[i] + texts[i].rstrip() + "\nAction:" for i in need]
+            sp = SP(temperature=0.0, max_tokens=self.cfg.max_tokens if is_code else self.cfg.action_max_tokens,
+                    stop=(["[END]"] if is_code else ["\n"]) + stops)
+            self.stats["forced_actions"] += len(need)
+            for i, o in zip(need, engine.generate(follow, sp)):
+                action = o[0].text
+                if is_code and "[BEGIN]" in action and "[END]" not in action:
+                    action += "\n[END]"
+                answer = extract_answer(self.task, action)
+                thought = self.P.parse_trial(self.task, texts[i]).thought
+                trials[i].trial = Trial(thought=thought, action=format_action(self.task, answer) if answer is not None
+                                        else action.strip(), answer=answer)
+                reasons[i] = o[0].finish_reason
+        answers = [tr.trial.answer for tr in trials]
+        kwargs = {"workers": self.cfg.verify_workers} if is_code else {}
+        verdicts = self.task.check_many(answers, items, **kwargs)
+        for tr, ok, reason in zip(trials, verdicts, reasons):
+            tr.correct = bool(ok)
+            if tr.trial.answer is None:
+                tr.error = ("no answer: the output has no valid action" +
+                            (" (generation hit max_tokens)" if reason == "length" else ""))
+            tr.transcript = self.P.transcript(tr.trial, tr.correct)
+        return trials
+
+    def run_reflections(self, pending: list[_Pending]) -> None:
+        if not pending:
+            return
+        n = 1 if self.cfg.test_time else self.cfg.n_reflections
+        prompts, params = [], []
+        for p in pending:
+            demand = self.demand_for(p.item)
+            p.demand = demand.key if demand is not None else None
+            p.reflection_prompt = self.reflection_prompt(p.item, p.t1_transcript, demand)
+            prompts.append(p.reflection_prompt)
+            params.append(self.SamplingParams(n=n, temperature=self.cfg.reflection_temperature,
+                                              top_p=self.cfg.reflection_top_p,
+                                              max_tokens=self.cfg.reflection_max_tokens,
+                                              seed=question_seed(self.cfg.seed, p.item["id"])))
+        outs = self.reflect_engine.generate(prompts, params)
+        for p, o in zip(pending, outs):
+            p.reflections = [s.text.strip() for s in o]
+        self.stats["reflections"] += sum(len(p.reflections) for p in pending)
+
+    # ---------------------------------------------------------------------------------------------- records
+    def _entry(self, tr: _Trial, trail: int, reflections: list[str], reflection_prompt: str) -> dict:
+        return {"generated_answer": tr.trial.answer, "reflections": list(reflections), "scratchpad": tr.transcript,
+                "is_correct": tr.correct, "error": tr.error, "trail": trail,
+                "reasoning_source": self.cfg.reasoning_source,
+                "reflection_source": self.cfg.reflection_source if trail == 2 else "N/A",
+                "reason_prompt": tr.prompt, "reflection_prompt": reflection_prompt}
+
+    def record(self, p: _Pending) -> dict:
+        item = p.item
+        rec = {"id": item["id"], "question": item["question"], "answer": item["answer"]}
+        if "test_list" in item:
+            rec["test_list"] = item["test_list"]
+            if item.get("test_setup_code"):
+                rec["test_setup_code"] = item["test_setup_code"]
+        if p.demand is not None:
+            rec["demand"] = p.demand
+        first = dict(p.t1) if isinstance(p.t1, dict) else self._entry(p.t1, 1, [], "")
+        rec["output"] = [first] + [self._entry(t2, 2, [r], p.reflection_prompt)
+                                   for r, t2 in zip(p.reflections, p.t2)]
+        return rec
+
+    # ---------------------------------------------------------------------------------------------- driver
+    def run_chunk(self, items: list[dict], trial1_cache: dict | None = None) -> list[dict]:
+        """All phases for one chunk of questions; returns their records (input order)."""
+        pending = [_Pending(item) for item in items]
+        fresh = []
+        for p in pending:
+            cached = (trial1_cache or {}).get(p.item["id"])
+            if cached is not None:
+                p.t1 = cached
+            else:
+                fresh.append(p)
+        t0 = time.perf_counter()
+        trials = self.run_trials(self.trial_engine, [self.trial1_prompt(p.item) for p in fresh],
+                                 [p.item for p in fresh])
+        for p, tr in zip(fresh, trials):
+            p.t1 = tr
+        failed = [p for p in pending if not p.t1_correct]
+        self.log(f"  trial 1: {len(pending) - len(failed)}/{len(pending)} correct"
+                 f"{f' ({len(pending) - len(fresh)} from the trial-1 cache)' if len(fresh) < len(pending) else ''}"
+                 f" [{time.perf_counter() - t0:.1f} s]")
+        t0 = time.perf_counter()
+        self.run_reflections(failed)
+        if failed:
+            self.log(f"  reflections: {sum(len(p.reflections) for p in failed)} for {len(failed)} wrong answers "
+                     f"[{time.perf_counter() - t0:.1f} s]")
+        t0 = time.perf_counter()
+        jobs = [(p, r) for p in failed for r in p.reflections]
+        t2 = self.run_trials(self.trial_engine, [self.trial2_prompt(p.item, r, p.t1_transcript) for p, r in jobs],
+                             [p.item for p, _ in jobs])
+        for (p, _), tr in zip(jobs, t2):
+            p.t2.append(tr)
+        if jobs:
+            fixed = sum(any(t.correct for t in p.t2) for p in failed)
+            self.log(f"  trial 2: {sum(t.correct for t in t2)}/{len(t2)} correct, {fixed}/{len(failed)} questions "
+                     f"fixed by some reflection [{time.perf_counter() - t0:.1f} s]")
+        records = [self.record(p) for p in pending]
+        self.stats["questions"] += len(records)
+        self.stats["t1_correct"] += sum(p.t1_correct for p in pending)
+        self.stats["t2_correct"] += sum(t.correct for t in t2)
+        return records
+
+    def run(self, items: list[dict], out_path, trial1_cache: dict | None = None,
+            after_chunk: Callable[[int, list[dict]], None] | None = None) -> dict:
+        """Process ``items`` into ``out_path`` (JSONL), skipping ids already complete there; returns stats.
+
+        ``after_chunk(chunk_index, records)`` is called after each chunk is on disk (progress, tests).
+        """
+        out_path = Path(out_path)
+        ids = [it["id"] for it in items]
+        if len(set(map(repr, ids))) != len(ids):
+            seen, dup = set(), None
+            for i in ids:
+                if repr(i) in seen:
+                    dup = i
+                    break
+                seen.add(repr(i))
+            raise DataError(f"duplicate question id {dup!r} in the input")
+        out_path.parent.mkdir(parents=True, exist_ok=True)
+        done = completed_ids(out_path)
+        todo = [it for it in items if it["id"] not in done]
+        if done:
+            self.log(f"{out_path}: {len(items) - len(todo)} of {len(items)} questions already complete, resuming")
+        start = time.perf_counter()
+        size = self.cfg.chunk_size
+        n_chunks = (len(todo) + size - 1) // size
+        for c in range(n_chunks):
+            chunk = todo[c * size:(c + 1) * size]
+            self.log(f"chunk {c + 1}/{n_chunks}: {len(chunk)} questions")
+            records = self.run_chunk(chunk, trial1_cache)
+            for rec in records:
+                append_jsonl(out_path, rec)
+            with open(out_path, "a", encoding="utf-8") as f:
+                os.fsync(f.fileno())
+            if after_chunk is not None:
+                after_chunk(c, records)
+        self.stats["seconds"] += time.perf_counter() - start
+        self.stats["skipped_complete"] = len(items) - len(todo)
+        return dict(self.stats)

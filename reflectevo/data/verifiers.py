@@ -1,0 +1,147 @@
+"""Answer checkers for every task.
+
+* Multiple choice (LogiQA, BIG-bench multiple choice): :func:`parse_choice` reads a letter from "B", "b",
+  "(b)", "[B]", "B.", "B)", "B. option text", "Option B", "the answer is (B)", or the exact text of one option
+  (when the question is given); :func:`check_choice` compares it with the gold letter.
+* MATH: :func:`check_math` (boxed extraction, normalisation and numeric equivalence live in ``math_equiv``).
+* Free text (BIG-bench free): SQuAD normalisation (lower case, no punctuation, no articles a/an/the, single
+  spaces); :func:`exact_match` and token :func:`f1_score`.
+* Integers (arithmetic): :func:`check_number` accepts "42", "42.0", "$42", "1,042", "42 apples", "= 42".
+* Code (MBPP): :func:`check_code` runs the candidate against the asserts in the sandbox.
+"""
+from __future__ import annotations
+
+import re
+import string
+from collections import Counter
+from fractions import Fraction
+
+from .math_equiv import is_equiv
+
+__all__ = ["parse_choice", "check_choice", "parse_options", "squad_normalize", "exact_match", "f1_score",
+           "parse_number", "check_number", "check_math", "check_code"]
+
+_OPTION_LINE = re.compile(r"^\s*\(?([A-Ha-h])\s*[\.\):]\s*(.*\S)\s*$")
+
+
+def parse_options(question: str | None) -> dict[str, str]:
+    """Map lower-case letter -> option text for lines like "A. text", "(B) text", "C) text" in a question."""
+    options: dict[str, str] = {}
+    for line in (question or "").splitlines():
+        m = _OPTION_LINE.match(line)
+        if m:
+            text = m.group(2)
+            # the official few-shot blocks repeat the letter ("A. A. text")
+            text = re.sub(r"^\(?" + m.group(1) + r"[\.\)]\s*", "", text)
+            options.setdefault(m.group(1).lower(), text)
+    return options
+
+
+def _strip_wrappers(s: str) -> str:
+    s = s.strip().strip("`'\"*").strip()
+    s = re.sub(r"^(?:the\s+)?(?:final\s+)?(?:correct\s+)?(?:answer|option|choice)\s*(?:is|:)?\s*:?\s*", "", s,
+               flags=re.I)
+    return s.strip()
+
+
+def parse_choice(prediction: str | None, question: str | None = None, letters: str = "abcdefgh") -> str | None:
+    """The lower-case option letter a prediction names, or None (see module docstring for accepted forms)."""
+    if prediction is None:
+        return None
+    s = _strip_wrappers(str(prediction))
+    if not s:
+        return None
+    cls = f"[{letters}{letters.upper()}]"
+    m = re.fullmatch(r"[\(\[]?\s*(" + cls + r")\s*[\)\]]?\s*[\.:,;!]?", s)
+    if m:
+        return m.group(1).lower()
+    if question:
+        norm = squad_normalize(s)
+        for letter, text in parse_options(question).items():
+            if norm and squad_normalize(text) == norm:
+                return letter
+    m = re.match(r"^[\(\[]?(" + cls + r")(?:\s*[\)\]\.:,;]|\s)", s)
+    if m:
+        return m.group(1).lower()
+    m = re.search(r"\b(?:option|answer|choice)\s*(?:is\s*)?:?\s*[\(\[]?(" + cls + r")\b", s, flags=re.I)
+    if m:
+        return m.group(1).lower()
+    return None
+
+
+def check_choice(prediction: str | None, gold: str, question: str | None = None) -> bool:
+    """True when the prediction names the gold option letter (case-insensitive)."""
+    letter = parse_choice(prediction, question)
+    return letter is not None and letter == str(gold).strip().lower().strip("().")
+
+
+_PUNCT = set(string.punctuation)
+
+
+def squad_normalize(text: str | None) -> str:
+    """Lower case, drop punctuation and the articles a/an/the, collapse whitespace (SQuAD evaluation)."""
+    text = (text or "").lower()
+    text = "".join(ch for ch in text if ch not in _PUNCT)
+    text = re.sub(r"\b(a|an|the)\b", " ", text)
+    return " ".join(text.split())
+
+
+def exact_match(prediction: str | None, gold: str) -> bool:
+    """SQuAD exact match: equal after :func:`squad_normalize`."""
+    return prediction is not None and squad_normalize(prediction) == squad_normalize(gold)
+
+
+def f1_score(prediction: str | None, gold: str) -> float:
+    """SQuAD token F1 between the normalised prediction and gold (1.0 when both normalise to empty)."""
+    pred_tokens = squad_normalize(prediction).split() if prediction is not None else []
+    gold_tokens = squad_normalize(gold).split()
+    if not pred_tokens or not gold_tokens:
+        return float(pred_tokens == gold_tokens and prediction is not None)
+    common = Counter(pred_tokens) & Counter(gold_tokens)
+    overlap = sum(common.values())
+    if overlap == 0:
+        return 0.0
+    precision, recall = overlap / len(pred_tokens), overlap / len(gold_tokens)
+    return 2 * precision * recall / (precision + recall)
+
+
+_NUMBER = re.compile(r"[-+]?(?:\d{1,3}(?:,\d{3})+|\d+)(?:\.\d+)?")
+
+
+def parse_number(prediction: str | None) -> Fraction | None:
+    """The number a short answer gives: the whole text when it is a number, else the last number in it."""
+    if prediction is None:
+        return None
+    s = str(prediction).strip().replace("$", "").replace("\\", "").strip()
+    s = s.rstrip(".").strip()
+    found = _NUMBER.findall(s)
+    if not found:
+        return None
+    try:
+        return Fraction(found[-1].replace(",", ""))
+    except (ValueError, ZeroDivisionError):
+        return None
+
+
+def check_number(prediction: str | None, gold) -> bool:
+    """True when the prediction's number equals the gold number exactly."""
+    value = parse_number(prediction)
+    try:
+        gold_value = Fraction(str(gold).replace(",", "").strip())
+    except (ValueError, ZeroDivisionError):
+        return False
+    return value is not None and value == gold_value
+
+
+def check_math(prediction: str | None, gold: str) -> bool:
+    """MATH equivalence of a predicted answer and the gold answer (both may still carry a ``\\boxed``)."""
+    return is_equiv(prediction, gold)
+
+
+def check_code(code: str | None, test_list: list[str], test_setup_code: str = "", timeout: float = 5.0) -> bool:
+    """True when ``code`` passes every assert of ``test_list`` inside the sandbox."""
+    if not code or not code.strip():
+        return False
+    from .sandbox import run_program
+
+    return run_program(code, test_list, test_setup_code=test_setup_code, timeout=timeout).passed
