@@ -1,0 +1,315 @@
+"""Records -> token ids -> packed micro-batches.
+
+Prompts and targets per setting (docs/paper.md), taken from the official fields:
+
+    one-stage  prompt = reflect_prompt            response = reflection + "\\n\\n" + second_trial_reasoning
+    reflect    prompt = reflect_prompt            response = reflection
+    correct    prompt = reason_prompt[1]          response = second_trial_reasoning
+    dpo        prompt = reflection_prompt         chosen / rejected = reflection_chosen / reflection_rejected
+
+(``reflections`` may be a string or a list: the first entry is used.) A record without a stored prompt gets one
+from :mod:`reflectevo.data.prompts` when that module offers it, else a TrainError names the record. A stored
+trial-2 prompt that already contains the trial-2 answer (a defect of the official code, paper.md defect 2) has
+that text removed so the model never sees its own target.
+
+Token layout: the prompt is rendered with the model's chat template (one user turn, generation prompt added)
+and encoded with add_special_tokens=False; the response is the assistant content tokens plus the end-of-turn
+token. Only response tokens and the end-of-turn token carry labels. Too long: the prompt loses tokens from the
+left (a leading BOS is kept); the response is never shortened - one that cannot fit is an error (or skipped).
+
+Packing: the sequences of a micro-batch are placed first-fit-decreasing into rows of at most ``max_length``
+tokens; each keeps its own ``seq_ids`` value and positions restarting at 0, so attention never crosses a
+sequence boundary. Input = ids[:-1], labels = ids[1:] masked to -100 on prompt targets.
+"""
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from reflectevo.trainer.config import TrainError
+
+IGNORE = -100
+ONE_STAGE_SEPARATOR = "\n\n"
+
+
+@dataclass
+class Example:
+    key: str                    # unique: record id (+ "#k" for the k-th repeat of an id)
+    where: str                  # file:line, for messages
+    prompt: list[int]
+    responses: list[list[int]]  # SFT: [response]; DPO: [chosen, rejected] (each ends with the eot token)
+
+    @property
+    def num_tokens(self) -> int:
+        return sum(len(self.prompt) + len(r) - 1 for r in self.responses)
+
+
+@dataclass
+class Batch:
+    input_ids: torch.Tensor     # [R, T]
+    positions: torch.Tensor     # [R, T]
+    seq_ids: torch.Tensor       # [R, T] sequence number inside its row, -1 on padding
+    labels: torch.Tensor        # [R, T] next token, IGNORE on prompt and padding
+    seq_index: torch.Tensor     # [R, T] index of the sequence in the batch (for per-sequence sums), -1 on padding
+    num_seqs: int
+    keys: list[str]
+    num_tokens: int             # real (non-padding) tokens
+    num_labels: int             # tokens that carry a label
+    meta: dict = field(default_factory=dict)
+
+    def to(self, device) -> "Batch":
+        move = {k: getattr(self, k).to(device, non_blocking=True)
+                for k in ("input_ids", "positions", "seq_ids", "labels", "seq_index")}
+        return Batch(**move, num_seqs=self.num_seqs, keys=self.keys, num_tokens=self.num_tokens,
+                     num_labels=self.num_labels, meta=self.meta)
+
+
+# ------------------------------------------------------------------------------------------------------------
+# records -> texts
+# ------------------------------------------------------------------------------------------------------------
+def _field(record: dict, name: str, where: str, why: str):
+    if name not in record or record[name] is None:
+        raise TrainError(f"{where}: missing field {name!r} ({why})")
+    return record[name]
+
+
+def _text(value, name: str, where: str) -> str:
+    if isinstance(value, list):
+        value = next((v for v in value if isinstance(v, str) and v.strip()), None)
+    if not isinstance(value, str) or not value.strip():
+        raise TrainError(f"{where}: field {name!r} is empty or not text")
+    return value
+
+
+def _prompts_module():
+    try:
+        from reflectevo.data import prompts
+    except Exception:
+        return None
+    return prompts
+
+
+def _built_prompt(kind: str, record: dict, where: str, stored_names: tuple) -> str:
+    """A prompt for a record that stores none, from reflectevo.data.prompts (our test-time prompts).
+
+    reflect: the test-time reflection prompt (question + trial-1 transcript); trial2: the trial-2 prompt, which
+    also needs the record's "task" (its answer format) and reflection."""
+    prompts = _prompts_module()
+    missing = " / ".join(repr(n) for n in stored_names)
+    try:
+        if kind == "reflect" and prompts is not None and hasattr(prompts, "test_time_reflection_prompt"):
+            return prompts.test_time_reflection_prompt(record)
+        if kind == "trial2" and prompts is not None and hasattr(prompts, "DEFAULT") and record.get("task"):
+            reflection = record.get("reflections") or record.get("reflection_chosen") or ""
+            reflection = reflection[0] if isinstance(reflection, list) and reflection else reflection
+            return prompts.DEFAULT.trial2_prompt(record["task"], record, str(reflection),
+                                                 record["first_trial_reasoning"])
+    except Exception as e:  # the builder needs fields the record lacks
+        raise TrainError(f"{where}: missing field {missing} and building one failed "
+                         f"({' '.join(str(e).split())})") from None
+    raise TrainError(f"{where}: missing field {missing}" +
+                     (" (or 'task' to build the trial-2 prompt)" if kind == "trial2" else ""))
+
+
+def reflection_prompt_text(record: dict, where: str, dpo: bool) -> str:
+    names = ("reflection_prompt", "reflect_prompt") if dpo else ("reflect_prompt", "reflection_prompt")
+    for n in names:
+        if isinstance(record.get(n), str) and record[n].strip():
+            return record[n]
+    return _built_prompt("reflect", record, where, names)
+
+
+def trial2_prompt_text(record: dict, where: str, answer_text: str) -> str:
+    rp = record.get("reason_prompt")
+    prompt = rp[1] if isinstance(rp, list) and len(rp) > 1 and isinstance(rp[1], str) else None
+    if prompt is None:
+        return _built_prompt("trial2", record, where, ("reason_prompt",))
+    leaked = answer_text.strip()
+    if leaked and leaked in prompt:
+        prompt = prompt.replace(leaked, "", 1)
+    return prompt
+
+
+def sft_texts(record: dict, mode: str, where: str) -> tuple[str, str]:
+    """(prompt text, response text) of one D+ record for an SFT mode."""
+    if mode in ("one-stage", "reflect"):
+        refl = _text(_field(record, "reflections", where, f"the target of --mode {mode}"), "reflections", where)
+        prompt = reflection_prompt_text(record, where, dpo=False)
+        if mode == "reflect":
+            return prompt, refl.strip()
+        second = _text(_field(record, "second_trial_reasoning", where, "the corrected answer of --mode one-stage"),
+                       "second_trial_reasoning", where)
+        return prompt, refl.strip() + ONE_STAGE_SEPARATOR + second.strip()
+    second = _text(_field(record, "second_trial_reasoning", where, "the target of --mode correct"),
+                   "second_trial_reasoning", where)
+    return trial2_prompt_text(record, where, second), second.strip()
+
+
+def dpo_texts(record: dict, where: str) -> tuple[str, str, str]:
+    """(test-time reflection prompt, chosen reflection, rejected reflection) of one D± / Dpref record."""
+    chosen = _text(_field(record, "reflection_chosen", where, "the chosen reflection"), "reflection_chosen", where)
+    rejected = _text(_field(record, "reflection_rejected", where, "the rejected reflection"),
+                     "reflection_rejected", where)
+    return reflection_prompt_text(record, where, dpo=True), chosen.strip(), rejected.strip()
+
+
+# ------------------------------------------------------------------------------------------------------------
+# texts -> token ids (chat template, truncation)
+# ------------------------------------------------------------------------------------------------------------
+def format_prompt(tokenizer, text: str) -> str:
+    """The chat-formatted prompt exactly as generation sees it (one user turn + the assistant header)."""
+    return tokenizer.apply_chat_template([{"role": "user", "content": text}], add_generation_prompt=True)
+
+
+def encode_prompt(tokenizer, text: str) -> list[int]:
+    return tokenizer.encode(format_prompt(tokenizer, text), add_special_tokens=False)
+
+
+def encode_response(tokenizer, text: str) -> list[int]:
+    eot = tokenizer.eot_token_id
+    if eot is None:
+        raise TrainError("tokenizer: no end-of-turn token (chat template / eos) to end the response with")
+    return tokenizer.encode(text, add_special_tokens=False) + [eot]
+
+
+def truncate_prompt(prompt: list[int], keep: int, bos_id: int | None) -> list[int]:
+    """The last ``keep`` tokens of the prompt (a leading BOS stays in front)."""
+    if len(prompt) <= keep:
+        return prompt
+    if bos_id is not None and prompt and prompt[0] == bos_id and keep >= 2:
+        return [bos_id] + prompt[len(prompt) - keep + 1:]
+    return prompt[len(prompt) - keep:]
+
+
+def make_example(key, where, prompt, responses, max_length, prompt_budget, bos_id, on_too_long):
+    """Truncate the prompt to fit every response in max_length; None (skip) or TrainError when impossible."""
+    longest = max(len(r) for r in responses)
+    keep = min(prompt_budget, max_length - longest)
+    if keep < 1:
+        if on_too_long == "skip":
+            return None
+        raise TrainError(f"{where}: the response has {longest} tokens; with the prompt it cannot fit "
+                         f"--max-length {max_length} (no room left for the prompt)")
+    return Example(key, where, truncate_prompt(prompt, keep, bos_id), responses)
+
+
+def example_keys(records_with_lines) -> list[str]:
+    seen: dict[str, int] = {}
+    keys = []
+    for _, rec in records_with_lines:
+        base = str(rec.get("id", "")) or "_"
+        k = seen.get(base, 0)
+        seen[base] = k + 1
+        keys.append(base if k == 0 else f"{base}#{k}")
+    return keys
+
+
+def tokenize_records(records_with_lines, tokenizer, cfg, dpo: bool, path: str) -> tuple[list[Example], int]:
+    """Examples for [(line, record)], plus how many were skipped as too long."""
+    out, skipped = [], 0
+    keys = example_keys(records_with_lines)
+    budget = cfg.prompt_budget() if dpo else cfg.max_length
+    for key, (line, rec) in zip(keys, records_with_lines):
+        where = f"{path}:{line}"
+        if not isinstance(rec, dict):
+            raise TrainError(f"{where}: expected a JSON object")
+        if dpo:
+            p, c, r = dpo_texts(rec, where)
+            responses = [encode_response(tokenizer, c), encode_response(tokenizer, r)]
+        else:
+            p, resp = sft_texts(rec, cfg.mode, where)
+            responses = [encode_response(tokenizer, resp)]
+        ex = make_example(key, where, encode_prompt(tokenizer, p), responses, cfg.max_length, budget,
+                          tokenizer.bos_token_id, cfg.on_too_long)
+        if ex is None:
+            skipped += 1
+        else:
+            out.append(ex)
+    return out, skipped
+
+
+def read_records(path) -> list[tuple[int, dict]]:
+    """[(line, record)] of a JSONL file; one-line errors name file:line."""
+    from reflectevo.data.jsonl import DataError, iter_jsonl
+
+    try:
+        return list(iter_jsonl(path))
+    except DataError as e:
+        raise TrainError(str(e)) from None
+
+
+def data_digest(examples: list[Example]) -> str:
+    h = hashlib.sha256()
+    for ex in examples:
+        h.update(ex.key.encode())
+        h.update(str(ex.prompt).encode())
+        for r in ex.responses:
+            h.update(str(r).encode())
+    return h.hexdigest()[:16]
+
+
+# ------------------------------------------------------------------------------------------------------------
+# packing
+# ------------------------------------------------------------------------------------------------------------
+def sequences_of(examples: list[Example], dpo: bool) -> list[tuple[list[int], list[int]]]:
+    """(inputs, labels) per sequence; DPO order: all chosen, then all rejected."""
+    def one(prompt, resp):
+        ids = prompt + resp
+        labels = [IGNORE] * (len(prompt) - 1) + resp
+        return ids[:-1], labels
+
+    if not dpo:
+        return [one(ex.prompt, ex.responses[0]) for ex in examples]
+    return [one(ex.prompt, ex.responses[0]) for ex in examples] + [one(ex.prompt, ex.responses[1]) for ex in examples]
+
+
+def pack(seqs: list[tuple[list[int], list[int]]], row_len: int, keys: list[str], pad_id: int = 0) -> Batch:
+    """First-fit-decreasing packing of sequences into rows of at most row_len tokens."""
+    order = sorted(range(len(seqs)), key=lambda i: (-len(seqs[i][0]), i))
+    rows: list[list[int]] = []
+    fill: list[int] = []
+    for i in order:
+        n = len(seqs[i][0])
+        if n > row_len:
+            raise TrainError(f"internal: sequence of {n} tokens exceeds the row length {row_len}")
+        for r, f in enumerate(fill):
+            if f + n <= row_len:
+                rows[r].append(i)
+                fill[r] += n
+                break
+        else:
+            rows.append([i])
+            fill.append(n)
+    R, T = len(rows), max(fill)
+    ids = torch.full((R, T), pad_id, dtype=torch.long)
+    pos = torch.zeros((R, T), dtype=torch.long)
+    sid = torch.full((R, T), -1, dtype=torch.long)
+    lab = torch.full((R, T), IGNORE, dtype=torch.long)
+    sidx = torch.full((R, T), -1, dtype=torch.long)
+    for r, members in enumerate(rows):
+        at = 0
+        for local, i in enumerate(sorted(members)):
+            inp, labels = seqs[i]
+            n = len(inp)
+            ids[r, at:at + n] = torch.tensor(inp)
+            lab[r, at:at + n] = torch.tensor(labels)
+            pos[r, at:at + n] = torch.arange(n)
+            sid[r, at:at + n] = local
+            sidx[r, at:at + n] = i
+            at += n
+    # rows holding one sequence each need no block-diagonal mask (trailing padding is never attended by causality)
+    meta = {"packed": any(len(m) > 1 for m in rows)}
+    return Batch(ids, pos, sid, lab, sidx, len(seqs), keys, sum(fill), int((lab != IGNORE).sum()), meta)
+
+
+def make_batch(examples: list[Example], cfg, dpo: bool, pad_id: int | None) -> Batch:
+    return pack(sequences_of(examples, dpo), cfg.max_length, [ex.key for ex in examples], pad_id or 0)
+
+
+def load_examples(path: str | Path, tokenizer, cfg, dpo: bool) -> list[Example]:
+    records = read_records(path)
+    examples, _ = tokenize_records(records, tokenizer, cfg, dpo, str(path))
+    return examples
