@@ -1,0 +1,103 @@
+"""The `reflectevo` command line: generate, curate, sft, dpo, eval, demo, bench.
+
+Each sub-command's options live next to its implementation (``add_*_args``); this file only wires them.
+Errors the user can fix (bad file, missing field, unknown task, wrong path) end with one line on stderr and
+exit code 2; anything else is a bug and keeps its traceback.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import sys
+from pathlib import Path
+
+from reflectevo import __version__
+
+COMMANDS = {
+    # name: (module, add-args function, its keyword arguments, run function, help)
+    "generate": ("reflectevo.cli_loop", "add_generate_args", {}, "cmd_generate",
+                 "trial 1 -> reflections -> trial 2 for every question; writes raw records (JSONL)"),
+    "curate": ("reflectevo.cli_loop", "add_curate_args", {}, "cmd_curate",
+               "raw records -> D+ (d_plus.jsonl), D± (d_pm.jsonl), Dpref (d_pref.jsonl)"),
+    "sft": ("reflectevo.trainer.cli_args", "add_train_args", {"dpo": False}, "reflectevo.trainer:run_sft",
+            "supervised fine-tuning on D+ (one-stage, reflect, correct), LoRA / QLoRA"),
+    "dpo": ("reflectevo.trainer.cli_args", "add_train_args", {"dpo": True}, "reflectevo.trainer:run_dpo",
+            "DPO on D± or Dpref, LoRA / QLoRA"),
+    "eval": ("reflectevo.cli_loop", "add_eval_args", {}, "cmd_eval",
+             "Acc@t1, Acc@t2 and their difference on a test set"),
+    "demo": ("reflectevo.cli_loop", "add_demo_args", {}, "cmd_demo",
+             "the whole loop on the embedded default model, on a CPU, in minutes"),
+}
+
+
+def _user_errors() -> tuple[type[BaseException], ...]:
+    from reflectevo.errors import ReflectEvoError
+
+    errors: list[type[BaseException]] = [ReflectEvoError, FileNotFoundError]
+    try:
+        from reflectevo.data.jsonl import DataError
+
+        errors.append(DataError)
+    except Exception:
+        pass
+    return tuple(errors)
+
+
+def _add_bench_args(p: argparse.ArgumentParser):
+    p.add_argument("what", choices=["kernels", "sampler", "train", "loop"], help="which benchmark")
+    p.add_argument("--out", type=Path, default=None, help="write the JSON result here (and a .md table beside it)")
+    p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
+    p.add_argument("--quick", action="store_true", help="smaller shapes / fewer repeats")
+
+
+def _cmd_bench(args) -> int:
+    from reflectevo.bench.runner import run_bench
+
+    result, table = run_bench(args.what, device=args.device, quick=args.quick)
+    print(table)
+    if args.out is not None:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = args.out.with_name(args.out.name + ".tmp")
+        tmp.write_text(json.dumps(result, indent=2, default=str))
+        tmp.replace(args.out)
+        args.out.with_suffix(".md").write_text(table + "\n")
+        print(f"wrote {args.out}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="reflectevo", description="ReflectEvo: self-reflection learning for small LLMs")
+    parser.add_argument("--version", action="version", version=f"reflectevo {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name, (module, add_fn, add_kwargs, _run, help_text) in COMMANDS.items():
+        p = sub.add_parser(name, help=help_text, description=help_text)
+        getattr(importlib.import_module(module), add_fn)(p, **add_kwargs)
+    _add_bench_args(sub.add_parser("bench", help="benchmarks: kernels, sampler, train, loop (side by side with baselines)"))
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command is None:
+        parser.print_help()
+        return 0
+    try:
+        if args.command == "bench":
+            return _cmd_bench(args)
+        module, _add, _kwargs, run_fn, _help = COMMANDS[args.command]
+        run_module, _, run_name = run_fn.rpartition(":")
+        result = getattr(importlib.import_module(run_module or module), run_name)(args)
+        return result if isinstance(result, int) else 0
+    except _user_errors() as e:
+        msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        print(f"reflectevo {args.command}: error: {msg}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"reflectevo {args.command}: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

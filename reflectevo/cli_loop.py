@@ -1,0 +1,255 @@
+"""Command-line options and entry points of ``reflectevo generate | curate | eval | demo``.
+
+``reflectevo.cli`` wires them: ``add_<cmd>_args(parser)`` then ``cmd_<cmd>(args)``. User errors raise
+ReflectEvoError subclasses (one line naming the file:line or option); the CLI prints them and exits non-zero.
+Options are checked (task, data file, demand, numbers) before the model is loaded.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+from reflectevo.errors import ReflectEvoError
+
+
+class LoopArgError(ReflectEvoError, ValueError):
+    """A bad command-line value (the message names the option)."""
+
+
+def _log(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+# ---------------------------------------------------------------------------------------------------- options
+def _task_args(p, data_required: bool = False):
+    p.add_argument("--task", required=True,
+                   help="logiqa | math | mbpp | bigbench | bigbench-free | arithmetic")
+    p.add_argument("--data", default=None, help="the task's JSONL file (official format; arithmetic: optional)")
+    p.add_argument("--limit", type=int, default=None, help="first N questions only")
+    p.add_argument("--difficulty", type=int, default=None, help="arithmetic only: operations per question (default 1)")
+    p.add_argument("--prompts", default=None, help="JSON file replacing prompt templates (see data/prompts.py)")
+
+
+def _model_args(p, adapter_help: str):
+    p.add_argument("--model", default="smollm2-135m", help="smollm2-135m | Hugging Face model dir | .gguf file")
+    p.add_argument("--adapter", default=None, help=adapter_help)
+    p.add_argument("--device", default=None, help="cpu | cuda (default: cuda when available)")
+    p.add_argument("--dtype", default=None, help="float32 | bfloat16 | float16 (default: bf16 on CUDA, fp32 on CPU)")
+    p.add_argument("--quantize", default=None, choices=["nf4"], help="4-bit NF4 base weights")
+    p.add_argument("--kv-cache-gib", type=float, default=None, help="KV cache size per engine (default: CPU 1 GiB, "
+                   "CUDA 85%% of free memory; split in two with --adapter)")
+    p.add_argument("--max-num-seqs", type=int, default=256, help="sequences decoded together at most")
+    p.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True,
+                   help="token progress lines from the sampler")
+
+
+def _gen_args(p, n_reflections: bool):
+    if n_reflections:
+        p.add_argument("--n-reflections", type=int, default=2, help="reflections per wrong trial 1")
+        p.add_argument("--demand", default="1-1-1", help="instruction demand a-b-c, or 'random' (one per question)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the reflection sampling (per question)")
+    p.add_argument("--max-tokens", type=int, default=256, help="tokens per trial (thought + action)")
+    p.add_argument("--reflection-max-tokens", type=int, default=512)
+    p.add_argument("--reflection-temperature", type=float, default=0.8)
+    p.add_argument("--reflection-top-p", type=float, default=0.9)
+    p.add_argument("--chunk-size", type=int, default=32,
+                   help="questions per chunk (a killed run loses at most one chunk)")
+
+
+def add_generate_args(p):
+    _task_args(p)
+    _model_args(p, "PEFT LoRA adapter of a trained reflector (reflections from it; trials from the base model)")
+    p.add_argument("--out", required=True, help="RAW.jsonl (appended; existing complete ids are skipped)")
+    _gen_args(p, n_reflections=True)
+    return p
+
+
+def add_curate_args(p):
+    p.add_argument("raw", help="RAW.jsonl written by generate")
+    p.add_argument("--out", required=True, help="output directory (d_plus.jsonl, d_pm.jsonl, d_pref.jsonl, *.eval.jsonl)")
+    p.add_argument("--eval-fraction", type=float, default=0.1, help="questions held out into *.eval.jsonl")
+    p.add_argument("--pair-prompt", default="test", choices=["test", "raw"],
+                   help="prompt stored in D± / Dpref: test-time reflection prompt, or the one sampled with")
+    p.add_argument("--judge", default=None, help="judge MODEL (smollm2-135m | HF dir | .gguf) ranking Dpref pairs "
+                   "(default: a length/specificity heuristic)")
+    p.add_argument("--device", default=None)
+    p.add_argument("--dtype", default=None)
+    p.add_argument("--quantize", default=None, choices=["nf4"])
+    return p
+
+
+def add_eval_args(p):
+    _task_args(p)
+    _model_args(p, "PEFT LoRA adapter of a trained reflector (reflections from it; trials from the base model)")
+    p.add_argument("--out", required=True, help="RESULT.json (raw records go to RESULT.raw.jsonl)")
+    p.add_argument("--trial1-cache", default=None,
+                   help="JSONL of trial-1 outputs keyed by id (read if present, missing ids appended)")
+    p.add_argument("--resume", action="store_true", help="keep RESULT.raw.jsonl and continue it")
+    _gen_args(p, n_reflections=False)
+    return p
+
+
+def add_demo_args(p):
+    from reflectevo.demo import add_demo_options
+
+    return add_demo_options(p)
+
+
+# ---------------------------------------------------------------------------------------------------- helpers
+def load_task_items(args):
+    from reflectevo.data import get_task
+
+    options = {}
+    if getattr(args, "difficulty", None) is not None:
+        if str(args.task).strip().lower() != "arithmetic":
+            raise LoopArgError("--difficulty: only for --task arithmetic")
+        options["difficulty"] = args.difficulty
+    task = get_task(args.task, **options)
+    if args.limit is not None and args.limit < 1:
+        raise LoopArgError(f"--limit must be >= 1, got {args.limit}")
+    if args.data is not None and not Path(args.data).is_file():
+        raise LoopArgError(f"--data {args.data}: file not found")
+    items = task.load(args.data, limit=args.limit)
+    if not items:
+        raise LoopArgError(f"--data {args.data}: no questions")
+    return task, items
+
+
+def load_prompts(args):
+    from reflectevo.data.prompts import DEFAULT, load_prompt_overrides
+
+    return load_prompt_overrides(args.prompts) if getattr(args, "prompts", None) else DEFAULT
+
+
+def default_device(device: str | None) -> str:
+    if device:
+        return device
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def load_generation_model(args, adapter: str | None = None):
+    from reflectevo.model import load_model
+
+    if adapter is not None and not (Path(adapter) / "adapter_config.json").is_file():
+        raise LoopArgError(f"--adapter {adapter}: no adapter_config.json (not a PEFT adapter directory)")
+    return load_model(args.model, device=default_device(args.device), dtype=args.dtype,
+                      quantize=args.quantize, adapter=adapter)
+
+
+def build_engines(model, tokenizer, adapter: bool, kv_cache_gib=None, max_num_seqs: int = 256,
+                  progress: bool = True):
+    """(trial engine, reflection engine). With an adapter the trials run on the base model (adapters off) in an
+    engine of their own, so the two prefix caches never mix base and adapter K/V."""
+    from reflectevo.gen import Engine
+
+    kw = {"max_num_seqs": max_num_seqs, "progress": progress}
+    if not adapter:
+        engine = Engine(model, tokenizer, kv_cache_gib=kv_cache_gib, **kw)
+        return engine, engine
+    from reflectevo.data.loop import AdapterOffEngine
+
+    half = None if kv_cache_gib is None else kv_cache_gib / 2
+    return AdapterOffEngine(Engine(model, tokenizer, kv_cache_gib=half, **kw), model), \
+        Engine(model, tokenizer, kv_cache_gib=half, **kw)
+
+
+def loop_config(args, test_time: bool):
+    from reflectevo.data.loop import LoopConfig
+
+    name = str(args.model)
+    cfg = LoopConfig(n_reflections=getattr(args, "n_reflections", 1), demand=getattr(args, "demand", "1-1-1"),
+                     seed=args.seed, max_tokens=args.max_tokens, reflection_max_tokens=args.reflection_max_tokens,
+                     reflection_temperature=args.reflection_temperature, reflection_top_p=args.reflection_top_p,
+                     chunk_size=args.chunk_size, test_time=test_time, reasoning_source=name,
+                     reflection_source=name + (f" + adapter {args.adapter}" if args.adapter else ""))
+    if not cfg.reflection_temperature >= 0:
+        raise LoopArgError(f"--reflection-temperature must be >= 0, got {cfg.reflection_temperature}")
+    if not 0 < cfg.reflection_top_p <= 1:
+        raise LoopArgError(f"--reflection-top-p must be in (0, 1], got {cfg.reflection_top_p}")
+    cfg.validate()
+    return cfg
+
+
+# ---------------------------------------------------------------------------------------------------- commands
+def cmd_generate(args) -> int:
+    from reflectevo.data.loop import ReflectLoop
+
+    task, items = load_task_items(args)
+    prompts = load_prompts(args)
+    cfg = loop_config(args, test_time=False)
+    out = Path(args.out)
+    _log(f"generate: {len(items)} {task.name} questions, {cfg.n_reflections} reflections per failure -> {out}")
+    t0 = time.perf_counter()
+    model, tok = load_generation_model(args, args.adapter)
+    trial_engine, refl_engine = build_engines(model, tok, args.adapter is not None, args.kv_cache_gib,
+                                              args.max_num_seqs, args.progress)
+    _log(f"model {args.model} loaded in {time.perf_counter() - t0:.1f} s")
+    stats = ReflectLoop(task, trial_engine, refl_engine, tok, cfg, prompts=prompts).run(items, out)
+    q = stats["questions"]
+    rate = q / stats["seconds"] * 3600 if stats["seconds"] > 0 and q else 0.0
+    print(f"generate: {q} new questions ({stats['skipped_complete']} already done), trial 1 correct "
+          f"{stats['t1_correct']}/{q}, {stats['reflections']} reflections, {stats['t2_correct']} correct trial 2s; "
+          f"{stats['seconds']:.1f} s ({rate:.0f} questions/hour) -> {out}")
+    return 0
+
+
+def cmd_curate(args) -> int:
+    from reflectevo.data.curate import curate_file
+
+    raw = Path(args.raw)
+    if not raw.is_file():
+        raise LoopArgError(f"{raw}: file not found")
+    if not 0.0 <= args.eval_fraction < 1.0:
+        raise LoopArgError(f"--eval-fraction must be in [0, 1), got {args.eval_fraction}")
+    kwargs = {"eval_fraction": args.eval_fraction, "pair_prompt": args.pair_prompt}
+    if args.judge:
+        from reflectevo.data.judge import BatchedJudge, curate_with_judge
+        from reflectevo.gen import Engine
+        from reflectevo.model import load_model
+
+        model, tok = load_model(args.judge, device=default_device(args.device), dtype=args.dtype,
+                                quantize=args.quantize)
+        counts = curate_with_judge(raw, args.out, BatchedJudge(Engine(model, tok), tok), **kwargs)
+    else:
+        counts = curate_file(raw, args.out, **kwargs)
+    out = Path(args.out)
+    print(f"curate: {counts.get('records', 0)} questions ({counts.get('trial1_wrong', 0)} wrong at trial 1) -> "
+          f"D+ {counts.get('d_plus', 0)}, D± {counts.get('d_pm', 0)}, Dpref {counts.get('d_pref', 0)} "
+          f"(held out: {counts.get('d_plus.eval', 0)} / {counts.get('d_pm.eval', 0)} / "
+          f"{counts.get('d_pref.eval', 0)}) in {out}/")
+    print(json.dumps(counts))
+    return 0
+
+
+def cmd_eval(args) -> int:
+    from reflectevo.data.eval_run import format_table, run_eval
+
+    task, items = load_task_items(args)
+    prompts = load_prompts(args)
+    cfg = loop_config(args, test_time=True)
+    if args.trial1_cache:
+        Path(args.trial1_cache).parent.mkdir(parents=True, exist_ok=True)
+    t0 = time.perf_counter()
+    model, tok = load_generation_model(args, args.adapter)
+    trial_engine, refl_engine = build_engines(model, tok, args.adapter is not None, args.kv_cache_gib,
+                                              args.max_num_seqs, args.progress)
+    _log(f"eval: {len(items)} {task.name} questions; model {args.model} loaded in {time.perf_counter() - t0:.1f} s")
+    meta = {"model": str(args.model), "adapter": args.adapter, "data": args.data}
+    result = run_eval(task, items, trial_engine, refl_engine, tok, args.out, cfg, trial1_cache=args.trial1_cache,
+                      resume=args.resume, prompts=prompts, meta=meta)
+    name = task.name + (" + adapter" if args.adapter else "")
+    print(format_table({name: result}))
+    print(f"wrote {args.out}")
+    return 0
+
+
+def cmd_demo(args) -> int:
+    from reflectevo.demo import run_demo_from_args
+
+    return run_demo_from_args(args)
+
