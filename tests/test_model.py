@@ -73,17 +73,22 @@ def test_logits_match_transformers(tmp_path, family):
     assert (got - ref).abs().max().item() <= 1e-4
 
 
-def test_packed_rows_equal_separate_sequences(tmp_path):
-    _, d = make_hf_model(tmp_path, "llama")
+@pytest.mark.parametrize("family", ["llama", "mistral-sliding"])
+def test_packed_rows_equal_separate_sequences(tmp_path, family):
+    _, d = make_hf_model(tmp_path, family)
     model, _ = load_model(d)
-    a, b = torch.randint(0, 320, (1, 7)), torch.randint(0, 320, (1, 5))
-    packed = torch.cat([a, b], 1)
-    seq_ids = torch.tensor([[0] * 7 + [1] * 5])
-    positions = torch.tensor([list(range(7)) + list(range(5))])
+    lens = [[13, 5], [4, 9, 5]]  # two packed rows; 13 and 9 exceed the sliding window of 8
+    seqs = [[torch.randint(0, 320, (1, n)) for n in row] for row in lens]
+    packed = torch.cat([torch.cat(row, 1) for row in seqs], 0)
+    seq_ids = torch.tensor([[i for i, n in enumerate(row) for _ in range(n)] for row in lens])
+    positions = torch.tensor([[p for n in row for p in range(n)] for row in lens])
     with torch.no_grad():
         out = model(packed, positions=positions, seq_ids=seq_ids)
-        assert torch.allclose(out[:, :7], model(a), atol=1e-5)
-        assert torch.allclose(out[:, 7:], model(b), atol=1e-5)
+        for r, row in enumerate(seqs):
+            start = 0
+            for x in row:
+                torch.testing.assert_close(out[r:r + 1, start:start + x.shape[1]], model(x), atol=1e-5, rtol=1e-5)
+                start += x.shape[1]
 
 
 def test_gradient_checkpointing_same_grads():

@@ -44,24 +44,36 @@ def causal_attention(q, k, v, window: int | None = None, seq_ids: torch.Tensor |
     """Causal attention for q [B,T,Hq,D], k/v [B,T,Hkv,D] -> [B,T,Hq,D].
 
     Token i sees token j when j <= i, i - j < window (sliding window) and seq_ids match (packing).
+    Packed rows (runs of equal seq_ids) without flash-attn run one causal SDPA per sequence: the same result as
+    a block-diagonal mask at sum(L^2) instead of T^2 work, and no [B, H, T, T] mask or attention matrix.
     """
     B, T, Hq, D = q.shape
     if flash_attn_func is not None and q.is_cuda and q.dtype in (torch.float16, torch.bfloat16):
         return _flash_attention(q, k, v, window, seq_ids)
+    if seq_ids is not None:
+        rows = []
+        for b, bounds in enumerate(_segments(seq_ids)):
+            parts = [causal_attention(q[b:b + 1, s:e], k[b:b + 1, s:e], v[b:b + 1, s:e], window)
+                     for s, e in zip(bounds[:-1], bounds[1:])]
+            rows.append(torch.cat(parts, 1) if len(parts) > 1 else parts[0])
+        return torch.cat(rows, 0) if B > 1 else rows[0]
     qt, kt, vt = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
     gqa = Hq != k.shape[2]
-    if seq_ids is None and (window is None or T <= window):
+    if window is None or T <= window:
         out = F.scaled_dot_product_attention(qt, kt, vt, is_causal=T > 1, enable_gqa=gqa)
     else:
         i = torch.arange(T, device=q.device)
-        mask = i[:, None] >= i[None, :]
-        if window is not None:
-            mask = mask & (i[:, None] - i[None, :] < window)
-        mask = mask.expand(B, 1, T, T)
-        if seq_ids is not None:
-            mask = mask & (seq_ids[:, None, :, None] == seq_ids[:, None, None, :])
+        mask = (i[:, None] >= i[None, :]) & (i[:, None] - i[None, :] < window)
         out = F.scaled_dot_product_attention(qt, kt, vt, attn_mask=mask, enable_gqa=gqa)
     return out.transpose(1, 2)
+
+
+def _segments(seq_ids: torch.Tensor) -> list[list[int]]:
+    """Boundaries [0, ..., T] of the runs of equal ids in each row of seq_ids [B, T]."""
+    T = seq_ids.shape[1]
+    change = torch.ones_like(seq_ids, dtype=torch.bool)
+    change[:, 1:] = seq_ids[:, 1:] != seq_ids[:, :-1]
+    return [torch.nonzero(row).flatten().tolist() + [T] for row in change.cpu()]
 
 
 def _flash_attention(q, k, v, window, seq_ids):  # pragma: no cover - needs CUDA + flash-attn
