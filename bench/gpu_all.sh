@@ -1,0 +1,39 @@
+#!/usr/bin/env bash
+# The GPU check in one call: the CUDA tests (kernels compiled, not interpreted), then every benchmark at its GPU
+# shapes, results as JSON + Markdown under OUTDIR (default $OUT or bench/results/gpu-<date>), a summary last.
+#
+#   bash bench/gpu_all.sh [OUTDIR]
+#
+# Optional wheels (bitsandbytes, liger-kernel) placed in ./wheels are installed into /tmp/site first, so every
+# side-by-side column of the benchmarks is filled (see ../shared/docs/gpu.md for the recipe).
+set -uo pipefail
+cd "$(dirname "$0")/.."
+out="${1:-${OUT:-bench/results/gpu-$(date +%Y-%m-%d)}}"
+mkdir -p "$out"
+if ls wheels/*.whl >/dev/null 2>&1; then
+    python3 -m pip install -q --no-deps --target /tmp/site wheels/*.whl && export PYTHONPATH="/tmp/site:${PYTHONPATH:-}"
+fi
+export PYTHONPATH="$PWD:${PYTHONPATH:-}"
+{
+    nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
+    python3 -c "import torch, triton; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'triton', triton.__version__)"
+    python3 -c "import bitsandbytes; print('bitsandbytes', bitsandbytes.__version__)" 2>/dev/null || echo "no bitsandbytes"
+    python3 -c "import liger_kernel; print('liger-kernel present')" 2>/dev/null || echo "no liger-kernel"
+} | tee "$out/env.txt"
+
+status=()
+python3 -m pytest -q -p no:cacheprovider tests/test_gpu.py tests/test_fused_loss.py tests/test_nf4.py \
+    tests/test_norm_rope_swiglu.py tests/test_paged_attention.py tests/test_gen.py 2>&1 | tee "$out/pytest.txt" | tail -25
+status+=("tests: $(tail -1 "$out/pytest.txt")")
+for what in kernels sampler train; do
+    start=$(date +%s)
+    if python3 -m reflectevo bench "$what" --device cuda --out "$out/$what.json" > "$out/$what.log" 2>&1; then
+        status+=("bench $what: ok in $(( $(date +%s) - start )) s -> $out/$what.md")
+    else
+        status+=("bench $what: FAILED ($(tail -1 "$out/$what.log"))")
+    fi
+done
+echo
+for f in "$out"/*.md; do [ -f "$f" ] && { echo "== $f"; cat "$f"; echo; }; done
+echo "== summary"
+printf '%s\n' "${status[@]}"
