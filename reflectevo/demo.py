@@ -10,9 +10,9 @@ With the embedded SmolLM2-135M-Instruct and generated arithmetic word problems (
 6. print Acc@t1 / Acc@t2 / delta per setting and where the files are.
 
 Nothing is invented: when D+ (or D±) is empty - the tiny model fixed nothing - the demo says so and skips that
-training step. Training prompts are the user text of the saved prompts (the trainer applies the chat template
-itself). Every step prints its progress and time; ``--out`` holds every file (``raw.jsonl`` is resumed by a
-rerun, ``--fresh`` starts over).
+training step. The curated records go to the trainer as they are (their prompts are saved exactly as the model
+saw them, chat template included, and the trainer uses such a prompt unchanged). Every step prints its progress
+and time; ``--out`` holds every file (``raw.jsonl`` is resumed by a rerun, ``--fresh`` starts over).
 """
 from __future__ import annotations
 
@@ -23,7 +23,7 @@ import sys
 import time
 from pathlib import Path
 
-__all__ = ["add_demo_options", "run_demo", "run_demo_from_args", "unwrap_chat"]
+__all__ = ["add_demo_options", "run_demo", "run_demo_from_args"]
 
 OWNED = ("raw.jsonl", "curated", "trial1_cache.jsonl", "eval_base.json", "eval_base.raw.jsonl", "sft",
          "eval_sft.json", "eval_sft.raw.jsonl", "dpo", "eval_dpo.json", "eval_dpo.raw.jsonl", "summary.json")
@@ -50,15 +50,6 @@ def add_demo_options(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     return p
 
 
-def unwrap_chat(tokenizer, text: str) -> str:
-    """The user text of a one-user-turn chat-formatted prompt (``text`` unchanged when it is not one)."""
-    pre, sep, post = tokenizer.apply_chat_template([{"role": "user", "content": "\x00"}],
-                                                   add_generation_prompt=True).partition("\x00")
-    if sep and text.startswith(pre) and text.endswith(post) and len(text) >= len(pre) + len(post):
-        return text[len(pre):len(text) - len(post)]
-    return text
-
-
 class _Clock:
     def __init__(self):
         self.t0 = time.perf_counter()
@@ -82,20 +73,6 @@ def _split_items(args):
         raise ValueError(f"--data: {len(items)} questions are not enough for --n-train {args.n_train} "
                          f"and --n-eval {args.n_eval}")
     return task, train, held
-
-
-def _train_records(tokenizer, rows, fields):
-    """Copies of curated rows whose stored prompts are reduced to their user text (see module docstring)."""
-    out = []
-    for row in rows:
-        row = dict(row)
-        for f in fields:
-            if isinstance(row.get(f), str):
-                row[f] = unwrap_chat(tokenizer, row[f])
-            elif isinstance(row.get(f), list):
-                row[f] = [unwrap_chat(tokenizer, x) if isinstance(x, str) else x for x in row[f]]
-        out.append(row)
-    return out
 
 
 def run_demo(args) -> dict:
@@ -181,8 +158,7 @@ def run_demo(args) -> dict:
                           lora_dropout=0.1, target_modules=("q_proj", "k_proj", "v_proj"), max_length=args.max_length,
                           on_too_long="skip", warmup_ratio=0.0, seed=args.seed, progress=True, log_every=1,
                           base_model_name=name, data_path=str(cur / "d_plus.jsonl"))
-        summary = train_sft(model, tok, _train_records(tok, d_plus, ("reflect_prompt", "reason_prompt")), cfg,
-                            out / "sft")
+        summary = train_sft(model, tok, d_plus, cfg, out / "sft")
         model.eval()
         log(f"      trained in {summary.get('seconds', summary.get('train_seconds', 0)) or 0:.0f} s; "
             f"adapter in {out / 'sft' / 'adapter'}/")
@@ -207,8 +183,7 @@ def run_demo(args) -> dict:
                           target_modules=("q_proj", "k_proj", "v_proj"), max_length=args.max_length,
                           on_too_long="skip", warmup_ratio=0.0, seed=args.seed, progress=True, log_every=1,
                           base_model_name=name, data_path=str(cur / "d_pm.jsonl"))
-        train_dpo(dpo_model, tok, _train_records(tok, d_pm, ("reflection_prompt", "reason_prompt")), cfg,
-                  out / "dpo")
+        train_dpo(dpo_model, tok, d_pm, cfg, out / "dpo")
         dpo_model.eval()
         evaluate("DPO on D±", AdapterOffEngine(base_engine, model), Engine(dpo_model, tok, kv_cache_gib=args.kv_cache_gib / 2, progress=True),
                  "eval_dpo.json", f"{name} + adapter {out / 'dpo' / 'adapter'}")

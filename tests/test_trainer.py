@@ -16,7 +16,8 @@ from tokenizers import Tokenizer as HFTokenizer
 
 from reflectevo.model import ModelConfig, Tokenizer, Transformer
 from reflectevo.trainer import TrainConfig, TrainError, train_dpo, train_sft
-from reflectevo.trainer.data import IGNORE, encode_prompt, make_batch, sequences_of, tokenize_records
+from reflectevo.trainer.data import (IGNORE, encode_prompt, encode_response, make_batch, opened_assistant_turn,
+                                    sequences_of, sft_texts, tokenize_records)
 
 ROOT = Path(__file__).resolve().parents[1]
 WORDS = ("the a question answer trial failed because reflection plan check step calculation logic error fix "
@@ -107,6 +108,87 @@ def test_modes_pick_official_fields_and_strip_leaked_trial2():
     cor, _ = tokenize_records([(1, rec)], tok, cfg(mode="correct"), False, "f")
     assert "finish" not in tok.decode(cor[0].prompt)
     assert tok.decode(cor[0].responses[0]).startswith("thought")
+
+
+def chat(tok, text):
+    return tok.apply_chat_template([{"role": "user", "content": text}], add_generation_prompt=True)
+
+
+def test_already_formatted_prompt_is_used_as_is():
+    tok = tiny_tokenizer()
+    plain = d_plus(2)
+    stored = [dict(r, reflect_prompt=chat(tok, r["reflect_prompt"])) for r in plain]   # as the loop saves them
+    start = tok.token_to_id("<|im_start|>")
+    for mode in ("one-stage", "reflect"):
+        a, _ = tokenize_records(list(enumerate(plain, 1)), tok, cfg(mode=mode), False, "f")
+        b, _ = tokenize_records(list(enumerate(stored, 1)), tok, cfg(mode=mode), False, "f")
+        assert [e.prompt for e in a] == [e.prompt for e in b] and [e.responses for e in a] == [e.responses for e in b]
+        assert b[0].prompt == tok.encode(stored[0]["reflect_prompt"], add_special_tokens=False)
+        assert b[0].prompt.count(start) == 2                       # user + assistant header: one template only
+    pairs = [dict(r, reflection_prompt=chat(tok, r["reflection_prompt"])) for r in d_pm(2)]
+    a, _ = tokenize_records(list(enumerate(d_pm(2), 1)), tok, cfg(), True, "f")
+    b, _ = tokenize_records(list(enumerate(pairs, 1)), tok, cfg(), True, "f")
+    assert [(e.prompt, e.responses) for e in a] == [(e.prompt, e.responses) for e in b]
+
+
+def test_formatted_trial_prompt_with_opened_turn_masks_only_the_continuation():
+    tok = tiny_tokenizer()
+    rec = d_plus(1)[0]
+    rec["reason_prompt"][1] = chat(tok, rec["reason_prompt"][1]) + "thought :"   # loop: render + response prefix
+    ex = tokenize_records([(1, rec)], tok, cfg(mode="correct"), False, "f")[0][0]
+    assert ex.prompt == tok.encode(rec["reason_prompt"][1], add_special_tokens=False)
+    continuation = rec["second_trial_reasoning"][len("thought :"):]         # "thought :" is the prompt's
+    assert ex.responses[0] == encode_response(tok, continuation)
+    (inp, labels), = sequences_of([ex], dpo=False)
+    assert inp == (ex.prompt + ex.responses[0])[:-1]
+    assert [t for t in labels if t != IGNORE] == ex.responses[0]
+    assert labels[:len(ex.prompt) - 1] == [IGNORE] * (len(ex.prompt) - 1)
+
+
+def test_formatted_prompt_detection():
+    turn = "<|im_end|>\n<|im_start|>assistant\n"
+    frame = ("<|im_start|>system\ntoday 26 jul<|im_end|>\n<|im_start|>user\n", turn)
+    other_day = "<|im_start|>system\ntoday 27 jul<|im_end|>\n<|im_start|>user\nq" + turn   # its header differs
+    assert opened_assistant_turn(frame, other_day) == ""
+    assert opened_assistant_turn(frame, other_day + "Thought:") == "Thought:"
+    assert opened_assistant_turn(frame, "question : what <|im_end|> now") is None
+    assert opened_assistant_turn(frame, "plain question") is None
+    assert opened_assistant_turn(("", ""), other_day) is None    # a template that hides the message: plain
+
+
+@pytest.mark.parametrize("official", [False, True])
+def test_trial_targets_drop_the_oracle_observation(official):
+    from reflectevo.data.prompts import observation
+
+    tok = tiny_tokenizer()
+    rec = d_plus(1)[0]
+    trial = "thought : fix alpha\naction : finish [ B ]"
+    rec["second_trial_reasoning"] = trial + ("\n\nObservation: Answer is CORRECT" if official else
+                                             "\n" + observation(True))   # the loop's transcript ending
+    one = sft_texts(rec, "one-stage", "f")[1]
+    assert one == rec["reflections"] + "\n\n" + trial and "Observation" not in one
+    assert sft_texts(rec, "correct", "f")[1] == trial
+    ex = tokenize_records([(1, rec)], tok, cfg(mode="one-stage"), False, "f")[0][0]
+    assert ex.responses[0] == encode_response(tok, one)
+    (_, labels), = sequences_of([ex], dpo=False)
+    assert [t for t in labels if t != IGNORE] == ex.responses[0]   # response + eot only
+
+
+def test_curated_loop_records_train_without_double_template():
+    from reflectevo.data.curate import curate_records, make_output, make_raw_record
+
+    tok = tiny_tokenizer()
+    t1 = "thought : alpha\naction : finish [ A ]\nObservation: The answer is wrong."
+    t2 = "thought : beta\naction : finish [ B ]\nObservation: The answer is right."
+    refl_plain = f"why the first trial failed : {t1}"
+    raw = make_raw_record({"id": 7, "question": "question alpha", "answer": "B"}, [
+        make_output(1, "A", t1, False, chat(tok, "question alpha") + "thought :"),
+        make_output(2, "B", t2, True, chat(tok, "question alpha again") + "thought :", reflection="plan : beta",
+                    reflection_prompt=chat(tok, refl_plain))])
+    sets, _ = curate_records([raw], eval_fraction=0.0)
+    ex = tokenize_records([(1, sets["d_plus"][0])], tok, cfg(mode="one-stage"), False, "d_plus")[0][0]
+    assert ex.prompt == encode_prompt(tok, refl_plain)
+    assert ex.responses[0] == encode_response(tok, "plan : beta\n\nthought : beta\naction : finish [ B ]")
 
 
 def test_left_truncation_keeps_the_response():

@@ -2,20 +2,24 @@
 
 Prompts and targets per setting (docs/paper.md), taken from the official fields:
 
-    one-stage  prompt = reflect_prompt            response = reflection + "\\n\\n" + second_trial_reasoning
+    one-stage  prompt = reflect_prompt            response = reflection + "\\n\\n" + second_trial_reasoning*
     reflect    prompt = reflect_prompt            response = reflection
-    correct    prompt = reason_prompt[1]          response = second_trial_reasoning
+    correct    prompt = reason_prompt[1]          response = second_trial_reasoning*
     dpo        prompt = reflection_prompt         chosen / rejected = reflection_chosen / reflection_rejected
 
 (``reflections`` may be a string or a list: the first entry is used.) A record without a stored prompt gets one
 from :mod:`reflectevo.data.prompts` when that module offers it, else a TrainError names the record. A stored
 trial-2 prompt that already contains the trial-2 answer (a defect of the official code, paper.md defect 2) has
-that text removed so the model never sees its own target.
+that text removed so the model never sees its own target. * A trial transcript used as a target loses the
+oracle Observation line that ends it (feedback from the environment, not text the model writes).
 
-Token layout: the prompt is rendered with the model's chat template (one user turn, generation prompt added)
-and encoded with add_special_tokens=False; the response is the assistant content tokens plus the end-of-turn
-token. Only response tokens and the end-of-turn token carry labels. Too long: the prompt loses tokens from the
-left (a leading BOS is kept); the response is never shortened - one that cannot fit is an error (or skipped).
+Token layout: a plain-text prompt (the official data) is rendered with the model's chat template (one user turn,
+generation prompt added); a prompt stored already rendered with this template (our raw records save prompts
+exactly as the model saw them, see :func:`chat_prompt`) is used as it is. Either is encoded with
+add_special_tokens=False; the response is the assistant content tokens plus the end-of-turn token (minus any
+start of the assistant turn the stored prompt already holds, such as "Thought:"). Only response tokens and the
+end-of-turn token carry labels. Too long: the prompt loses tokens from the left (a leading BOS is kept); the
+response is never shortened - one that cannot fit is an error (or skipped).
 
 Packing: the sequences of a micro-batch are placed first-fit-decreasing into rows of at most ``max_length``
 tokens; each keeps its own ``seq_ids`` value and positions restarting at 0, so attention never crosses a
@@ -24,6 +28,7 @@ sequence boundary. Input = ids[:-1], labels = ids[1:] masked to -100 on prompt t
 from __future__ import annotations
 
 import hashlib
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -33,6 +38,7 @@ from reflectevo.trainer.config import TrainError
 
 IGNORE = -100
 ONE_STAGE_SEPARATOR = "\n\n"
+_SENTINEL = "\ue000user text\ue000"     # stands for the user message when the chat template is rendered bare
 
 
 @dataclass
@@ -133,8 +139,25 @@ def trial2_prompt_text(record: dict, where: str, answer_text: str) -> str:
     return prompt
 
 
+def strip_observation(transcript: str) -> str:
+    """A trial transcript without the oracle observation line that ends it.
+
+    The loop appends :func:`reflectevo.data.prompts.observation` ("Observation: The answer is right.") after
+    the action; the official data ends with "Observation: Answer is CORRECT". Both are a last line that starts
+    with the label of that observation; any other text is returned unchanged (stripped of outer whitespace).
+    """
+    from reflectevo.data.prompts import observation
+
+    text = transcript.strip()
+    label = observation(True).partition(":")[0].strip()
+    starts = list(re.finditer(rf"(?:^|\n)[ \t]*{re.escape(label)}[ \t]*:", text, flags=re.IGNORECASE))
+    if not starts or "\n" in text[starts[-1].end():]:
+        return text
+    return text[:starts[-1].start()].strip()
+
+
 def sft_texts(record: dict, mode: str, where: str) -> tuple[str, str]:
-    """(prompt text, response text) of one D+ record for an SFT mode."""
+    """(prompt text, response text) of one D+ record for an SFT mode (trial transcripts without observation)."""
     if mode in ("one-stage", "reflect"):
         refl = _text(_field(record, "reflections", where, f"the target of --mode {mode}"), "reflections", where)
         prompt = reflection_prompt_text(record, where, dpo=False)
@@ -142,14 +165,17 @@ def sft_texts(record: dict, mode: str, where: str) -> tuple[str, str]:
             return prompt, refl.strip()
         second = _text(_field(record, "second_trial_reasoning", where, "the corrected answer of --mode one-stage"),
                        "second_trial_reasoning", where)
-        return prompt, refl.strip() + ONE_STAGE_SEPARATOR + second.strip()
+        return prompt, refl.strip() + ONE_STAGE_SEPARATOR + strip_observation(second)
     second = _text(_field(record, "second_trial_reasoning", where, "the target of --mode correct"),
                    "second_trial_reasoning", where)
-    return trial2_prompt_text(record, where, second), second.strip()
+    # the leak check looks for the whole stored transcript, observation included (the official leak holds it)
+    return trial2_prompt_text(record, where, second), strip_observation(second)
 
 
 def dpo_texts(record: dict, where: str) -> tuple[str, str, str]:
-    """(test-time reflection prompt, chosen reflection, rejected reflection) of one D± / Dpref record."""
+    """(test-time reflection prompt, chosen reflection, rejected reflection) of one D± / Dpref record.
+
+    The responses are reflections, which never carry an oracle observation (only trial transcripts do)."""
     chosen = _text(_field(record, "reflection_chosen", where, "the chosen reflection"), "reflection_chosen", where)
     rejected = _text(_field(record, "reflection_rejected", where, "the rejected reflection"),
                      "reflection_rejected", where)
@@ -159,9 +185,54 @@ def dpo_texts(record: dict, where: str) -> tuple[str, str, str]:
 # ------------------------------------------------------------------------------------------------------------
 # texts -> token ids (chat template, truncation)
 # ------------------------------------------------------------------------------------------------------------
+def chat_frame(tokenizer) -> tuple[str, str]:
+    """(before, after): what the chat template renders around one user message (``after`` ends with the
+    generation prompt); ("", "") when the template does not render the message verbatim (nothing detectable)."""
+    rendered = tokenizer.apply_chat_template([{"role": "user", "content": _SENTINEL}], add_generation_prompt=True)
+    before, found, after = rendered.partition(_SENTINEL)
+    return (before, after) if found and _SENTINEL not in after else ("", "")
+
+
+def opened_assistant_turn(frame: tuple[str, str], text: str) -> str | None:
+    """For a prompt already rendered with the chat template of ``frame``: the text after its generation prompt
+    (the start of the assistant turn the prompt holds, e.g. "Thought:", often ""). None for plain text.
+
+    Rendered means: it starts with the template's first line (later lines of a system header may vary, e.g. a
+    date) and holds the suffix the template renders after the user message, generation prompt included."""
+    if not frame[1].strip():
+        return None
+    opening = frame[0].partition("\n")[0]
+    at = text.rfind(frame[1])
+    if not text.startswith(opening) or at < len(opening):
+        return None
+    return text[at + len(frame[1]):]
+
+
+def chat_prompt(tokenizer, text: str, frame: tuple[str, str] | None = None) -> tuple[str, str]:
+    """(the prompt exactly as generation sees it, the start of the assistant turn it already holds).
+
+    A stored prompt already rendered with this tokenizer's chat template is kept as it is; plain text gets the
+    template once (one user turn + the generation prompt). ``frame``: :func:`chat_frame` of the tokenizer
+    (computed here when None)."""
+    if frame is None:
+        frame = chat_frame(tokenizer)
+    opened = opened_assistant_turn(frame, text)
+    if opened is not None:
+        return text, opened
+    return tokenizer.apply_chat_template([{"role": "user", "content": text}], add_generation_prompt=True), ""
+
+
+def continue_turn(opened: str, response: str) -> str:
+    """The response without the start of the assistant turn that the prompt already holds."""
+    head = opened.strip()
+    if head and response.startswith(head):
+        return response[len(head):]
+    return response
+
+
 def format_prompt(tokenizer, text: str) -> str:
-    """The chat-formatted prompt exactly as generation sees it (one user turn + the assistant header)."""
-    return tokenizer.apply_chat_template([{"role": "user", "content": text}], add_generation_prompt=True)
+    """The chat-formatted prompt exactly as generation sees it (see :func:`chat_prompt`)."""
+    return chat_prompt(tokenizer, text)[0]
 
 
 def encode_prompt(tokenizer, text: str) -> list[int]:
@@ -212,18 +283,19 @@ def tokenize_records(records_with_lines, tokenizer, cfg, dpo: bool, path: str) -
     out, skipped = [], 0
     keys = example_keys(records_with_lines)
     budget = cfg.prompt_budget() if dpo else cfg.max_length
+    frame = chat_frame(tokenizer)
     for key, (line, rec) in zip(keys, records_with_lines):
         where = f"{path}:{line}"
         if not isinstance(rec, dict):
             raise TrainError(f"{where}: expected a JSON object")
         if dpo:
-            p, c, r = dpo_texts(rec, where)
-            responses = [encode_response(tokenizer, c), encode_response(tokenizer, r)]
+            p, *texts = dpo_texts(rec, where)
         else:
-            p, resp = sft_texts(rec, cfg.mode, where)
-            responses = [encode_response(tokenizer, resp)]
-        ex = make_example(key, where, encode_prompt(tokenizer, p), responses, cfg.max_length, budget,
-                          tokenizer.bos_token_id, cfg.on_too_long)
+            p, *texts = sft_texts(rec, cfg.mode, where)
+        prompt, opened = chat_prompt(tokenizer, p, frame)
+        responses = [encode_response(tokenizer, continue_turn(opened, t)) for t in texts]
+        ex = make_example(key, where, tokenizer.encode(prompt, add_special_tokens=False), responses, cfg.max_length,
+                          budget, tokenizer.bos_token_id, cfg.on_too_long)
         if ex is None:
             skipped += 1
         else:
