@@ -13,10 +13,10 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from pathlib import Path
 from typing import Any, Iterable, Iterator
 
+from ..atomic import atomic_write_bytes
 from ..errors import ReflectEvoError
 
 __all__ = ["DataError", "read_jsonl", "iter_jsonl", "append_jsonl", "write_jsonl_atomic", "completed_ids"]
@@ -107,26 +107,10 @@ def append_jsonl(path: str | os.PathLike, record: dict, fsync: bool = False) -> 
 
 
 def write_jsonl_atomic(path: str | os.PathLike, records: Iterable[dict]) -> int:
-    """Write all records to ``path`` atomically (temp file + rename); returns the number written."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    n = 0
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            for record in records:
-                f.write(_dumps(record) + "\n")
-                n += 1
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        raise
-    return n
+    """Write all records to ``path`` atomically (temp file + fsync + rename); returns the number written."""
+    lines = [_dumps(record) + "\n" for record in records]
+    atomic_write_bytes(path, "".join(lines).encode("utf-8"))
+    return len(lines)
 
 
 def _is_object(raw: bytes) -> bool:
@@ -168,15 +152,8 @@ def completed_ids(path: str | os.PathLike, id_field: str = "id") -> set:
         with open(path, "r+b") as f:
             f.truncate(keep)
     ids = set()
-    text = data[:keep].decode("utf-8", errors="strict")
-    for line_no, line in enumerate(text.splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            obj = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise DataError(f"{path}:{line_no}: malformed JSON ({e.msg} at column {e.colno})") from None
-        if not isinstance(obj, dict) or id_field not in obj:
+    for line_no, obj in _iter_lines(path, data[:keep].decode("utf-8", errors="strict")):
+        if id_field not in obj:
             raise DataError(f"{path}:{line_no}: missing field {id_field!r}")
         ids.add(obj[id_field])
     return ids
