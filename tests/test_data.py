@@ -178,9 +178,15 @@ def test_trial_prompts_share_prefix_and_show_format(name, action):
     transcript = P.transcript(trial, False)
     assert transcript.startswith("Thought: think hard\nAction: ") and transcript.endswith(P.templates[
         "observation_incorrect"])
-    t2 = P.trial2_prompt(task, {"question": "first?"}, "Look at step 2.", transcript)
-    assert t2.startswith(prefix) and t2.count("first?") == 2 and "Look at step 2." in t2 and transcript in t2
-    assert t2.index("Look at step 2.") < t2.index(transcript) < t2.rindex("first?")
+    # one conversation: trial prompt, trial-1 transcript, reflection request, reflection, retry request
+    item = {"question": "first?"}
+    refl = P.reflection_messages(task, item, transcript, "1-1-1")
+    t2 = P.trial2_messages(item, refl, " Look at step 2.\n")
+    assert [m["role"] for m in t2] == ["user", "assistant", "user", "assistant", "user"] and t2[:3] == refl
+    assert t2[0]["content"] == a and t2[1]["content"] == transcript and t2[3]["content"] == "Look at step 2."
+    assert t2[4]["content"] == P.retry_request(item) and t2[2]["content"] == P.reflection_request(item, "1-1-1")
+    flat = P.trial2_prompt(task, item, "Look at step 2.", transcript)   # records without a conversation
+    assert flat.startswith(a) and flat.index(transcript) < flat.index("Look at step 2.") < flat.index(t2[4]["content"])
 
 
 def test_parse_trial_is_lenient():
@@ -196,30 +202,46 @@ def test_parse_trial_is_lenient():
 
 
 def test_reflection_prompts():
+    task = get_task("arithmetic")
     item = {"question": "What is 2+2?", "answer": "4"}
     tr = "Thought: 2+2=5\nAction: Finish[5]\nObservation: The answer is wrong."
-    data = P.reflection_prompt(item, tr, "1-5-2")
-    assert "What is 2+2?" in data and tr in data and parse_demand("1-5-2").text in data and "100 words" in data
-    test = P.test_reflection_prompt(item, tr)
-    assert "What is 2+2?" in test and tr in test and len(test) < len(data)
-    assert parse_demand("1-5-2").text not in test
-    msgs = P.reflection_messages(item, tr)
-    assert msgs == [{"role": "user", "content": P.reflection_prompt(item, tr, "1-1-1")}]
+    data = P.reflection_messages(task, item, tr, "1-5-2")
+    assert data == P.trial_messages(task, item) + [{"role": "assistant", "content": tr},
+                                                   {"role": "user", "content": P.reflection_request(item, "1-5-2")}]
+    request = data[-1]["content"]
+    assert parse_demand("1-5-2").text in request and "100 words" in request and "wrong" in request
+    test = P.test_reflection_messages(task, item, tr)
+    assert test[:2] == data[:2] and test[2]["content"] == P.test_reflection_request(item)
+    assert len(test[2]["content"]) < len(request) and parse_demand("1-5-2").text not in test[2]["content"]
+    assert P.reflection_messages(task, item, tr)[-1]["content"] == P.reflection_request(item, "1-1-1")
+    flat = P.test_reflection_prompt(item, tr)   # records without a rendered conversation
+    assert "What is 2+2?" in flat and tr in flat and flat.endswith(P.test_reflection_request(item))
 
 
 def test_prompt_overrides(tmp_path):
     f = tmp_path / "p.json"
-    f.write_text(json.dumps({"reflection_test": "Q={question} T={transcript} {not_a_placeholder} \\frac{1}{2}",
+    f.write_text(json.dumps({"reflection_request_test": "Q={question} {not_a_placeholder} \\frac{1}{2}",
+                             "retry_request": "Again: {question}",
                              "examples_logiqa": "Question: x\nThought: y\nAction: Finish[A]"}))
     p = load_prompt_overrides(f)
-    assert p.test_reflection_prompt({"question": "q"}, "t") == "Q=q T=t {not_a_placeholder} \\frac{1}{2}"
+    assert p.test_reflection_request({"question": "q"}) == "Q=q {not_a_placeholder} \\frac{1}{2}"
+    assert p.trial2_messages({"question": "q"}, [], "r")[-1]["content"] == "Again: q"
     assert "Question: x\nThought: y" in p.trial_prompt(get_task("logiqa"), {"question": "z"})
-    assert isinstance(p, Prompts) and P.test_reflection_prompt({"question": "q"}, "t") != "Q=q T=t"
+    assert isinstance(p, Prompts) and P.test_reflection_request({"question": "q"}) != "Q=q"
     f.write_text(json.dumps({"reflection_tset": "x"}))
     with pytest.raises(DataError, match="unknown prompt 'reflection_tset'"):
         load_prompt_overrides(f)
-    f.write_text(json.dumps({"reflection_test": "{demand}"}))
+    f.write_text(json.dumps({"reflection_request_test": "{demand}"}))
     with pytest.raises(DataError, match="placeholder"):
+        load_prompt_overrides(f)
+    f.write_text(json.dumps({"retry_request": "Reflection: {reflection}"}))   # an earlier turn now
+    with pytest.raises(DataError, match=r"'retry_request' uses placeholder\(s\) \['reflection'\].*earlier turn"):
+        load_prompt_overrides(f)
+    f.write_text(json.dumps({"trial2": "{question} {reflection} {transcript}"}))   # the single-turn layout
+    with pytest.raises(DataError, match="'trial2' belongs to the older single-turn layout.*'retry_request'"):
+        load_prompt_overrides(f)
+    f.write_text(json.dumps({"trial": "no question here"}))
+    with pytest.raises(DataError, match="must contain"):
         load_prompt_overrides(f)
     f.write_text("{bad json")
     with pytest.raises(DataError, match=r"p\.json:1: malformed JSON"):
@@ -283,6 +305,11 @@ def test_curation_synthetic(tmp_path):
     from reflectevo.data.prompts import test_time_reflection_prompt
     assert test_time_reflection_prompt(pref) == pref["reflection_prompt"]
     assert test_time_reflection_prompt(_raw_records()[0]) == pref["reflection_prompt"]
+    stored = [dict(r, test_reflection_prompt=f"<rendered test conversation {r['id']}>") for r in _raw_records()]
+    loop_sets, _ = curate_records(stored, eval_fraction=0.0)   # raw records of our loop carry it rendered
+    assert {r["reflection_prompt"] for r in loop_sets["d_pm"] + loop_sets["d_pref"]} == {
+        "<rendered test conversation q1>"}
+    assert test_time_reflection_prompt(stored[0]) == "<rendered test conversation q1>"
     raw_sets, _ = curate_records(_raw_records(), eval_fraction=0.0, pair_prompt="raw")
     assert raw_sets["d_pm"][0]["reflection_prompt"] == "reflect-prompt"
     assert len(raw_sets["d_pref"]) == 1  # the heuristic picks one order

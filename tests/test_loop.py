@@ -1,7 +1,8 @@
 """The generate loop, eval and the CLI around them.
 
-Fast tests use a scripted fake engine (deterministic, no model); two tests run SmolLM2 on a few arithmetic
-questions with small token budgets (schema, exact prompts, resume after a kill).
+Fast tests use a scripted fake engine (deterministic, no model, one token per character); two tests run SmolLM2
+on a few arithmetic questions with small token budgets (schema, exact prompts as one chat conversation, resume
+after a kill, prefix-cache hits of the trial-2 phase).
 """
 import json
 import os
@@ -16,45 +17,72 @@ from reflectevo.data import get_task
 from reflectevo.data.eval_run import run_eval
 from reflectevo.data.jsonl import DataError, read_jsonl
 from reflectevo.data.loop import LoopConfig, ReflectLoop, question_seed
+from reflectevo.data.prompts import DEFAULT as P
 
 ROOT = Path(__file__).resolve().parents[1]
 ENTRY_FIELDS = {"generated_answer", "reflections", "scratchpad", "is_correct", "error", "trail", "reasoning_source",
                 "reflection_source", "reason_prompt", "reflection_prompt"}
 
 
-class Out:
-    def __init__(self, text, finish_reason="stop"):
-        self.text, self.token_ids, self.finish_reason = text, [], finish_reason
-
-
 class FakeTokenizer:
+    """Chat turns as tags, one token per character."""
+
     def apply_chat_template(self, messages, add_generation_prompt=True):
         return "".join(f"<{m['role']}>{m['content']}</{m['role']}>" for m in messages) + "<assistant>"
 
+    def encode(self, text, add_special_tokens=False):
+        return [ord(c) for c in text]
+
+    def decode(self, ids, skip_special_tokens=False):
+        return "".join(map(chr, ids))
+
+
+def render(messages, opener=""):
+    return FakeTokenizer().apply_chat_template(messages) + opener
+
+
+class Out:
+    def __init__(self, text, finish_reason="stop"):
+        self.text, self.token_ids, self.finish_reason = text, FakeTokenizer().encode(text), finish_reason
+
 
 class ScriptedEngine:
-    """Answers by a script keyed on the question number; records every call."""
+    """Answers by a script keyed on the question number; records every call (prompts as text and as sent)."""
 
     def __init__(self, script):
-        self.script, self.calls = script, []
+        self.script, self.calls, self.sent = script, [], []
 
     def generate(self, prompts, params=None, **kw):
         plist = params if isinstance(params, list) else [params] * len(prompts)
-        self.calls.append((list(prompts), plist))
-        return [[Out(t) for t in self.script(p, sp)] for p, sp in zip(prompts, plist)]
+        texts = [p if isinstance(p, str) else FakeTokenizer().decode(p) for p in prompts]
+        self.calls.append((texts, plist))
+        self.sent.append(list(prompts))
+        return [[Out(t) for t in self.script(p, sp)] for p, sp in zip(texts, plist)]
 
 
 def _qnum(prompt):
     return int(re.findall(r"QUESTION-(\d+)", prompt)[-1])
 
 
+def last_user_turn(prompt):
+    return prompt.rsplit("<user>", 1)[1]
+
+
+def is_reflection_request(prompt):
+    return last_user_turn(prompt).startswith("That answer was wrong.")
+
+
+def is_trial2(prompt):
+    return last_user_turn(prompt).startswith("Your reflection above")
+
+
 def script_a(prompt, sp):
     """Q0 right at t1; Q1 wrong, fixed by reflection 0 only; Q2 wrong, never fixed; Q3 wrong, fixed by both."""
     q = _qnum(prompt)
-    if "<user>You tried" in prompt or "<user>Your earlier attempt" in prompt:  # a reflection request
+    if is_reflection_request(prompt):
         return [f"reflection {j} on Q{q}" for j in range(sp.n)]
-    if "Reflection:\nreflection" in prompt:  # trial 2
-        j = int(re.search(r"Reflection:\nreflection (\d+)", prompt).group(1))
+    if is_trial2(prompt):
+        j = int(re.findall(r"<assistant>reflection (\d+) on Q", prompt)[-1])
         good = (q == 1 and j == 0) or q == 3
         return [f" adding up. Action: Finish[{q + 10 if good else 99}]"]
     return [f" let me think. Action: Finish[{q + 10 if q == 0 else 98}]"]
@@ -87,10 +115,20 @@ def test_loop_schema_and_trial2_from_trial1(tmp_path):
             assert len(r["output"]) == 1
             continue
         assert len(r["output"]) == 3  # one trial 2 per reflection
+        item = ITEMS[int(r["id"][1])]
+        refl_msgs = P.reflection_messages(get_task("arithmetic"), item, first["scratchpad"], "1-1-1")
+        assert r["test_reflection_prompt"] == render(P.test_reflection_messages(get_task("arithmetic"), item,
+                                                                                first["scratchpad"]))
         for j, t2 in enumerate(r["output"][1:]):
             assert set(t2) >= ENTRY_FIELDS and t2["trail"] == 2
             assert t2["reflections"] == [f"reflection {j} on Q{r['id'][1]}"]
             assert t2["reason_prompt"] in fed and t2["reflection_prompt"] in fed
+            # one conversation: trial 1 -> its transcript + reflection request -> the reflection + retry request
+            assert t2["reflection_prompt"] == render(refl_msgs)
+            assert t2["reason_prompt"] == render(P.trial2_messages(item, refl_msgs, t2["reflections"][0]),
+                                                 "Thought:")
+            assert t2["reflection_prompt"].startswith(first["reason_prompt"])
+            assert t2["reason_prompt"].startswith(t2["reflection_prompt"] + t2["reflections"][0])
             # defect 1: every trial 2 is built on the trial-1 transcript, never on another trial 2
             assert first["scratchpad"] in t2["reason_prompt"]
             for other in r["output"][1:]:
@@ -105,7 +143,17 @@ def test_loop_schema_and_trial2_from_trial1(tmp_path):
     assert all(p.n == 2 and p.temperature == 0.8 and p.top_p == 0.9 and p.max_tokens == 512 for p in params)
     assert [p.seed for p in params] == [question_seed(0, i) for i in ("q1", "q2", "q3")]
     assert all(p.temperature == 0.0 for p in eng.calls[0][1] + eng.calls[2][1])
-    assert recs[1]["demand"] == "1-1-1"
+    assert recs[1]["demand"] == "1-1-1" and "test_reflection_prompt" not in recs[0]
+    # prompts are sent as token ids, each phase's ids extending the previous phase's prompt + generated ids
+    sent_t1, sent_refl, sent_t2 = eng.sent
+    # (the generated " let me think. Action: ..." is reused as far as the transcript's text agrees with it)
+    gen = FakeTokenizer().encode(" let me think.")
+    for ids, prev in zip(sent_refl, sent_t1[1:]):
+        assert isinstance(ids, list) and ids[:len(prev) + len(gen)] == prev + gen
+    for k, ids in enumerate(sent_t2):
+        prev = sent_refl[k // 2]
+        gen = FakeTokenizer().encode(f"reflection {k % 2} on Q{k // 2 + 1}")
+        assert ids[:len(prev) + len(gen)] == prev + gen
 
 
 def test_forced_action_batched(tmp_path):
@@ -169,12 +217,13 @@ def test_eval_counts_and_trial1_cache(tmp_path):
     assert json.loads((tmp_path / "res.json").read_text())["acc_t2"] == 75.0
     # test time: one reflection, the test-time prompt (no demand)
     assert all(p.n == 1 for p in eng.calls[1][1])
-    assert all("<user>Your earlier attempt" in p for p in eng.calls[1][0])
+    assert all(last_user_turn(p) == P.test_reflection_request({"question": ""}) + "</user><assistant>"
+               for p in eng.calls[1][0])
     assert [r["id"] for r in read_jsonl(cache)] == ["q0", "q1", "q2", "q3"]
 
     # second run with another reflector: trial 1 comes from the cache (no trial-1 call at all)
     def script_b(prompt, sp):
-        if "Reflection:\nreflection" in prompt:
+        if is_trial2(prompt):
             return [" Action: Finish[99]"]  # the new reflections fix nothing
         return script_a(prompt, sp)
 
@@ -182,7 +231,11 @@ def test_eval_counts_and_trial1_cache(tmp_path):
     res2 = run_eval(task, ITEMS, eng2, eng2, FakeTokenizer(), tmp_path / "res2.json", LoopConfig(),
                     trial1_cache=cache, log=None)
     assert res2["trial1_from_cache"] == 4 and res2["acc_t1"] == 25.0 and res2["acc_t2"] == 25.0
-    assert len(eng2.calls) == 2 and all("Reflection:" in p or "Your earlier" in p for p in eng2.calls[0][0])
+    assert len(eng2.calls) == 2 and all(is_reflection_request(p) for p in eng2.calls[0][0])
+    # the conversation of a cached trial 1 is rebuilt from its saved transcript
+    rec = read_jsonl(tmp_path / "res2.raw.jsonl")[1]
+    assert rec["output"][1]["reflection_prompt"] == rec["test_reflection_prompt"] == render(
+        P.test_reflection_messages(task, ITEMS[1], rec["output"][0]["scratchpad"]))
     # a cache made for other questions is refused
     other = [dict(ITEMS[0], question="something else")]
     with pytest.raises(DataError, match="another question"):
@@ -238,14 +291,20 @@ def smollm():
 
 
 class Recording:
-    """Wraps an engine and keeps every prompt text it was fed."""
+    """Wraps an engine and keeps every prompt it was fed (as text and as sent) and the engine's prefill counts."""
 
     def __init__(self, engine):
-        self.engine, self.fed = engine, []
+        self.engine, self.fed, self.calls = engine, [], []
 
     def generate(self, prompts, params=None, **kw):
-        self.fed.extend(prompts)
-        return self.engine.generate(prompts, params, **kw)
+        before = dict(self.engine.stats)
+        outs = self.engine.generate(prompts, params, **kw)
+        tok = self.engine.tokenizer
+        self.fed.extend(p if isinstance(p, str) else tok.decode(p) for p in prompts)
+        counts = {k: self.engine.stats[k] - before[k] for k in ("prefill_tokens_computed", "prefix_cache_hit_tokens")}
+        plist = params if isinstance(params, list) else [params] * len(prompts)
+        self.calls.append({"prompts": list(prompts), "params": plist, "outs": outs, **counts})
+        return outs
 
 
 def test_smollm_loop_records_and_resume(smollm, tmp_path):
@@ -269,22 +328,63 @@ def test_smollm_loop_records_and_resume(smollm, tmp_path):
     recs = read_jsonl(out)
     assert [r["id"] for r in recs] == [it["id"] for it in items]
     fed = set(eng.fed)
+
+    def chat(messages, opener=""):  # the model's own template, as transformers renders it
+        return tok.apply_chat_template(messages, add_generation_prompt=True) + opener
+
     for r, item in zip(recs, items):
         assert r["question"] == item["question"] and r["answer"] == item["answer"]
         first = r["output"][0]
         assert set(first) >= ENTRY_FIELDS and first["trail"] == 1
         assert first["reason_prompt"] in fed
-        assert first["reason_prompt"] == tok.apply_chat_template(
-            [{"role": "user", "content": __import__("reflectevo.data.prompts", fromlist=["DEFAULT"]).DEFAULT
-              .trial_prompt(task, item)}], add_generation_prompt=True) + "Thought:"
+        assert first["reason_prompt"] == chat(P.trial_messages(task, item), "Thought:")
         assert first["is_correct"] == task.check(first["generated_answer"], item)
         n_t2 = len(r["output"]) - 1
         assert n_t2 == (0 if first["is_correct"] else 2)
+        refl_msgs = P.reflection_messages(task, item, first["scratchpad"], r.get("demand"))
         for t2 in r["output"][1:]:
             assert t2["trail"] == 2 and len(t2["reflections"]) == 1
             assert t2["reason_prompt"] in fed and t2["reflection_prompt"] in fed
             assert first["scratchpad"] in t2["reason_prompt"]
-            assert t2["reflection_prompt"].startswith("<|im_start|>")
+            assert t2["reflection_prompt"] == chat(refl_msgs)
+            assert t2["reason_prompt"] == chat(P.trial2_messages(item, refl_msgs, t2["reflections"][0]), "Thought:")
+        if n_t2:
+            assert r["test_reflection_prompt"] == chat(P.test_reflection_messages(task, item, first["scratchpad"]))
+
+
+def test_smollm_trial2_prefill_is_mostly_cache_hits(smollm, tmp_path):
+    """Each phase's ids begin with the previous phase's prompt + generated ids, so the engine's prefix cache
+    holds nearly all of a trial-2 prompt; the prompts decode to exactly the texts saved in the records."""
+    from reflectevo.gen import Engine
+
+    model, tok = smollm
+    task = get_task("arithmetic")
+    items = task.load(limit=2)
+    eng = Recording(Engine(model, tok, kv_cache_gib=0.25))
+    cfg = LoopConfig(max_tokens=24, action_max_tokens=8, reflection_max_tokens=32, chunk_size=2)
+    ReflectLoop(task, eng, eng, tok, cfg, log=None).run(items, tmp_path / "raw.jsonl")
+    recs = read_jsonl(tmp_path / "raw.jsonl")
+    assert all(not r["output"][0]["is_correct"] for r in recs), "the test needs failed trial 1s"
+    refl_call = next(c for c in eng.calls if c["params"][0].temperature > 0)
+    t2_call = eng.calls[eng.calls.index(refl_call) + 1]
+    for k, ids in enumerate(t2_call["prompts"]):
+        q, j = divmod(k, 2)
+        prev = refl_call["prompts"][q]
+        sample = refl_call["outs"][q][j]
+        assert isinstance(ids, list) and ids[:len(prev)] == prev
+        # the reflection's generated ids are reused at least up to where its text (stripped, as saved) ends
+        # (an end-of-turn token it stopped on is the template's too)
+        assert tok.decode(ids[len(prev):]).startswith(sample.text.strip())
+        reused = 0
+        while reused < len(sample.token_ids) and ids[len(prev) + reused] == sample.token_ids[reused]:
+            reused += 1
+        assert tok.decode(sample.token_ids[:reused], skip_special_tokens=True).strip() == sample.text.strip()
+        t2 = recs[q]["output"][1 + j]
+        assert tok.decode(ids) == t2["reason_prompt"] and tok.decode(prev) == t2["reflection_prompt"]
+    prompt_tokens = sum(len(p) for p in t2_call["prompts"])
+    computed, hits = t2_call["prefill_tokens_computed"], t2_call["prefix_cache_hit_tokens"]
+    assert computed + hits == prompt_tokens
+    assert computed < 0.2 * prompt_tokens, (computed, prompt_tokens)
 
 
 def test_judge_batched_and_position_consistent(tmp_path):
@@ -292,10 +392,10 @@ def test_judge_batched_and_position_consistent(tmp_path):
     from reflectevo.data.judge import BatchedJudge, curate_with_judge
 
     def refl_script(prompt, sp):
-        if "<user>You tried" in prompt:
+        if is_reflection_request(prompt):
             return ["a GOOD precise reflection", "a vague reflection"] if _qnum(prompt) == 0 else \
                 ["first idea", "second idea"]
-        if "Reflection:\n" in prompt:
+        if is_trial2(prompt):
             return [f" Action: Finish[{_qnum(prompt) + 10}]"]  # every trial 2 is right
         return [" Action: Finish[0]"]
 

@@ -8,6 +8,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -174,21 +175,63 @@ def test_trial_targets_drop_the_oracle_observation(official):
     assert [t for t in labels if t != IGNORE] == ex.responses[0]   # response + eot only
 
 
-def test_curated_loop_records_train_without_double_template():
-    from reflectevo.data.curate import curate_records, make_output, make_raw_record
+def test_loop_conversation_records_train_with_one_template(tmp_path):
+    """Raw records of the loop (one multi-turn conversation per question) -> curation -> the trainer uses the
+    stored conversations as they are (one template rendering) and puts labels on the response only."""
+    from reflectevo.data import get_task
+    from reflectevo.data.curate import curate_records
+    from reflectevo.data.jsonl import read_jsonl
+    from reflectevo.data.loop import LoopConfig, ReflectLoop
+    from reflectevo.data.prompts import Prompts
 
     tok = tiny_tokenizer()
-    t1 = "thought : alpha\naction : finish [ A ]\nObservation: The answer is wrong."
-    t2 = "thought : beta\naction : finish [ B ]\nObservation: The answer is right."
-    refl_plain = f"why the first trial failed : {t1}"
-    raw = make_raw_record({"id": 7, "question": "question alpha", "answer": "B"}, [
-        make_output(1, "A", t1, False, chat(tok, "question alpha") + "thought :"),
-        make_output(2, "B", t2, True, chat(tok, "question alpha again") + "thought :", reflection="plan : beta",
-                    reflection_prompt=chat(tok, refl_plain))])
-    sets, _ = curate_records([raw], eval_fraction=0.0)
-    ex = tokenize_records([(1, sets["d_plus"][0])], tok, cfg(mode="one-stage"), False, "d_plus")[0][0]
-    assert ex.prompt == encode_prompt(tok, refl_plain)
-    assert ex.responses[0] == encode_response(tok, "plan : beta\n\nthought : beta\naction : finish [ B ]")
+    P = Prompts({"trial": "question : {question}", "reflection_request": "why the first trial failed",
+                 "reflection_request_test": "why failed", "retry_request": "fix again"})
+
+    def out(text):
+        return SimpleNamespace(text=text, token_ids=tok.encode(text, add_special_tokens=False), finish_reason="stop")
+
+    class Engine:   # trial 1 wrong; the reflection naming the calculation fixes trial 2, the other does not
+        def generate(self, prompts, params=None, **kw):
+            if (params[0] if isinstance(params, list) else params).temperature > 0:
+                return [[out("plan : check the calculation"), out("plan : verify again")] for _ in prompts]
+            return [[out(f" alpha step\nAction: Finish[{7 if good else 5}]")] for good in (
+                "fix again" in tok.decode(ids) and "calculation" in tok.decode(ids).rsplit("plan", 1)[-1]
+                for ids in prompts)]
+
+    task = get_task("arithmetic")
+    item = {"id": "q1", "question": "alpha beta", "answer": "7"}
+    engine = Engine()
+    ReflectLoop(task, engine, engine, tok, LoopConfig(), prompts=P, log=None).run([item], tmp_path / "raw.jsonl")
+    (raw,) = read_jsonl(tmp_path / "raw.jsonl")
+    assert [o["is_correct"] for o in raw["output"]] == [False, True, False]
+    sets, _ = curate_records([raw], eval_fraction=0.0, prompts=P)
+    (rec,), (pair,) = sets["d_plus"], sets["d_pm"]
+    t1 = raw["output"][0]["scratchpad"]
+    refl_msgs = P.reflection_messages(task, item, t1)
+    assert rec["reflect_prompt"] == tok.apply_chat_template(refl_msgs, add_generation_prompt=True)
+    assert rec["reason_prompt"][1] == tok.apply_chat_template(
+        P.trial2_messages(item, refl_msgs, rec["reflections"]), add_generation_prompt=True) + "Thought:"
+    assert pair["reflection_prompt"] == tok.apply_chat_template(P.test_reflection_messages(task, item, t1),
+                                                                add_generation_prompt=True)
+    start = tok.token_to_id("<|im_start|>")
+    second = "Thought: alpha step\nAction: Finish[7]"
+    cases = [("reflect", rec["reflect_prompt"], rec["reflections"], 4),
+             ("one-stage", rec["reflect_prompt"], rec["reflections"] + "\n\n" + second, 4),
+             ("correct", rec["reason_prompt"][1], second[len("Thought:"):], 6)]   # "Thought:" opens the turn
+    for mode, prompt, response, turns in cases:
+        (ex,), _ = tokenize_records([(1, rec)], tok, cfg(mode=mode, max_length=512), False, "d_plus")
+        assert ex.prompt == tok.encode(prompt, add_special_tokens=False)   # as stored: no second template
+        assert ex.prompt.count(start) == turns                               # the conversation's turns only
+        assert ex.responses[0] == encode_response(tok, response)
+        (_, labels), = sequences_of([ex], dpo=False)
+        assert [t for t in labels if t != IGNORE] == ex.responses[0]
+        assert labels[:len(ex.prompt) - 1] == [IGNORE] * (len(ex.prompt) - 1)
+    (ex,), _ = tokenize_records([(1, pair)], tok, cfg(max_length=512), True, "d_pm")
+    assert ex.prompt == tok.encode(pair["reflection_prompt"], add_special_tokens=False)
+    assert ex.prompt.count(start) == 4
+    assert ex.responses == [encode_response(tok, "plan : check the calculation"),
+                            encode_response(tok, "plan : verify again")]
 
 
 def test_left_truncation_keeps_the_response():

@@ -1,7 +1,9 @@
 """Benchmark: questions/hour of the generate loop against the paper's one-request-at-a-time structure.
 
 Ours: ``ReflectLoop`` (trial 1 -> n reflections per failure -> trial 2 per reflection, every phase one batched
-``Engine.generate`` call with prefix caching) on ``num_questions`` LogiQA questions.
+``Engine.generate`` call with prefix caching; one growing chat conversation per question, sent as token ids that
+extend the previous phase's cached ids) on ``num_questions`` LogiQA questions. Each phase records the engine's
+prompt tokens, prefill tokens computed and prefix-cache hit tokens.
 
 Baseline: the public code's structure - one request at a time through transformers ``generate`` (same weights,
 loaded into LlamaForCausalLM) - replaying EXACTLY the requests our run sent to the engine (recorded: each
@@ -32,7 +34,7 @@ def _hf_tokenizer(tok):
 
 def _hf_call(hf, hf_tok, tok, prompt, sp):
     """One request through transformers generate with the engine's SamplingParams (n samples, stops)."""
-    ids = torch.tensor([tok.encode(prompt, add_special_tokens=False)])
+    ids = torch.tensor([prompt if isinstance(prompt, list) else tok.encode(prompt, add_special_tokens=False)])
     kw = dict(max_new_tokens=sp.max_tokens, num_return_sequences=sp.n, pad_token_id=tok.pad_token_id or 0,
               eos_token_id=list(tok.eos_token_ids), attention_mask=torch.ones_like(ids))
     if sp.stop:
@@ -51,26 +53,33 @@ def _hf_call(hf, hf_tok, tok, prompt, sp):
 
 
 class RecordingEngine:
-    """Passes calls to the engine and keeps (prompts, params, seconds) of each, for the replay."""
+    """Passes calls to the engine and keeps (prompts, params, seconds, prefill counts) of each, for the replay."""
+
+    COUNTS = ("prefill_tokens_computed", "prefix_cache_hit_tokens")
 
     def __init__(self, engine):
         self.engine, self.calls = engine, []
 
     def generate(self, prompts, params=None, **kw):
+        before = {k: self.engine.stats[k] for k in self.COUNTS}
         t0 = time.perf_counter()
         outs = self.engine.generate(prompts, params, **kw)
         plist = params if isinstance(params, list) else [params] * len(prompts)
         gen = sum(len(o.token_ids) for g in outs for o in g)
+        tok = self.engine.tokenizer
+        tail = [tok.decode(p[-4:]) if isinstance(p, list) else p[-20:] for p in prompts[:1]]
+        lengths = [len(p) if isinstance(p, list) else len(tok.encode(p, add_special_tokens=False)) for p in prompts]
         self.calls.append({"prompts": list(prompts), "params": plist, "seconds": time.perf_counter() - t0,
-                           "generated_tokens": gen})
+                           "generated_tokens": gen, "tail": tail[0] if tail else "",
+                           "prompt_tokens": sum(n * sp.n for n, sp in zip(lengths, plist)),
+                           **{k: self.engine.stats[k] - before[k] for k in self.COUNTS}})
         return outs
 
 
 def phase_name(i: int, call: dict) -> str:
-    p0, sp0 = call["prompts"][0], call["params"][0]
-    if sp0.temperature > 0:
+    if call["params"][0].temperature > 0:
         return f"{i}:reflections"
-    return f"{i}:forced actions" if p0.endswith("\nAction:") else f"{i}:trials"
+    return f"{i}:forced actions" if call["tail"].endswith("\nAction:") else f"{i}:trials"
 
 
 def run_baseline(hf, tok, calls: list[dict], per_phase: int) -> dict:
@@ -91,6 +100,9 @@ def run_baseline(hf, tok, calls: list[dict], per_phase: int) -> dict:
                        "mean_seconds": mean, "generated_tokens_timed": gen,
                        "ours_seconds": call["seconds"], "ours_generated_tokens": call["generated_tokens"],
                        "ours_tokens_per_request": call["generated_tokens"] / len(call["prompts"]),
+                       "ours_prompt_tokens": call["prompt_tokens"],
+                       "ours_prefill_computed": call["prefill_tokens_computed"],
+                       "ours_prefix_cache_hits": call["prefix_cache_hit_tokens"],
                        "baseline_tokens_per_request": gen / k})
     return {"phases": phases, "seconds_timed": total_timed, "estimated_seconds_full_run": est}
 
@@ -150,20 +162,27 @@ def run(device: str = "cpu", quick: bool = False, num_questions: int = 32, basel
 
 def format_table(res: dict) -> str:
     s, o, b = res["settings"], res["ours"], res["baseline"]
+    es = o["engine_stats"]
     lines = [f"### generate loop: {s['num_questions']} LogiQA questions, n={s['n_reflections']}, {s['model']} on "
              f"{s['device']} ({s['threads']} threads), max_tokens {s['max_tokens']} / reflections "
              f"{s['reflection_max_tokens']}", "",
-             "| phase | requests | ours: s (tokens/request) | one at a time: s/request (tokens/request), timed | "
-             "one at a time: est. s |", "|---|---|---|---|---|"]
+             "| phase | requests | ours: s (tokens/request) | ours: prompt tokens / prefill computed / cache hits "
+             "| one at a time: s/request (tokens/request), timed | one at a time: est. s |",
+             "|---|---|---|---|---|---|"]
     for ph in b["phases"]:
         lines.append(f"| {ph['phase']} | {ph['requests']} | {ph['ours_seconds']:.1f} "
-                     f"({ph['ours_tokens_per_request']:.0f}) | {ph['mean_seconds']:.2f} "
+                     f"({ph['ours_tokens_per_request']:.0f}) | {ph.get('ours_prompt_tokens', 0)} / "
+                     f"{ph.get('ours_prefill_computed', 0)} / {ph.get('ours_prefix_cache_hits', 0)} | "
+                     f"{ph['mean_seconds']:.2f} "
                      f"({ph['baseline_tokens_per_request']:.0f}), {ph['timed']} | "
                      f"{ph['mean_seconds'] * ph['requests']:.0f} |")
     lines += ["", f"ours: {o['seconds']:.1f} s = {o['questions_per_hour']:.0f} questions/hour; one request at a "
               f"time (transformers generate): est. {b['estimated_seconds_full_run']:.0f} s = "
               f"{b['questions_per_hour']:.0f} questions/hour (timed {b['seconds_timed']:.0f} s)",
-              f"speedup: {res['speedup']:.1f}x questions/hour" if res["speedup"] else "speedup: n/a"]
+              f"speedup: {res['speedup']:.1f}x questions/hour" if res["speedup"] else "speedup: n/a",
+              f"ours, engine totals: {es['prefill_tokens_computed']} prefill tokens computed, "
+              f"{es['prefix_cache_hit_tokens']} prefix-cache hit tokens, {es['decode_tokens']} decoded tokens in "
+              f"{es['steps']} steps"]
     return "\n".join(lines)
 
 

@@ -19,8 +19,10 @@ last element of its ``reflections``.
   Both pair sets use ``id, question, answer, first_trial_reasoning, first_trial_answer,
   second_trial_reasoning_{chosen,rejected}, second_trial_answer_{chosen,rejected},
   reflection_{chosen,rejected}, reason_prompt`` (trial-1 prompt) and ``reflection_prompt``: by default
-  (``pair_prompt="test"``) the test-time reflection prompt rebuilt on the trial-1 transcript, which is what the
-  reflector sees at evaluation time; ``pair_prompt="raw"`` keeps the prompt the reflections were sampled with.
+  (``pair_prompt="test"``) the test-time reflection prompt on the trial-1 transcript, which is what the
+  reflector sees at evaluation time: the rendered conversation our loop stores in the raw record
+  (``test_reflection_prompt``), else the test-time request with question and transcript as one plain message
+  (``Prompts.test_reflection_prompt``); ``pair_prompt="raw"`` keeps the prompt the reflections were sampled with.
 
 Split: a question goes to evaluation when ``sha256(str(id))`` maps below ``eval_fraction``, so all records of
 one question land on the same side and the split never changes between runs. Files written atomically:
@@ -179,7 +181,9 @@ def _curate_one(rec: dict, judge: Judge | None, prompts: Prompts, pair_prompt: s
                                  "reason_prompt": [first_prompt, _field(out, "reason_prompt", default="") or ""],
                                  "reflect_prompt": _field(out, "reflection_prompt", default="") or ""})
     if pair_prompt == "test":
-        test_prompt = prompts.test_reflection_prompt(rec, _reasoning(first))
+        stored = rec.get("test_reflection_prompt")
+        test_prompt = stored if isinstance(stored, str) and stored.strip() else \
+            prompts.test_reflection_prompt(rec, _reasoning(first))
 
     def pair(chosen, rejected) -> dict:
         (rc, oc), (rr, orj) = chosen, rejected

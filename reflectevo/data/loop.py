@@ -1,15 +1,23 @@
 """The ReflectEvo loop: trial 1 -> reflections -> trial 2 for many questions at once, resumable.
 
 Questions are processed in chunks (``chunk_size``, 32 by default). Inside a chunk every phase sends ALL its
-prompts to ONE ``engine.generate`` call, so the sampler batches across questions and its prefix cache shares
-the task's instructions and worked examples (every trial prompt of a task starts with the same text):
+prompts to ONE ``engine.generate`` call, so the sampler batches across questions:
 
 1. trial 1 for every question (greedy);
 2. ``n_reflections`` reflections for every failed question (one request with ``n`` samples per question:
    temperature 0.8, top_p 0.9, at most 512 tokens, seeded by (seed, question id), so a question gets the same
    reflections whatever else shares the batch and after a resume);
-3. trial 2 for every reflection (greedy), each built from the SAVED trial-1 transcript (never from another
+3. trial 2 for every reflection (greedy), each built on the SAVED trial-1 transcript (never on another
    reflection's trial 2: defect 1 of the public code).
+
+Each question is ONE growing chat conversation (``prompts.py``): trial 1 = [user: trial prompt] + "Thought:";
+the reflection prompt adds the trial-1 transcript (with its observation) as the assistant turn and the
+reflection request as a user turn; trial 2 adds the reflection as the assistant turn and the retry request.
+Prompts go to the engine as token ids that begin with the exact ids the engine computed in the previous phase
+(prompt + generated tokens, ``conversation.PromptBuilder``), so its prefix cache holds all of a trial-2 prompt
+but the retry request and the last partial block of the reflection, and every task's conversations share the
+instructions and worked examples. Only when trial and reflection engines are the same (no adapter) does a
+phase hit the blocks of the other engine's phase; with an adapter each engine still reuses its own.
 
 A trial is one greedy call: the prompt ends with "Thought:" inside the assistant turn and the model writes its
 thought and its action; generation stops before an "Observation" (the environment writes that). Thought,
@@ -18,17 +26,21 @@ action and answer are parsed from the text (``Prompts.parse_trial``). When the m
 continues exactly that text with "\\nAction:" and gives the action (the official code's second call). The
 oracle observation (right / wrong, from the gold answer) then ends the transcript.
 
-Prompts are saved exactly as the engine received them: ``reason_prompt`` / ``reflection_prompt`` are the
-chat-formatted texts of the first call (for a forced action, the second call's prompt is ``reason_prompt`` +
-the generated text + "\\nAction:", recoverable from the record).
+Prompts are saved exactly as the engine received them (the text its ids decode to, which is the chat
+template's rendering of the conversation): ``reason_prompt`` / ``reflection_prompt`` are the prompts of the
+first call (for a forced action, the second call's prompt is ``reason_prompt`` + the generated text +
+"\\nAction:", recoverable from the record). A record whose trial 1 failed also stores
+``test_reflection_prompt``: the test-time reflection conversation on its trial 1 (the prompt of the DPO pairs
+curated from it; equal to ``reflection_prompt`` in evaluation mode).
 
 Records use the official raw schema (``id, question, answer, [test_list], output: [...]``, ``output[0]`` =
 trial 1, then one trial-2 entry per reflection) and are appended one line each (flushed) when their chunk
 completes, with an fsync per chunk. A rerun on the same file skips the ids already complete (a torn last line
 from a killed run is cut off first), so a kill loses at most one chunk and nothing is written twice.
 
-Evaluation mode (``test_time=True``): one reflection per failure with the test-time reflection prompt (no
-demand), and trial-1 outputs may come from a cache (keyed by id) so that settings share the same first trials.
+Evaluation mode (``test_time=True``): one reflection per failure with the test-time reflection request (no
+demand), and trial-1 outputs may come from a cache (keyed by id) so that settings share the same first trials
+(their conversation is rebuilt from the cached transcript; those prompts start a fresh path in the cache).
 """
 from __future__ import annotations
 
@@ -41,11 +53,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
+from .conversation import Prompt, PromptBuilder, Segment
 from .instructions import parse_demand, sample_demand
 from .jsonl import DataError, append_jsonl, completed_ids
 from .prompts import DEFAULT, Prompts, Trial, answer_format, extract_answer, format_action
 
-__all__ = ["LoopConfig", "ReflectLoop", "AdapterOffEngine", "question_seed", "chat_renderer"]
+__all__ = ["LoopConfig", "ReflectLoop", "AdapterOffEngine", "question_seed"]
 
 
 @dataclass
@@ -83,11 +96,6 @@ def question_seed(seed: int, item_id) -> int:
     return int.from_bytes(digest[:8], "big") & ((1 << 63) - 1)
 
 
-def chat_renderer(tokenizer) -> Callable[[list], str]:
-    """messages -> the chat-formatted text the engine receives (generation prompt added)."""
-    return lambda messages: tokenizer.apply_chat_template(messages, add_generation_prompt=True)
-
-
 class AdapterOffEngine:
     """An engine whose calls run with the model's LoRA adapters switched off (the base model = the generator).
 
@@ -110,11 +118,12 @@ def _log_stderr(msg: str) -> None:
 
 @dataclass
 class _Trial:
-    prompt: str
+    prompt: Prompt                                  # the first call's prompt (saved as reason_prompt)
     trial: Trial
     correct: bool = False
     error: str | None = None
     transcript: str = ""
+    computed: tuple[Segment, ...] = ()              # ids the engine computed last: prompt + generated
 
 
 @dataclass
@@ -123,8 +132,11 @@ class _Pending:
     item: dict
     t1: _Trial | dict | None = None       # dict: a cached trial-1 output entry
     demand: str | None = None
-    reflection_prompt: str = ""
+    reflection_messages: list[dict] = field(default_factory=list)
+    reflection_prompt: Prompt | None = None
+    test_reflection_prompt: str = ""
     reflections: list[str] = field(default_factory=list)
+    reflection_paths: list[tuple[Segment, ...]] = field(default_factory=list)
     t2: list[_Trial] = field(default_factory=list)
 
     @property
@@ -135,12 +147,18 @@ class _Pending:
     def t1_transcript(self) -> str:
         return self.t1["scratchpad"] if isinstance(self.t1, dict) else self.t1.transcript
 
+    @property
+    def t1_path(self) -> tuple[Segment, ...]:
+        return () if isinstance(self.t1, dict) else self.t1.computed
+
 
 class ReflectLoop:
     """Runs the loop over items with a trial engine (generator) and a reflection engine (reflector).
 
-    Engines need ``generate(prompts: list[str], params | list[params]) -> outs[i][j].text`` (reflectevo.gen).
-    With no adapter both may be the same engine; with an adapter pass ``AdapterOffEngine`` for the trials.
+    Engines need ``generate(prompts: list[list[int]], params | list[params]) -> outs[i][j]`` with ``.text``,
+    ``.token_ids`` and ``.finish_reason`` (reflectevo.gen). With no adapter both may be the same engine (then
+    each phase hits the previous phase's cached blocks); with an adapter pass ``AdapterOffEngine`` for the
+    trials. ``tokenizer``: ``apply_chat_template``, ``encode(text, add_special_tokens=False)``, ``decode``.
     """
 
     def __init__(self, task, trial_engine, reflect_engine, tokenizer, cfg: LoopConfig | None = None,
@@ -150,7 +168,7 @@ class ReflectLoop:
         self.task, self.cfg = task, cfg or LoopConfig()
         self.cfg.validate()
         self.trial_engine, self.reflect_engine = trial_engine, reflect_engine
-        self.render = chat_renderer(tokenizer)
+        self.build = PromptBuilder(tokenizer)
         self.P = prompts or DEFAULT
         self.log = log or (lambda msg: None)
         self.SamplingParams = SamplingParams
@@ -158,16 +176,17 @@ class ReflectLoop:
                       "seconds": 0.0}
 
     # ---------------------------------------------------------------------------------------------- prompts
-    def trial1_prompt(self, item: dict) -> str:
-        return self.render(self.P.trial_messages(self.task, item)) + self.P.response_prefix
+    def trial1_prompt(self, item: dict) -> Prompt:
+        return self.build.start(self.build.render(self.P.trial_messages(self.task, item), self.P.response_prefix))
 
-    def trial2_prompt(self, item: dict, reflection: str, transcript1: str) -> str:
-        return self.render(self.P.trial2_messages(self.task, item, reflection, transcript1)) + self.P.response_prefix
+    def reflection_prompt(self, p: _Pending) -> Prompt:
+        """The reflection conversation of ``p`` (messages set), continuing the ids of its trial 1."""
+        return self.build.follow(p.t1_path, self.build.render(p.reflection_messages))
 
-    def reflection_prompt(self, item: dict, transcript1: str, demand) -> str:
-        if self.cfg.test_time:
-            return self.render(self.P.test_reflection_messages(item, transcript1))
-        return self.render(self.P.reflection_messages(item, transcript1, demand))
+    def trial2_prompt(self, p: _Pending, j: int) -> Prompt:
+        """Trial 2 with reflection ``j``, continuing the ids of the reflection request and that reflection."""
+        messages = self.P.trial2_messages(p.item, p.reflection_messages, p.reflections[j])
+        return self.build.follow(p.reflection_paths[j], self.build.render(messages, self.P.response_prefix))
 
     def demand_for(self, item: dict):
         if self.cfg.test_time:
@@ -177,24 +196,27 @@ class ReflectLoop:
         return parse_demand(self.cfg.demand)
 
     # ---------------------------------------------------------------------------------------------- phases
-    def run_trials(self, engine, prompts: list[str], items: list[dict]) -> list[_Trial]:
+    def run_trials(self, engine, prompts: list[Prompt], items: list[dict]) -> list[_Trial]:
         """One greedy trial per prompt (batched), forced actions where needed (batched), then verification."""
         if not prompts:
             return []
         SP = self.SamplingParams
         stops = self.P.stop_sequences(self.task)
-        outs = engine.generate(prompts, SP(temperature=0.0, max_tokens=self.cfg.max_tokens, stop=stops))
+        outs = engine.generate([p.ids for p in prompts], SP(temperature=0.0, max_tokens=self.cfg.max_tokens,
+                                                            stop=stops))
         texts = [o[0].text for o in outs]
         reasons = [o[0].finish_reason for o in outs]
-        trials = [_Trial(p, self.P.parse_trial(self.task, t)) for p, t in zip(prompts, texts)]
+        trials = [_Trial(p, self.P.parse_trial(self.task, t), computed=self.build.generated(p.path, o[0].token_ids))
+                  for p, t, o in zip(prompts, texts, outs)]
         is_code = answer_format(self.task) == "code"
         need = [i for i, tr in enumerate(trials) if tr.trial.answer is None and "action:" not in texts[i].lower()]
         if self.cfg.force_action and need:
-            follow = [prompts[i] + texts[i].rstrip() + "\nAction:" for i in need]
+            follow = [self.build.follow(trials[i].computed, prompts[i].text + texts[i].rstrip() + "\nAction:")
+                      for i in need]
             sp = SP(temperature=0.0, max_tokens=self.cfg.max_tokens if is_code else self.cfg.action_max_tokens,
                     stop=(["[END]"] if is_code else ["\n"]) + stops)
             self.stats["forced_actions"] += len(need)
-            for i, o in zip(need, engine.generate(follow, sp)):
+            for i, f, o in zip(need, follow, engine.generate([f.ids for f in follow], sp)):
                 action = o[0].text
                 if is_code and "[BEGIN]" in action and "[END]" not in action:
                     action += "\n[END]"
@@ -202,6 +224,7 @@ class ReflectLoop:
                 thought = self.P.parse_trial(self.task, texts[i]).thought
                 trials[i].trial = Trial(thought=thought, action=format_action(self.task, answer) if answer is not None
                                         else action.strip(), answer=answer)
+                trials[i].computed = self.build.generated(f.path, o[0].token_ids)
                 reasons[i] = o[0].finish_reason
         answers = [tr.trial.answer for tr in trials]
         kwargs = {"workers": self.cfg.verify_workers} if is_code else {}
@@ -218,19 +241,23 @@ class ReflectLoop:
         if not pending:
             return
         n = 1 if self.cfg.test_time else self.cfg.n_reflections
-        prompts, params = [], []
+        params = []
         for p in pending:
             demand = self.demand_for(p.item)
             p.demand = demand.key if demand is not None else None
-            p.reflection_prompt = self.reflection_prompt(p.item, p.t1_transcript, demand)
-            prompts.append(p.reflection_prompt)
+            p.reflection_messages = self.P.reflection_messages(self.task, p.item, p.t1_transcript, demand,
+                                                               test_time=self.cfg.test_time)
+            p.reflection_prompt = self.reflection_prompt(p)
+            p.test_reflection_prompt = p.reflection_prompt.text if self.cfg.test_time else self.build.render(
+                self.P.test_reflection_messages(self.task, p.item, p.t1_transcript))
             params.append(self.SamplingParams(n=n, temperature=self.cfg.reflection_temperature,
                                               top_p=self.cfg.reflection_top_p,
                                               max_tokens=self.cfg.reflection_max_tokens,
                                               seed=question_seed(self.cfg.seed, p.item["id"])))
-        outs = self.reflect_engine.generate(prompts, params)
+        outs = self.reflect_engine.generate([p.reflection_prompt.ids for p in pending], params)
         for p, o in zip(pending, outs):
             p.reflections = [s.text.strip() for s in o]
+            p.reflection_paths = [self.build.generated(p.reflection_prompt.path, s.token_ids) for s in o]
         self.stats["reflections"] += sum(len(p.reflections) for p in pending)
 
     # ---------------------------------------------------------------------------------------------- records
@@ -239,7 +266,7 @@ class ReflectLoop:
                 "is_correct": tr.correct, "error": tr.error, "trail": trail,
                 "reasoning_source": self.cfg.reasoning_source,
                 "reflection_source": self.cfg.reflection_source if trail == 2 else "N/A",
-                "reason_prompt": tr.prompt, "reflection_prompt": reflection_prompt}
+                "reason_prompt": tr.prompt.text, "reflection_prompt": reflection_prompt}
 
     def record(self, p: _Pending) -> dict:
         item = p.item
@@ -250,8 +277,10 @@ class ReflectLoop:
                 rec["test_setup_code"] = item["test_setup_code"]
         if p.demand is not None:
             rec["demand"] = p.demand
+        if p.test_reflection_prompt:
+            rec["test_reflection_prompt"] = p.test_reflection_prompt
         first = dict(p.t1) if isinstance(p.t1, dict) else self._entry(p.t1, 1, [], "")
-        rec["output"] = [first] + [self._entry(t2, 2, [r], p.reflection_prompt)
+        rec["output"] = [first] + [self._entry(t2, 2, [r], p.reflection_prompt.text)
                                    for r, t2 in zip(p.reflections, p.t2)]
         return rec
 
@@ -281,8 +310,8 @@ class ReflectLoop:
             self.log(f"  reflections: {sum(len(p.reflections) for p in failed)} for {len(failed)} wrong answers "
                      f"[{time.perf_counter() - t0:.1f} s]")
         t0 = time.perf_counter()
-        jobs = [(p, r) for p in failed for r in p.reflections]
-        t2 = self.run_trials(self.trial_engine, [self.trial2_prompt(p.item, r, p.t1_transcript) for p, r in jobs],
+        jobs = [(p, j) for p in failed for j in range(len(p.reflections))]
+        t2 = self.run_trials(self.trial_engine, [self.trial2_prompt(p, j) for p, j in jobs],
                              [p.item for p, _ in jobs])
         for (p, _), tr in zip(jobs, t2):
             p.t2.append(tr)

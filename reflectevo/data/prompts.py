@@ -1,39 +1,54 @@
-"""Prompt texts (our own wording, the paper's structure), answer extraction and observations.
+"""Prompt texts (our own wording, the paper's content), answer extraction and observations.
 
-Pieces: the trial prompt (instructions, per-task answer syntax, worked examples, the question), the trial-2
-prompt (the same prefix, the question, a header saying the reflection below helps fix the failed solution,
-the reflection, a note that the previous attempt failed, the failed trial-1 transcript, the question again),
-the data-generation reflection prompt (with one demand of the instruction pool, ~100 words, no answer) and
-the shorter test-time reflection prompt (no demand). Answer syntax: ``Finish[X]`` (logiqa, bigbench,
-bigbench-free, arithmetic), ``Finish<<<X>>>`` (math), code between ``[BEGIN]`` and ``[END]`` (mbpp).
+The loop runs ONE chat conversation per question; each phase's prompt is the previous one + the model's reply
++ a new user turn (so the sampler's prefix cache holds everything but the new turn, see ``conversation.py``):
 
-The instructions and worked examples come first and do not depend on the question, so every prompt of a
-task starts with the same text (good for the sampler's prefix cache). Chat templating is the caller's job:
-``*_messages`` return ``[{"role": "user", "content": text}]``.
+    trial 1      [user: trial]                                                          + assistant "Thought:"
+    reflection   [user: trial, assistant: trial-1 transcript (ends with the Observation),
+                  user: reflection_request (data generation, with one demand) | reflection_request_test]
+    trial 2      [... the reflection conversation ..., assistant: the reflection, user: retry_request]
+                                                                                        + assistant "Thought:"
 
-Templates can be replaced from a JSON file mapping prompt name -> template (``load_prompt_overrides``), e.g.
-to run the paper's exact prompts. Placeholders are ``{name}`` for the names listed in ``PLACEHOLDERS``; any
-other brace is literal text, so LaTeX and code need no escaping.
+So the reflection prompt holds the question, the failed trial and the demand, and trial 2 the question, the
+failed trial (with the observation that it failed) and the reflection, as in the paper; only the layout is
+multi-turn. Answer syntax: ``Finish[X]`` (logiqa, bigbench, bigbench-free, arithmetic), ``Finish<<<X>>>``
+(math), code between ``[BEGIN]`` and ``[END]`` (mbpp). The instructions and worked examples come first and do
+not depend on the question, so every conversation of a task starts with the same text.
 
-Typical flow for a generate loop::
+``*_messages`` return the conversation as chat messages; rendering (the model's own chat template) and token
+ids are the caller's job (``conversation.PromptBuilder``). Save each prompt exactly as it was sent.
 
-    from reflectevo.data import get_task, prompts, parse_demand
-    task = get_task("logiqa"); item = task.load("logiqa_test.jsonl")[0]
-    P = prompts.DEFAULT                      # or prompts.load_prompt_overrides("paper_prompts.json")
-    text = render(P.trial_messages(task, item)) + P.response_prefix      # render = the chat template
-    out = generate(text, temperature=0, stop=P.stop_sequences(task))
+Templates (``DEFAULT_TEMPLATES``) can be replaced from a JSON file mapping name -> template
+(``load_prompt_overrides``). Names and the placeholders each may use (``PLACEHOLDERS``):
+
+    trial_instructions       {answer_rule}                     the task instructions (inside ``trial``)
+    answer_rule_brackets / answer_rule_angles / answer_rule_code   how to write the answer, per format
+    trial                    {instructions} {examples} {question}  first user turn ({question} required)
+    reflection_request       {demand} {question}               user turn asking for a reflection (generation)
+    reflection_request_test  {question}                        the same at test time (no demand)
+    retry_request            {question}                        user turn asking for trial 2 after the reflection
+    observation_correct / observation_incorrect                the line that ends a trial's transcript
+    examples_<task>                                            a literal worked-examples block
+
+The failed attempt and the reflection are earlier turns of the conversation, not placeholders: a template
+using ``{transcript}`` or ``{reflection}`` (or a placeholder of another template) is rejected, and so are the
+single-turn names of the older layout (``trial2``, ``reflection_data``, ``reflection_test``), with a message
+naming their replacement. Any other brace is literal text, so LaTeX and code need no escaping.
+
+Typical flow (see ``loop.ReflectLoop`` for the batched, cache-friendly version)::
+
+    P = prompts.DEFAULT                      # or prompts.load_prompt_overrides("my_prompts.json")
+    msgs = P.trial_messages(task, item)
+    out = generate(render(msgs) + P.response_prefix, temperature=0, stop=P.stop_sequences(task))
     trial1 = P.parse_trial(task, out)        # Trial(thought, action, answer)
-    ok = task.check(trial1.answer, item)
-    transcript1 = P.transcript(trial1, ok)   # "Thought: ...\\nAction: ...\\nObservation: ..."
-    if not ok:
-        refl_prompt = P.reflection_prompt(item, transcript1, parse_demand("1-1-1"))   # data generation
-        # (P.test_reflection_prompt(item, transcript1) at evaluation time)
-        for reflection in sample(refl_prompt, n=2, temperature=0.8, top_p=0.9):
-            t2 = P.trial2_messages(task, item, reflection, transcript1)   # always from the TRIAL-1 transcript
-            trial2 = P.parse_trial(task, generate(render(t2) + P.response_prefix, ...))
-            transcript2 = P.transcript(trial2, task.check(trial2.answer, item))
+    transcript1 = P.transcript(trial1, task.check(trial1.answer, item))   # "Thought: ...\\nAction: ..."
+    refl_msgs = P.reflection_messages(task, item, transcript1, parse_demand("1-1-1"))
+    for reflection in sample(render(refl_msgs), n=2, temperature=0.8, top_p=0.9):
+        t2 = P.trial2_messages(item, refl_msgs, reflection)   # on the TRIAL-1 transcript
+        trial2 = P.parse_trial(task, generate(render(t2) + P.response_prefix, ...))
 
-Save each prompt exactly as it was sent (the rendered text), never rebuilt afterwards.
+``test_reflection_prompt`` / ``trial2_prompt`` give the same content as ONE plain user message, for records
+that carry no rendered conversation (official data); the trainer renders such text itself.
 """
 from __future__ import annotations
 
@@ -47,8 +62,9 @@ from .instructions import Demand, parse_demand
 from .jsonl import DataError
 from .math_equiv import last_boxed
 
-__all__ = ["Trial", "Prompts", "DEFAULT", "DEFAULT_TEMPLATES", "PLACEHOLDERS", "load_prompt_overrides",
-           "extract_answer", "format_action", "answer_format", "observation", "test_time_reflection_prompt"]
+__all__ = ["Trial", "Prompts", "DEFAULT", "DEFAULT_TEMPLATES", "PLACEHOLDERS", "RETIRED_NAMES",
+           "load_prompt_overrides", "extract_answer", "format_action", "answer_format", "observation",
+           "test_time_reflection_prompt"]
 
 DEFAULT_TEMPLATES: dict[str, str] = {
     "trial_instructions": (
@@ -59,25 +75,18 @@ DEFAULT_TEMPLATES: dict[str, str] = {
     "answer_rule_angles": "Finish<<<answer>>> (the answer as a number or LaTeX expression, nothing else)",
     "answer_rule_code": "[BEGIN]\n<your Python code>\n[END]",
     "trial": "{instructions}\n\nWorked examples:\n\n{examples}\n\n(End of examples)\n\nQuestion: {question}",
-    "trial2": (
-        "{instructions}\n\nWorked examples:\n\n{examples}\n\n(End of examples)\n\nQuestion: {question}\n\n"
-        "You already tried this question and failed. The reflection below was written about that failed "
-        "attempt; it points out what went wrong and how to fix the solution. Use it.\n"
-        "Reflection:\n{reflection}\n\n"
-        "Your previous attempt, which was wrong:\n{transcript}\n\n"
-        "Now solve the question again with a new Thought and Action.\nQuestion: {question}"),
-    "reflection_data": (
-        "You tried to answer the question below and your answer was wrong. Write a self-reflection that will "
-        "help you get it right on the next attempt.\n\nQuestion: {question}\n\n"
-        "Your failed attempt:\n{transcript}\n\n"
-        "How to reflect: {demand}\n\n"
+    "reflection_request": (
+        "That answer was wrong. Before you try again, write a self-reflection on your attempt above that will "
+        "help you get it right next time.\nHow to reflect: {demand}\n"
         "Write four short numbered parts: 1. the step where the attempt goes wrong; 2. why it went wrong; "
         "3. what to change; 4. the plan asked for above. Do not state the final answer. Use about 100 words "
         "and no opening or closing remarks."),
-    "reflection_test": (
-        "Your earlier attempt at the question below was wrong. In a few sentences, explain the most likely "
-        "cause of the mistake and give a short plan that avoids it on the next attempt. Do not state the "
-        "final answer.\n\nQuestion: {question}\n\nFailed attempt:\n{transcript}"),
+    "reflection_request_test": (
+        "That answer was wrong. In a few sentences, explain the most likely cause of the mistake and give a "
+        "short plan that avoids it on the next attempt. Do not state the final answer."),
+    "retry_request": (
+        "Your reflection above points out what went wrong in your failed attempt and how to fix it. Use it and "
+        "solve the question again, in the same form as before: a new Thought, then an Action."),
     "observation_correct": "Observation: The answer is right.",
     "observation_incorrect": "Observation: The answer is wrong.",
 }
@@ -85,10 +94,14 @@ DEFAULT_TEMPLATES: dict[str, str] = {
 PLACEHOLDERS: dict[str, tuple[str, ...]] = {
     "trial_instructions": ("answer_rule",),
     "trial": ("instructions", "examples", "question"),
-    "trial2": ("instructions", "examples", "question", "reflection", "transcript"),
-    "reflection_data": ("question", "transcript", "demand"),
-    "reflection_test": ("question", "transcript"),
+    "reflection_request": ("demand", "question"),
+    "reflection_request_test": ("question",),
+    "retry_request": ("question",),
 }
+# placeholders of the single-turn layout: these texts are earlier turns of the conversation now
+RETIRED_PLACEHOLDERS = ("transcript", "reflection")
+RETIRED_NAMES = {"trial2": "retry_request", "reflection_data": "reflection_request",
+                 "reflection_test": "reflection_request_test"}
 
 _FORMATS = {"logiqa": "brackets", "bigbench": "brackets", "bigbench-free": "brackets", "arithmetic": "brackets",
             "math": "angles", "mbpp": "code"}
@@ -222,42 +235,56 @@ class Prompts:
         """The question-independent start shared by every trial prompt of ``task``."""
         return self.trial_prompt(task, {"question": "\0"}).split("\0", 1)[0]
 
-    # -- prompts ------------------------------------------------------------------------------------------
+    # -- user turns ---------------------------------------------------------------------------------------
     def trial_prompt(self, task, item: dict) -> str:
+        """The first user turn: instructions, worked examples, the question."""
         return _fill(self.templates["trial"], PLACEHOLDERS["trial"], instructions=self.instructions(task),
                      examples=self.examples(task), question=item["question"])
 
-    def trial2_prompt(self, task, item: dict, reflection: str, transcript: str) -> str:
-        """Trial 2: ``transcript`` must be the saved TRIAL-1 transcript (never another trial 2)."""
-        return _fill(self.templates["trial2"], PLACEHOLDERS["trial2"], instructions=self.instructions(task),
-                     examples=self.examples(task), question=item["question"], reflection=reflection.strip(),
-                     transcript=transcript.strip())
+    def reflection_request(self, item: dict, demand: Demand | str | None = None) -> str:
+        """The user turn asking for a reflection with one demand of the instruction pool (default 1-1-1)."""
+        return _fill(self.templates["reflection_request"], PLACEHOLDERS["reflection_request"],
+                     question=item["question"], demand=parse_demand(demand).text)
 
-    def reflection_prompt(self, item: dict, transcript: str, demand: Demand | str | None = None) -> str:
-        """Data-generation reflection prompt with one demand of the instruction pool (default 1-1-1)."""
-        return _fill(self.templates["reflection_data"], PLACEHOLDERS["reflection_data"],
-                     question=item["question"], transcript=transcript.strip(), demand=parse_demand(demand).text)
+    def test_reflection_request(self, item: dict) -> str:
+        """The test-time user turn asking for a reflection (no demand); also the DPO pairs' request."""
+        return _fill(self.templates["reflection_request_test"], PLACEHOLDERS["reflection_request_test"],
+                     question=item["question"])
 
+    def retry_request(self, item: dict) -> str:
+        """The user turn after the reflection asking for trial 2."""
+        return _fill(self.templates["retry_request"], PLACEHOLDERS["retry_request"], question=item["question"])
+
+    # -- conversations ------------------------------------------------------------------------------------
+    def trial_messages(self, task, item: dict) -> list[dict]:
+        return [{"role": "user", "content": self.trial_prompt(task, item)}]
+
+    def reflection_messages(self, task, item: dict, transcript: str, demand: Demand | str | None = None,
+                            test_time: bool = False) -> list[dict]:
+        """Trial 1 (``transcript``: its saved transcript, observation included) + the reflection request
+        (``test_time``: the test-time request, ``demand`` unused)."""
+        request = self.test_reflection_request(item) if test_time else self.reflection_request(item, demand)
+        return self.trial_messages(task, item) + [{"role": "assistant", "content": transcript.strip()},
+                                                  {"role": "user", "content": request}]
+
+    def test_reflection_messages(self, task, item: dict, transcript: str) -> list[dict]:
+        return self.reflection_messages(task, item, transcript, test_time=True)
+
+    def trial2_messages(self, item: dict, reflection_messages: list[dict], reflection: str) -> list[dict]:
+        """The reflection conversation (built on the TRIAL-1 transcript, never on another trial 2) + the
+        reflection + the retry request."""
+        return list(reflection_messages) + [{"role": "assistant", "content": reflection.strip()},
+                                            {"role": "user", "content": self.retry_request(item)}]
+
+    # -- the same content as one plain user message (records without a rendered conversation) ---------------
     def test_reflection_prompt(self, item: dict, transcript: str) -> str:
-        """Test-time reflection prompt (no demand); also the prompt of the DPO pairs."""
-        return _fill(self.templates["reflection_test"], PLACEHOLDERS["reflection_test"],
-                     question=item["question"], transcript=transcript.strip())
+        return (f"Question: {item['question']}\n\nYour attempt:\n{transcript.strip()}\n\n"
+                + self.test_reflection_request(item))
 
-    @staticmethod
-    def messages(text: str) -> list[dict]:
-        return [{"role": "user", "content": text}]
-
-    def trial_messages(self, task, item):
-        return self.messages(self.trial_prompt(task, item))
-
-    def trial2_messages(self, task, item, reflection, transcript):
-        return self.messages(self.trial2_prompt(task, item, reflection, transcript))
-
-    def reflection_messages(self, item, transcript, demand=None):
-        return self.messages(self.reflection_prompt(item, transcript, demand))
-
-    def test_reflection_messages(self, item, transcript):
-        return self.messages(self.test_reflection_prompt(item, transcript))
+    def trial2_prompt(self, task, item: dict, reflection: str, transcript: str) -> str:
+        """Trial 2 as one message: ``transcript`` must be the saved TRIAL-1 transcript."""
+        return (f"{self.trial_prompt(task, item)}\n\nYour attempt:\n{transcript.strip()}\n\n"
+                f"Your reflection on it:\n{reflection.strip()}\n\n{self.retry_request(item)}")
 
     # -- model output -------------------------------------------------------------------------------------
     def stop_sequences(self, task) -> list[str]:
@@ -296,8 +323,13 @@ DEFAULT = Prompts()
 
 
 def test_time_reflection_prompt(record: dict, transcript: str | None = None) -> str:
-    """The default test-time reflection prompt for a curated or raw record (its trial-1 transcript is
-    ``first_trial_reasoning``, or ``output[0]``'s ``scratchpad``/``reasoning``, unless ``transcript`` is given)."""
+    """The test-time reflection prompt of a raw or curated record: a raw record of our loop stores the rendered
+    conversation (``test_reflection_prompt``); otherwise the default test-time request with the question and
+    the trial-1 transcript as one plain user message (``transcript``, else ``first_trial_reasoning``, else
+    ``output[0]``'s ``scratchpad``/``reasoning``), which the trainer renders with the chat template."""
+    stored = record.get("test_reflection_prompt")
+    if transcript is None and isinstance(stored, str) and stored.strip():
+        return stored
     if transcript is None:
         transcript = record.get("first_trial_reasoning")
         if transcript is None and record.get("output"):
@@ -324,15 +356,24 @@ def load_prompt_overrides(path) -> Prompts:
     if not isinstance(data, dict) or not all(isinstance(v, str) for v in data.values()):
         raise DataError(f"{path}: expected a JSON object mapping prompt names to template strings")
     known = set(DEFAULT_TEMPLATES) | {f"examples_{t}" for t in _FORMATS}
+    all_fields = {f for fields in PLACEHOLDERS.values() for f in fields} | set(RETIRED_PLACEHOLDERS)
     for name, text in data.items():
+        if name in RETIRED_NAMES:
+            new = RETIRED_NAMES[name]
+            raise DataError(f"{path}: prompt {name!r} belongs to the older single-turn layout; the loop now runs "
+                            f"one conversation per question: write {new!r} instead (placeholders: "
+                            f"{', '.join('{' + f + '}' for f in PLACEHOLDERS[new])}; the failed attempt and the "
+                            "reflection are earlier turns of the conversation)")
         if name not in known:
             raise DataError(f"{path}: unknown prompt {name!r}; known: {', '.join(sorted(known))}")
         allowed = set(PLACEHOLDERS.get(name, ()))
-        all_fields = {f for fields in PLACEHOLDERS.values() for f in fields}
         used = set(re.findall(r"\{([a-z_]+)\}", text)) & all_fields
         if used - allowed:
+            retired = sorted(used & set(RETIRED_PLACEHOLDERS))
+            why = (f" ({', '.join('{' + f + '}' for f in retired)}: an earlier turn of the conversation now, not "
+                   "a placeholder)") if retired else ""
             raise DataError(f"{path}: prompt {name!r} uses placeholder(s) {sorted(used - allowed)}; "
-                            f"allowed: {sorted(allowed) or 'none'}")
-        if name in ("trial", "trial2") and "{question}" not in text:
-            raise DataError(f"{path}: prompt {name!r} must contain {{question}}")
+                            f"allowed: {sorted(allowed) or 'none'}{why}")
+        if name == "trial" and "{question}" not in text:
+            raise DataError(f"{path}: prompt 'trial' must contain {{question}}")
     return Prompts(data)

@@ -15,7 +15,8 @@ oracle Observation line that ends it (feedback from the environment, not text th
 
 Token layout: a plain-text prompt (the official data) is rendered with the model's chat template (one user turn,
 generation prompt added); a prompt stored already rendered with this template (our raw records save prompts
-exactly as the model saw them, see :func:`chat_prompt`) is used as it is. Either is encoded with
+exactly as the model saw them: multi-turn conversations ending in an opened assistant turn, see
+:func:`chat_prompt`) is used as it is. Either is encoded with
 add_special_tokens=False; the response is the assistant content tokens plus the end-of-turn token (minus any
 start of the assistant turn the stored prompt already holds, such as "Thought:"). Only response tokens and the
 end-of-turn token carry labels. Too long: the prompt loses tokens from the left (a leading BOS is kept); the
