@@ -8,7 +8,8 @@ import torch
 
 from reflectevo.gen import Engine, SamplingParams
 from reflectevo.gen.block_manager import BlockManager
-from reflectevo.gen.sampler import filter_logits, gumbel_noise, sample
+from reflectevo.gen import sampler as sampler_mod
+from reflectevo.gen.sampler import filter_logits, gumbel_noise, gumbel_noise_at, sample
 from reflectevo.gen.sequence import Sequence
 from reflectevo.model import ModelConfig, Transformer
 
@@ -131,6 +132,17 @@ def test_n_samples_share_prompt_blocks(tiny):
     ref = plain_greedy(model, prompt, 6)
     assert [o.token_ids for o in outs[0]] == [ref] * 3
     assert [o.index for o in outs[0]] == [0, 1, 2]
+
+
+def test_groups_of_samples_decode_like_plain_decoding(tiny):
+    """Several requests with n > 1 in one batch: the samples of each prompt share its blocks (grouped cascade)."""
+    model, tok = tiny
+    eng = Engine(model, tok, kv_cache_gib=0.01)
+    prompts = [p + [7] * 3 for p in prompts_mixed(14)]  # 8 to 63 tokens: 0 to 3 full blocks to share
+    outs = eng.generate(prompts, SamplingParams(n=2, max_tokens=20, ignore_eos=True))
+    for p, o in zip(prompts, outs):
+        ref = plain_greedy(model, p, 20, eos=())
+        assert [s.token_ids for s in o] == [ref, ref]
 
 
 def test_tiny_cache_preempts_and_matches_large_cache(tiny):
@@ -314,7 +326,7 @@ def test_block_manager_refcounts_and_lru_eviction():
 def test_sampling_filters():
     logits = torch.tensor([[3.0, 2.0, 1.0, 0.0, -1.0]] * 3)
     out = filter_logits(logits.clone(), torch.tensor([2, 0, 0]), torch.tensor([1.0, 0.7, 1.0]),
-                        torch.tensor([0.0, 0.0, 0.3]), need_sort=True)
+                        torch.tensor([0.0, 0.0, 0.3]))
     keep = torch.isfinite(out)
     assert keep[0].tolist() == [True, True, False, False, False]  # top_k = 2
     assert keep[1].tolist() == [True, True, False, False, False]  # p(top1) = 0.64 < 0.7 -> keep two
@@ -327,6 +339,69 @@ def test_gumbel_sampling_follows_softmax():
     noise = gumbel_noise(torch.full((n,), 12345, dtype=torch.int64), torch.arange(n), logits.numel())
     freq = torch.bincount((logits + noise).argmax(-1), minlength=logits.numel()).float() / n
     assert (freq - torch.softmax(logits, -1)).abs().max() < 0.02
+
+
+def _peaked_and_flat_logits(seed=0, rows=12, vocab=3000):
+    g = torch.Generator().manual_seed(seed)
+    logits = torch.randn(rows, vocab, generator=g)
+    logits[: rows // 2] *= 6.0  # peaked rows: top-p cuts early; flat rows: the cut lies past the candidates
+    logits[0, :5] = 2.5  # exact ties
+    return logits
+
+
+@pytest.mark.parametrize("candidates", [4, 64, 100000])
+def test_top_p_from_candidates_matches_whole_row_sort(monkeypatch, candidates):
+    """The kept set does not depend on how many candidates top-p looks at before sorting whole rows."""
+    logits = _peaked_and_flat_logits()
+    S = logits.shape[0]
+    top_k = torch.tensor([0, 20, 0, 0, 3, 0] * (S // 6))
+    top_p = torch.tensor([0.9, 0.95, 1.0, 0.5, 0.99, 0.999] * (S // 6))
+    min_p = torch.tensor([0.0, 0.0, 0.0, 0.1, 0.0, 0.0] * (S // 6))
+    monkeypatch.setattr(sampler_mod, "TOP_P_CANDIDATES", 100000)  # whole-row sort for every row
+    ref = torch.isfinite(filter_logits(logits.clone(), top_k, top_p, min_p))
+    monkeypatch.setattr(sampler_mod, "TOP_P_CANDIDATES", candidates)
+    got = torch.isfinite(filter_logits(logits.clone(), top_k, top_p, min_p))
+    assert torch.equal(got, ref)
+    assert got[2].all() and got.sum(1).min() >= 1  # top_p = 1 is off; the best token always stays
+    assert got[1].sum() <= 20 and got[4].sum() <= 3
+
+
+def test_noise_at_kept_tokens_matches_full_noise():
+    keys, steps = torch.tensor([5, 129, 77]), torch.tensor([0, 0, 31])
+    full = gumbel_noise(keys, steps, 49152)
+    rows, cols = torch.tensor([0, 1, 1, 2, 2]), torch.tensor([3, 38345, 17, 49151, 0])
+    assert torch.equal(gumbel_noise_at(keys, steps, rows, cols), full[rows, cols])
+    # (key 129, step 0, token 38345) draws the top uniform value, which rounds to 1.0 in fp32: still finite noise
+    assert torch.isfinite(full).all()
+
+
+def test_sparse_noise_path_gives_the_same_samples():
+    """Sampling with filters (noise only for kept tokens) picks what adding full noise to every row picks."""
+    logits = _peaked_and_flat_logits(seed=3)
+    seqs = [Sequence(i, i, 0, [1, 2], SamplingParams(temperature=0.9, top_p=0.8, top_k=50, seed=i), 1000 + i)
+            for i in range(logits.shape[0])]
+    got = sample(logits.clone(), seqs)
+    S = logits.shape[0]
+    scaled = filter_logits(logits / 0.9, torch.full((S,), 50), torch.full((S,), 0.8), torch.zeros(S))
+    noise = gumbel_noise(torch.tensor([s.seed for s in seqs]), torch.zeros(S, dtype=torch.int64), logits.shape[1])
+    assert torch.equal(got, (scaled + noise).argmax(-1))
+
+
+def test_cpu_kv_cache_default_follows_available_memory(monkeypatch):
+    from reflectevo.gen import engine as engine_mod
+
+    real = engine_mod.available_memory_bytes()
+    assert real is None or real > 0
+    cpu = torch.device("cpu")
+    monkeypatch.setattr(engine_mod, "available_memory_bytes", lambda: 20 * 2**30)
+    assert Engine._kv_budget(cpu, None, 0.85) == 4 * 2**30  # a fifth of what is available
+    monkeypatch.setattr(engine_mod, "available_memory_bytes", lambda: 200 * 2**30)
+    assert Engine._kv_budget(cpu, None, 0.85) == 8 * 2**30  # capped
+    monkeypatch.setattr(engine_mod, "available_memory_bytes", lambda: 2**30)
+    assert Engine._kv_budget(cpu, None, 0.85) == 0.5 * 2**30  # floor
+    monkeypatch.setattr(engine_mod, "available_memory_bytes", lambda: None)
+    assert Engine._kv_budget(cpu, None, 0.85) == 2 * 2**30  # unknown
+    assert Engine._kv_budget(cpu, 0.25, 0.85) == 0.25 * 2**30  # asked for
 
 
 def test_repetition_penalty_matches_transformers():

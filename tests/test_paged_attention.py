@@ -1,13 +1,18 @@
-"""Paged decode attention: Triton kernel (interpreter on CPU) and the CPU cascade path vs the gather reference,
-and the reference itself vs attention computed one sequence at a time from the unpaged K/V."""
+"""Paged decode attention: Triton kernel (interpreter on CPU) and the fast CPU path (planned, cascade, reused
+buffers) vs the gather reference, and the reference itself vs attention computed one sequence at a time from
+the unpaged K/V."""
 import pytest
 import torch
 
 from reflectevo.kernels import kernel_backend
+from reflectevo.kernels import paged_attention as pa
 from reflectevo.kernels.paged_attention import (
+    GatherBuffers,
     paged_attention_decode,
+    paged_attention_decode_cpu,
     paged_attention_decode_reference,
     paged_attention_decode_torch,
+    plan_decode,
     store_kv,
     store_kv_torch,
 )
@@ -70,9 +75,100 @@ def test_triton_decode_bf16_cache():
 def test_cascade_path_matches_reference():
     q, kc, vc, bt, lens = _paged_problem([40, 64, 35, 49], 6, 2, 16, shared_prefix_blocks=2, seed=3)
     ref = paged_attention_decode_reference(q, kc, vc, bt, lens, 0.3)
-    for common in (1, 2):
+    for common in (0, 1, 2):
         out = paged_attention_decode_torch(q, kc, vc, bt, lens, 0.3, common_blocks=common)
         torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("Hq,Hkv,D", [(4, 4, 16), (6, 2, 32), (9, 3, 64), (8, 1, 16)])
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_cpu_path_matches_reference_random_tables(Hq, Hkv, D, seed):
+    """Ragged lengths (1 token to several blocks, block boundaries), GQA, blocks scattered over the pool."""
+    g = torch.Generator().manual_seed(100 + seed)
+    lens = torch.randint(1, 120, (7,), generator=g).tolist() + [16, 32, 1]
+    q, kc, vc, bt, lens_t = _paged_problem(lens, Hq, Hkv, D, num_blocks=120, seed=seed)
+    ref = paged_attention_decode_reference(q, kc, vc, bt, lens_t, D ** -0.5)
+    out = paged_attention_decode_cpu(q, kc, vc, plan_decode(bt, lens_t, 16), D ** -0.5, GatherBuffers())
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+
+
+def test_cpu_path_cascade_keeps_a_token_after_the_shared_prefix():
+    """A sequence whose context ends exactly at the shared blocks still has its last token in the rest."""
+    q, kc, vc, bt, lens = _paged_problem([32, 47, 33], 6, 2, 16, shared_prefix_blocks=2, seed=5)
+    plan = plan_decode(bt, lens, 16, common_blocks=2)
+    assert plan.shared_blocks.tolist() == bt[0, :1].tolist()  # clamped to (32 - 1) // 16 = 1 block
+    ref = paged_attention_decode_reference(q, kc, vc, bt, lens, 0.25)
+    torch.testing.assert_close(paged_attention_decode_cpu(q, kc, vc, plan, 0.25), ref, rtol=1e-5, atol=1e-5)
+    single = plan_decode(bt[:1], lens[:1], 16, common_blocks=2)
+    assert single.shared_blocks is None  # one sequence: nothing to share
+
+
+def test_cpu_path_reuses_buffers_across_layers_and_steps():
+    """One plan serves every layer; one GatherBuffers serves growing and shrinking steps."""
+    buffers = GatherBuffers()
+    for step, lens in enumerate(([20, 50, 3], [70, 90, 41, 17], [5, 6])):
+        q, kc, vc, bt, lens_t = _paged_problem(lens, 4, 2, 16, num_blocks=60, seed=10 + step)
+        plan = plan_decode(bt, lens_t, 16)
+        for layer in range(2):
+            k_layer, v_layer = kc * (layer + 1), vc - layer
+            ref = paged_attention_decode_reference(q, k_layer, v_layer, bt, lens_t, 0.25)
+            out = paged_attention_decode_cpu(q, k_layer, v_layer, plan, 0.25, buffers)
+            torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+    assert buffers.k.shape[0] >= 4 * 6  # grew for the largest step, kept afterwards
+
+
+def _grouped_problem(groups, global_blocks, Hq=6, Hkv=2, D=16, bs=16, num_blocks=200, seed=0):
+    """groups: [(blocks shared by the group, [context lengths of its rows])]; rows of a group share those blocks
+    after ``global_blocks`` blocks that every row shares; the rest of each row is its own."""
+    g = torch.Generator().manual_seed(seed)
+    kc, vc = torch.randn(num_blocks, bs, Hkv, D, generator=g), torch.randn(num_blocks, bs, Hkv, D, generator=g)
+    perm = torch.randperm(num_blocks, generator=g).tolist()
+    common = [perm.pop() for _ in range(global_blocks)]
+    tables, lens = [], []
+    for shared_count, group_lens in groups:
+        shared = [perm.pop() for _ in range(shared_count)]
+        for L in group_lens:
+            n = (L + bs - 1) // bs
+            tables.append((common + shared + [perm.pop() for _ in range(n)])[:n])
+            lens.append(L)
+    width = max(len(t) for t in tables)
+    bt = torch.tensor([t + [0] * (width - len(t)) for t in tables], dtype=torch.int32)
+    return torch.randn(len(lens), Hq, D, generator=g), kc, vc, bt, torch.tensor(lens, dtype=torch.int32)
+
+
+@pytest.mark.parametrize("global_blocks", [0, 1])
+def test_cpu_path_groups_of_samples_match_reference(global_blocks):
+    """n samples of a prompt share its blocks: groups of 2 and 3, one shorter at a block boundary, a row alone."""
+    groups = [(3, [70, 81]), (2, [48 + 16 * global_blocks, 60 + 16 * global_blocks, 90]), (0, [40]), (4, [99, 99])]
+    q, kc, vc, bt, lens = _grouped_problem(groups, global_blocks, seed=global_blocks)
+    plan = plan_decode(bt, lens, 16, common_blocks=global_blocks)
+    assert plan.group_rows.shape[0] == 3 and (plan.shared_blocks is None) == (global_blocks == 0)
+    assert plan.group_members.tolist() == [0, 1, 2, 3, 4, 6, 7]
+    ref = paged_attention_decode_reference(q, kc, vc, bt, lens, 0.25)
+    torch.testing.assert_close(paged_attention_decode_cpu(q, kc, vc, plan, 0.25, GatherBuffers()), ref,
+                               rtol=1e-5, atol=1e-5)
+
+
+def test_cpu_path_group_shared_part_leaves_the_last_token_out():
+    q, kc, vc, bt, lens = _grouped_problem([(2, [32, 33]), (1, [16, 17])], 0, seed=4)
+    plan = plan_decode(bt, lens, 16)
+    # 32 tokens = 2 full blocks, but the last token must stay in the rest: the pair shares 1 block; the second
+    # pair cannot share its single block with a 16-token row at all
+    assert plan.group_rows.tolist() == [[0, 1]] and plan.group_mask.shape[-1] == 16
+    ref = paged_attention_decode_reference(q, kc, vc, bt, lens, 0.25)
+    torch.testing.assert_close(paged_attention_decode_cpu(q, kc, vc, plan, 0.25), ref, rtol=1e-5, atol=1e-5)
+
+
+def test_cpu_path_bf16_and_matmul_fallback(monkeypatch):
+    q, kc, vc, bt, lens = _paged_problem([5, 40, 23, 64], 6, 2, 16, shared_prefix_blocks=1, seed=8)
+    ref = paged_attention_decode_reference(q, kc, vc, bt, lens, 0.25)
+    plan = plan_decode(bt, lens, 16, common_blocks=1, dtype=torch.bfloat16)
+    out = paged_attention_decode_cpu(q.bfloat16(), kc.bfloat16(), vc.bfloat16(), plan, 0.25)
+    assert out.dtype == torch.bfloat16
+    torch.testing.assert_close(out.float(), ref, rtol=3e-2, atol=3e-2)
+    monkeypatch.setattr(pa, "_flash_cpu", None)  # torch builds without the fused CPU entry point
+    out = paged_attention_decode_cpu(q, kc, vc, plan_decode(bt, lens, 16, common_blocks=1), 0.25)
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
 
 
 def test_store_kv_triton_matches_torch():

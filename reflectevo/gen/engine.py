@@ -2,9 +2,17 @@
 
     engine = Engine(model, tokenizer)
     outs = engine.generate(prompts, SamplingParams(...))   # outs[i][j]: j-th sample of prompt i
+
+KV cache size (``kv_cache_gib``, per engine): on CUDA by default ``gpu_memory_utilization`` of the free memory;
+on the CPU by default a fifth of the memory available when the engine is built (MemAvailable), between
+0.5 and 8 GiB (2 GiB where that cannot be read). The cache is allocated once but its pages are only touched as
+blocks fill; a cache too small for the running batch preempts sequences and recomputes them later. With the
+prefix cache every freed block stays cached until it is needed again, so over a long run the whole budget
+ends up resident.
 """
 from __future__ import annotations
 
+import os
 import random
 
 import torch
@@ -16,6 +24,25 @@ from reflectevo.gen.sampler import sample, seq_key
 from reflectevo.gen.sampling_params import SamplingParams
 from reflectevo.gen.scheduler import Scheduler
 from reflectevo.gen.sequence import CompletionOutput, Sequence, Status
+
+
+CPU_KV_FRACTION = 0.2  # of MemAvailable: room for a second engine (adapter runs) and the training after it
+CPU_KV_MIN_GIB, CPU_KV_MAX_GIB, CPU_KV_FALLBACK_GIB = 0.5, 8.0, 2.0
+
+
+def available_memory_bytes() -> int | None:
+    """MemAvailable from /proc/meminfo (Linux), else free physical pages where the OS reports them, else None."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        return None
 
 
 class Engine:
@@ -66,7 +93,10 @@ class Engine:
         if device.type == "cuda":
             free, _ = torch.cuda.mem_get_info(device)
             return free * fraction  # the activations of one step come out of the remaining fraction
-        return 2.0 * 2**30  # pages are only touched as blocks fill
+        available = available_memory_bytes()
+        if available is None:
+            return CPU_KV_FALLBACK_GIB * 2**30
+        return min(max(CPU_KV_FRACTION * available, CPU_KV_MIN_GIB * 2**30), CPU_KV_MAX_GIB * 2**30)
 
     @property
     def num_blocks(self) -> int:

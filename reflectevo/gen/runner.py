@@ -5,14 +5,38 @@ uncomputed suffix of every admitted sequence back to back, a decode step the las
 sequence. The model calls ``PagedAttention(layer_idx, q, k, v)`` in every layer; the backend writes the new
 K/V into the cache and attends over cached + new tokens (SDPA per sequence for prefill, the paged decode
 kernel for decode). Only the last position of each sequence goes through the lm_head.
+
+Everything the layers share (block tables, slots, lengths, the CPU decode plan, prefill masks) is built once
+per step here, not once per layer; gather scratch buffers live as long as the runner.
 """
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 
 from reflectevo.gen.sequence import Sequence
-from reflectevo.kernels.paged_attention import paged_attention_decode, store_kv
+from reflectevo.kernels._dispatch import use_triton
+from reflectevo.kernels.paged_attention import (
+    DecodePlan,
+    GatherBuffers,
+    paged_attention_decode,
+    paged_attention_decode_cpu,
+    plan_decode,
+    store_kv,
+)
+
+
+@dataclass
+class PrefillSeq:
+    """One sequence of a prefill step: its queries are rows start:end of the step; it attends to ctx tokens."""
+
+    start: int
+    end: int
+    ctx: int
+    blocks: torch.Tensor | None  # int64 block ids of the whole context; None when every token is new this step
+    mask: torch.Tensor | None  # [end - start, ctx] additive causal mask with the query offset (cached prefix)
 
 
 class PagedAttention:
@@ -21,47 +45,49 @@ class PagedAttention:
     def __init__(self, k_cache: torch.Tensor, v_cache: torch.Tensor, scale: float):
         self.k_cache, self.v_cache, self.scale = k_cache, v_cache, scale  # [L, num_blocks, bs, Hkv, D]
         self.is_prefill = False
-        self.slot_mapping = self.block_tables = self.context_lens = None
-        self.query_starts: list[int] = []
-        self.context_lens_host: list[int] = []
-        self.common_blocks = 0
+        self.slot_mapping = self.block_tables = self.context_lens = None  # block tables: Triton decode only
+        self.decode_plan: DecodePlan | None = None  # CPU decode: built once per step
+        self.prefill_seqs: list[PrefillSeq] = []
+        self.buffers = GatherBuffers()
 
     def __call__(self, layer_idx: int, q, k, v):
         B, T, Hq, D = q.shape
         q, k, v = q.reshape(T, Hq, D), k.reshape(T, *k.shape[2:]), v.reshape(T, *v.shape[2:])
         kc, vc = self.k_cache[layer_idx], self.v_cache[layer_idx]
         store_kv(k, v, kc, vc, self.slot_mapping)
-        if not self.is_prefill:
-            out = paged_attention_decode(q, kc, vc, self.block_tables, self.context_lens, self.scale,
-                                         common_blocks=self.common_blocks)
+        if self.is_prefill:
+            out = self._prefill(q, k, v, kc, vc)
+        elif self.decode_plan is not None:
+            out = paged_attention_decode_cpu(q, kc, vc, self.decode_plan, self.scale, self.buffers)
         else:
-            out = self._prefill(q, kc, vc)
+            out = paged_attention_decode(q, kc, vc, self.block_tables, self.context_lens, self.scale)
         return out.reshape(B, T, Hq, D)
 
-    def _prefill(self, q, kc, vc):
-        """Each sequence's new queries attend to its whole context, read back from its blocks (the cached
-        prefix and the K/V stored just above), causal with the query offset."""
-        bs, Hkv, D = kc.shape[1], kc.shape[2], kc.shape[3]
-        outs = []
-        for i, (start, end) in enumerate(zip(self.query_starts[:-1], self.query_starts[1:])):
-            ctx = int(self.context_lens_host[i])
-            n_blocks = (ctx + bs - 1) // bs
-            table = self.block_tables[i, :n_blocks].long()
-            keys = kc[table].reshape(-1, Hkv, D)[:ctx].transpose(0, 1)
-            vals = vc[table].reshape(-1, Hkv, D)[:ctx].transpose(0, 1)
-            qi = q[start:end].transpose(0, 1)
-            if qi.shape[0] != Hkv:  # GQA: repeated K/V keep the fused SDPA kernels eligible with a mask
-                keys = keys.repeat_interleave(qi.shape[0] // Hkv, dim=0)
-                vals = vals.repeat_interleave(qi.shape[0] // Hkv, dim=0)
-            n_new = end - start
-            mask = None
-            if n_new != ctx:  # causal with the query offset: query i sits at position ctx - n_new + i
-                qpos = torch.arange(ctx - n_new, ctx, device=q.device)
-                mask = torch.arange(ctx, device=q.device)[None, :] <= qpos[:, None]
-            o = F.scaled_dot_product_attention(qi[None], keys[None].to(qi.dtype), vals[None].to(qi.dtype),
-                                               attn_mask=mask, is_causal=mask is None, scale=self.scale)
-            outs.append(o[0].transpose(0, 1))
-        return torch.cat(outs, dim=0)
+    def _prefill(self, q, k, v, kc, vc):
+        """Each sequence's new queries attend to its whole context, causal with the query offset. A sequence
+        without cached prefix attends to this step's K/V directly; one with a cached prefix reads its context
+        back from its blocks (the prefix and the K/V stored just above)."""
+        out = torch.empty_like(q)
+        Hkv = kc.shape[2]
+        for s in self.prefill_seqs:
+            qi = q[s.start:s.end].transpose(0, 1)[None]  # [1, Hq, n, D]
+            if s.blocks is None:
+                keys, vals = k[s.start:s.end], v[s.start:s.end]
+            else:
+                kbuf, vbuf = self.buffers.take(s.blocks.shape[0], kc)
+                torch.index_select(kc, 0, s.blocks, out=kbuf)
+                torch.index_select(vc, 0, s.blocks, out=vbuf)
+                keys, vals = kbuf.view(-1, Hkv, kc.shape[3])[:s.ctx], vbuf.view(-1, Hkv, kc.shape[3])[:s.ctx]
+            keys, vals = keys.transpose(0, 1)[None].to(qi.dtype), vals.transpose(0, 1)[None].to(qi.dtype)
+            gqa = qi.shape[1] != Hkv
+            if gqa and qi.is_cuda:  # repeated K/V keep the fused CUDA kernels eligible with a mask
+                keys = keys.repeat_interleave(qi.shape[1] // Hkv, dim=1)
+                vals = vals.repeat_interleave(qi.shape[1] // Hkv, dim=1)
+                gqa = False
+            o = F.scaled_dot_product_attention(qi, keys, vals, attn_mask=s.mask, is_causal=s.mask is None,
+                                               scale=self.scale, enable_gqa=gqa)
+            out[s.start:s.end] = o[0].transpose(0, 1)
+        return out
 
 
 class ModelRunner:
@@ -89,6 +115,20 @@ class ModelRunner:
         bs, table = self.block_size, seq.block_table
         return [table[p // bs] * bs + p % bs for p in range(start, end)]
 
+    def _prefill_seqs(self, seqs: list[Sequence], starts: list[int]) -> list[PrefillSeq]:
+        bs, dev, out = self.block_size, self.device, []
+        for s, start, end in zip(seqs, starts[:-1], starts[1:]):
+            ctx, n_new = len(s), end - start
+            if n_new == ctx:
+                out.append(PrefillSeq(start, end, ctx, None, None))
+                continue
+            blocks = torch.tensor(s.block_table[: (ctx + bs - 1) // bs], dtype=torch.int64, device=dev)
+            qpos = torch.arange(ctx - n_new, ctx, device=dev)  # query i sits at position ctx - n_new + i
+            mask = torch.zeros(n_new, ctx, dtype=self.dtype, device=dev)
+            mask.masked_fill_(torch.arange(ctx, device=dev)[None, :] > qpos[:, None], float("-inf"))
+            out.append(PrefillSeq(start, end, ctx, blocks, mask))
+        return out
+
     @torch.inference_mode()
     def run(self, seqs: list[Sequence], is_prefill: bool) -> torch.Tensor:
         """One model call for the step -> logits [len(seqs), V] at each sequence's last position."""
@@ -101,20 +141,26 @@ class ModelRunner:
             starts.append(len(ids))
         dev = self.device
         lens = [len(s) for s in seqs]
-        tables = self._tables(seqs)
         attn = self.attn
         attn.is_prefill = is_prefill
         attn.slot_mapping = torch.tensor(slots, dtype=torch.int64, device=dev)
-        attn.block_tables = tables.to(dev)
-        attn.context_lens = torch.tensor(lens, dtype=torch.int32, device=dev)
-        attn.context_lens_host = lens
-        attn.query_starts = starts
-        attn.common_blocks = 0 if is_prefill else self._common_blocks(tables, min(lens))
+        attn.decode_plan, attn.prefill_seqs = None, []
+        if is_prefill:
+            attn.prefill_seqs = self._prefill_seqs(seqs, starts)
+        else:
+            tables = self._tables(seqs)
+            context_lens = torch.tensor(lens, dtype=torch.int32)
+            if use_triton(self.k_cache):
+                attn.block_tables, attn.context_lens = tables.to(dev), context_lens.to(dev)
+            else:  # CPU: prefixes shared by all sequences, or by the samples of a prompt, are read once
+                common = self._common_blocks(tables, min(lens))
+                attn.decode_plan = plan_decode(tables.to(dev), context_lens.to(dev), self.block_size, common,
+                                               self.dtype)
         input_ids = torch.tensor([ids], dtype=torch.long, device=dev)
         positions = torch.tensor([pos], dtype=torch.long, device=dev)
         hidden = self.model.hidden_states(input_ids, positions=positions, attention=attn)
-        last = torch.tensor(starts[1:], device=dev) - 1
-        return self.model.logits(hidden[0, last]).float()
+        last = hidden[0] if not is_prefill else hidden[0, torch.tensor(starts[1:], device=dev) - 1]
+        return self.model.logits(last).float()
 
     def _common_blocks(self, tables: torch.Tensor, min_len: int) -> int:
         """Leading table columns equal in every row and full in every sequence."""

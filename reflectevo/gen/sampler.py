@@ -4,6 +4,12 @@ Randomness is counter-based: the uniform noise for sequence s, generated token n
 is a hash of (seed_s, t, v), so a seeded request draws the same tokens whatever else shares the batch (and
 after a preemption), and no generator state lives outside the tensors. Sampling is the Gumbel-max trick,
 argmax(logits / T + Gumbel noise) over the tokens the filters keep, which draws exactly from softmax(logits / T).
+
+Cost (the vocabulary is ~50k-150k wide): top-p needs the probabilities in descending order only as far as the
+cut, so it reads them from ``topk`` of the first few hundred candidates and sorts the whole row only for rows
+whose cut lies further out; both give the same kept set, because the cumulative sums of the leading entries
+are the same numbers either way. The noise is computed only for the tokens the filters kept when those are
+few, and the per-vocabulary half of its hash is cached: the same numbers, at a fraction of the cost.
 """
 from __future__ import annotations
 
@@ -12,6 +18,7 @@ import torch
 from reflectevo.gen.sequence import Sequence
 
 _M32 = 0xFFFFFFFF
+_BELOW_ONE = 1.0 - 2.0**-24  # the largest float32 below 1
 
 
 def _mix32(x: torch.Tensor) -> torch.Tensor:
@@ -30,13 +37,37 @@ def seq_key(seed: int, sample_idx: int) -> int:
     return int(_mix32(k + 0x9E3779B9 * (sample_idx + 1) & _M32))
 
 
+def _row_hash(keys: torch.Tensor, steps: torch.Tensor) -> torch.Tensor:
+    return _mix32(keys * 0x01000193 + _mix32(steps + 0x68E31DA4))
+
+
+_vocab_hash_cache: dict[tuple[int, str], torch.Tensor] = {}
+
+
+def _vocab_hash(vocab: int, device: torch.device) -> torch.Tensor:
+    """The per-vocabulary-index half of the noise hash, [vocab] int64 (the same every step: cached)."""
+    key = (vocab, str(device))
+    h = _vocab_hash_cache.get(key)
+    if h is None:
+        h = _vocab_hash_cache[key] = _mix32(torch.arange(vocab, device=device, dtype=torch.int64) + 0x1B873593)
+    return h
+
+
+def _gumbel_from(row: torch.Tensor, vocab_hash: torch.Tensor) -> torch.Tensor:
+    bits = _mix32(row ^ vocab_hash)
+    u = ((bits >> 8).to(torch.float32) + 0.5) * (1.0 / (1 << 24))
+    u = u.clamp_(max=_BELOW_ONE)  # the top value, 1 - 2**-25, rounds to 1.0 in fp32: its noise would be +inf
+    return -torch.log(-torch.log(u))
+
+
 def gumbel_noise(keys: torch.Tensor, steps: torch.Tensor, vocab: int) -> torch.Tensor:
     """keys, steps [S] int64 -> Gumbel(0, 1) noise [S, vocab], a pure function of (key, step, vocab index)."""
-    row = _mix32(keys * 0x01000193 + _mix32(steps + 0x68E31DA4))
-    idx = torch.arange(vocab, device=keys.device, dtype=torch.int64)
-    bits = _mix32(row[:, None] ^ _mix32(idx + 0x1B873593)[None, :])
-    u = ((bits >> 8).to(torch.float32) + 0.5) * (1.0 / (1 << 24))  # in (0, 1)
-    return -torch.log(-torch.log(u))
+    return _gumbel_from(_row_hash(keys, steps)[:, None], _vocab_hash(vocab, keys.device)[None, :])
+
+
+def gumbel_noise_at(keys: torch.Tensor, steps: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
+    """gumbel_noise(keys, steps, vocab)[rows, cols], computed only at those entries."""
+    return _gumbel_from(_row_hash(keys, steps)[rows], _mix32(cols + 0x1B873593))
 
 
 def apply_repetition_penalty(logits: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
@@ -58,20 +89,51 @@ def apply_repetition_penalty(logits: torch.Tensor, seqs: list[Sequence]) -> torc
     return logits
 
 
-def filter_logits(logits: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor, min_p: torch.Tensor,
-                  need_sort: bool) -> torch.Tensor:
-    """Set to -inf what top_k (0 = off), top_p (1 = off) and min_p (0 = off) drop; rows [S, V] already / T."""
-    V = logits.shape[1]
-    if need_sort:
-        sorted_logits, order = logits.sort(dim=-1, descending=True)
-        rank = torch.arange(V, device=logits.device)[None, :]
-        k = torch.where(top_k > 0, top_k, V)[:, None]
-        drop = rank >= k
-        probs = torch.softmax(sorted_logits.masked_fill(drop, float("-inf")), dim=-1)
-        before = probs.cumsum(dim=-1) - probs  # mass of the strictly better tokens
-        drop |= before >= top_p[:, None]
-        drop[:, 0] = False
-        logits = logits.scatter(1, order, sorted_logits.masked_fill(drop, float("-inf")))
+TOP_P_CANDIDATES = 512  # top-p looks for its cut among this many best tokens before sorting a whole row
+
+
+def _top_k_mask(logits: torch.Tensor, top_k: torch.Tensor) -> torch.Tensor:
+    """True where a token ranks below its row's top_k (0 = off): ranks by topk, ties broken arbitrarily as a sort."""
+    S, V = logits.shape
+    on = (top_k > 0) & (top_k < V)
+    if not bool(on.any()):
+        return torch.zeros(S, V, dtype=torch.bool, device=logits.device)
+    k_max = int(top_k[on].max())
+    best = logits.topk(k_max, dim=-1).indices
+    rank = torch.arange(k_max, device=logits.device)[None, :]
+    beyond = rank >= torch.where(on, top_k, k_max)[:, None]
+    return on[:, None] & torch.ones(S, V, dtype=torch.bool, device=logits.device).scatter(1, best, beyond)
+
+
+def _top_p_cut(sorted_p: torch.Tensor, top_p: torch.Tensor, on: torch.Tensor) -> torch.Tensor:
+    """Per sorted position: dropped because the strictly better tokens already hold >= top_p (never the best)."""
+    before = sorted_p.cumsum(dim=-1) - sorted_p  # prefix sums: the same numbers for any number of columns
+    drop = (before >= top_p[:, None]) & on[:, None]
+    drop[:, 0] = False
+    return drop
+
+
+def _top_p_mask(probs: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:
+    """True where a token falls outside the smallest set of best tokens whose probability reaches top_p (1 = off)."""
+    S, V = probs.shape
+    on = top_p < 1.0
+    sorted_p, order = probs.topk(min(TOP_P_CANDIDATES, V), dim=-1)
+    drop = _top_p_cut(sorted_p, top_p, on)
+    # past the last candidate every token drops when the last one does (its "before" is at least as large)
+    mask = on[:, None].repeat(1, V).scatter_(1, order, drop)
+    far = on & ~drop[:, -1]
+    if order.shape[1] < V and bool(far.any()):  # rows whose cut lies further out: sort them whole
+        sorted_p, order = probs[far].sort(dim=-1, descending=True)
+        mask[far] = torch.ones_like(mask[far]).scatter_(1, order, _top_p_cut(sorted_p, top_p[far], on[far]))
+    return mask
+
+
+def filter_logits(logits: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor, min_p: torch.Tensor) -> torch.Tensor:
+    """Set to -inf what top_k (0 = off), top_p (1 = off) and min_p (0 = off) drop; rows [S, V] already / T.
+    Each filter works on what the one before kept: top_k, then top_p, then min_p."""
+    logits = logits.masked_fill(_top_k_mask(logits, top_k), float("-inf"))
+    if bool((top_p < 1.0).any()):
+        logits = logits.masked_fill(_top_p_mask(torch.softmax(logits, dim=-1), top_p), float("-inf"))
     if bool((min_p > 0).any()):
         probs = torch.softmax(logits, dim=-1)
         cut = probs.max(dim=-1, keepdim=True).values * min_p[:, None]
@@ -91,9 +153,15 @@ def sample(logits: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
     top_k = torch.tensor([max(s.params.top_k, 0) for s in sub], device=dev)
     top_p = torch.tensor([s.params.top_p for s in sub], device=dev)
     min_p = torch.tensor([s.params.min_p for s in sub], device=dev)
-    need_sort = any(0 < s.params.top_k < logits.shape[1] or s.params.top_p < 1.0 for s in sub)
-    scaled = filter_logits(logits[rows] / temps[:, None], top_k, top_p, min_p, need_sort)
+    scaled = filter_logits(logits[rows] / temps[:, None], top_k, top_p, min_p)
     keys = torch.tensor([s.seed for s in sub], dtype=torch.int64, device=dev)
     steps = torch.tensor([s.num_output_tokens for s in sub], dtype=torch.int64, device=dev)
-    chosen[torch.tensor(rows, device=dev)] = (scaled + gumbel_noise(keys, steps, logits.shape[1])).argmax(dim=-1)
+    kept = torch.isfinite(scaled)
+    if int(kept.sum()) * 4 < kept.numel():  # the filters left few tokens: noise only for those
+        r, c = kept.nonzero(as_tuple=True)
+        noisy = torch.full_like(scaled, float("-inf"))
+        noisy[r, c] = scaled[r, c] + gumbel_noise_at(keys, steps, r, c)
+    else:  # dropped tokens stay -inf either way
+        noisy = scaled + gumbel_noise(keys, steps, logits.shape[1])
+    chosen[torch.tensor(rows, device=dev)] = noisy.argmax(dim=-1)
     return chosen

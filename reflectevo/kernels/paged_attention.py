@@ -11,14 +11,26 @@ it reads each cached K/V once and never materialises the gathered [S, L, Hkv, D]
 reference builds; the g query heads of a KV head share each K/V load. Long contexts can be split over several
 programs (flash-decoding), each writing a partial (out, log-sum-exp) that is merged afterwards.
 
-The CPU path (``paged_attention_decode_torch``) gathers by block table in one indexing op and runs a masked
-softmax for all sequences at once; when the sequences share leading blocks (a common few-shot prefix) it
-attends to that prefix once for the whole batch (cascade attention) and merges by log-sum-exp, which turns
-S copies of the prefix into one.
+The PyTorch reference (``paged_attention_decode_reference``) gathers each sequence's context by its block
+table in one indexing op and runs a masked softmax for all sequences at once: the readable definition the
+Triton kernel and the CPU path are tested against.
+
+The CPU path (``paged_attention_decode_cpu``) computes the same thing faster, in three ways:
+- what every layer of a step shares (block ids as one flat index, the additive length mask) is planned once
+  per step (``plan_decode``), not once per layer;
+- the context is gathered into scratch buffers reused by every layer and step (``GatherBuffers``): a fresh
+  tensor of that size per layer costs page faults, since large allocations are mapped afresh each time;
+- the attention itself is one call of PyTorch's fused CPU attention kernel (the one SDPA uses) over the padded
+  batch with the length mask, the grouped query heads folded into the query length so K/V are never
+  repeated, instead of matmuls on permuted copies.
+When the sequences share leading blocks (a common few-shot prefix) it attends to that prefix once for the
+whole batch (cascade attention), and blocks shared by a group of sequences only (the n samples of one prompt)
+once per group, then merges the parts by log-sum-exp: S copies of a shared prefix become one.
 """
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 
@@ -48,32 +60,6 @@ def _gather(cache, block_tables):
     return rows.reshape(S, nb * cache.shape[1], *cache.shape[2:])
 
 
-def _partial(q, k, v, valid, scale):
-    """q [S,Hkv,G,D], k/v [S or 1, L, Hkv, D], valid [S or 1, L] or None (all valid)
-    -> (out [S,Hkv,G,D] fp32 normalised over these keys, lse [S,Hkv,G]; -inf where no key is valid)."""
-    S, H, G, D = q.shape
-    qf = q.float()
-    if k.shape[0] == 1 and S > 1:  # shared keys: one GEMM per KV head for the whole batch
-        kk, vv = k[0].float().transpose(0, 1), v[0].float().transpose(0, 1)  # [Hkv, L, D]
-        scores = torch.matmul(qf.transpose(0, 1).reshape(H, S * G, D), kk.transpose(1, 2)).mul_(scale)
-        scores = scores.view(H, S, G, -1).transpose(0, 1)  # [S, Hkv, G, L] (a view)
-    else:
-        kk, vv = k.float().permute(0, 2, 1, 3), v.float().permute(0, 2, 1, 3)  # [S, Hkv, L, D]
-        scores = torch.matmul(qf, kk.transpose(2, 3)).mul_(scale)
-    if valid is not None:
-        scores = scores.masked_fill(~valid[:, None, None, :], float("-inf"))
-    m = scores.amax(dim=-1, keepdim=True)
-    m = torch.where(torch.isfinite(m), m, torch.zeros_like(m))
-    p = torch.exp(scores - m)
-    denom = p.sum(dim=-1, keepdim=True)
-    if k.shape[0] == 1 and S > 1:
-        out = torch.matmul(p.transpose(0, 1).reshape(H, S * G, -1), vv).view(H, S, G, D).transpose(0, 1)
-    else:
-        out = torch.matmul(p, vv)
-    lse = (m + denom.log()).squeeze(-1)
-    return out / denom.clamp_min(1e-30), lse
-
-
 def merge_partials(outs, lses):
     """Combine attention over disjoint key sets: weights exp(lse_i - logsumexp_i lse_i)."""
     lse = torch.stack(lses)
@@ -83,34 +69,170 @@ def merge_partials(outs, lses):
 
 
 def paged_attention_decode_reference(q, k_cache, v_cache, block_tables, context_lens, scale):
-    """Readable reference: gather each sequence's context by its block table, masked softmax, weighted sum."""
+    """Readable reference (every context_lens >= 1): gather each sequence's context by its block table, masked
+    softmax, weighted sum, in fp32."""
     S, Hq, D = q.shape
     Hkv = k_cache.shape[2]
-    k, v = _gather(k_cache, block_tables), _gather(v_cache, block_tables)
-    pos = torch.arange(k.shape[1], device=q.device)
-    valid = pos[None, :] < context_lens.long()[:, None]
-    out, _ = _partial(q.view(S, Hkv, Hq // Hkv, D), k, v, valid, scale)
+    k = _gather(k_cache, block_tables).float().permute(0, 2, 1, 3)  # [S, Hkv, L, D]
+    v = _gather(v_cache, block_tables).float().permute(0, 2, 1, 3)
+    qg = q.float().view(S, Hkv, Hq // Hkv, D)  # the G = Hq / Hkv query heads that share one KV head
+    scores = torch.matmul(qg, k.transpose(2, 3)) * scale  # [S, Hkv, G, L]
+    valid = torch.arange(k.shape[2], device=q.device)[None, :] < context_lens.long()[:, None]
+    scores = scores.masked_fill(~valid[:, None, None, :], float("-inf"))
+    out = torch.matmul(torch.softmax(scores, dim=-1), v)
+    return out.reshape(S, Hq, D).to(q.dtype)
+
+
+# ----------------------------------------------------------------------------- PyTorch, fast CPU path
+try:  # the fused CPU attention that SDPA dispatches to; this entry point also returns the log-sum-exp
+    _flash_cpu = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
+except (AttributeError, RuntimeError):  # pragma: no cover - older / other torch builds
+    _flash_cpu = None
+
+
+def attention_with_lse(q, k, v, mask, scale):
+    """q [B, H, M, D], k/v [B, H, N, D] (any strides), additive mask broadcastable to [B, H, M, N] or None
+    -> (out [B, H, M, D] in q.dtype, lse [B, H, M] fp32). Every query must see at least one key."""
+    if _flash_cpu is not None and not q.is_cuda:
+        out, lse = _flash_cpu(q, k, v, attn_mask=mask, scale=scale)
+        return out, lse.float()
+    scores = torch.matmul(q.float(), k.float().transpose(-1, -2)).mul_(scale)
+    if mask is not None:
+        scores = scores + mask
+    return torch.matmul(torch.softmax(scores, dim=-1), v.float()).to(q.dtype), torch.logsumexp(scores, dim=-1)
+
+
+@dataclass
+class DecodePlan:
+    """What every layer of one decode step needs, built once per step by ``plan_decode``. A sequence's context is
+    split into up to three disjoint parts, attended separately and merged by log-sum-exp: the prefix all
+    sequences share (few-shot examples), the prefix it shares with its group (the n samples of one prompt) and
+    the rest. Shared prefixes are read once per batch or group instead of once per sequence."""
+
+    shared_blocks: torch.Tensor | None  # [C] block ids every sequence starts with
+    group_blocks: torch.Tensor | None  # [Ng * P] each group's shared blocks after those, padded to the longest
+    group_mask: torch.Tensor | None  # [Ng, 1, 1, P * block_size] additive: -inf past the group's shared blocks
+    group_rows: torch.Tensor | None  # [Ng, M] member rows of each group, padded by repeating the first member
+    group_slots: torch.Tensor | None  # [n] flat positions in [Ng * M] of the real members ...
+    group_members: torch.Tensor | None  # [n] ... and their rows
+    rest_blocks: torch.Tensor  # [S * R] int64: the R table columns after each row's shared parts, row after row
+    rest_mask: torch.Tensor  # [S, 1, 1, R * block_size] additive: 0 for context tokens, -inf past the context
+
+
+def _sample_groups(block_tables, lens, block_size, common) -> list[tuple[list[int], int]]:
+    """Rows whose tables agree on full blocks right after the common prefix (equal block ids mean equal
+    prefixes: blocks are only shared through prefix-cache hits), as [(rows, shared blocks)] for groups of two
+    or more. Each row keeps at least its last token outside the shared blocks."""
+    limit = ((lens - 1) // block_size - common).tolist()
+    if common >= block_tables.shape[1]:
+        return []
+    by_first: dict[int, list[int]] = {}
+    for row, (block, lim) in enumerate(zip(block_tables[:, common].tolist(), limit)):
+        if lim > 0:
+            by_first.setdefault(block, []).append(row)
+    groups = []
+    for rows in by_first.values():
+        if len(rows) > 1:
+            tail = block_tables[rows, common:]
+            agree = int((tail == tail[:1]).all(dim=0).to(torch.int32).cumprod(0).sum())
+            groups.append((rows, min(agree, min(limit[r] for r in rows))))
+    return groups
+
+
+def plan_decode(block_tables, context_lens, block_size, common_blocks=0, dtype=torch.float32) -> DecodePlan:
+    """block_tables [S, >= max blocks], context_lens [S] (>= 1); ``common_blocks``: leading columns with the same
+    ids in every row. Shared parts stop early enough that every sequence has a token after them."""
+    lens, bs, dev = context_lens.long(), block_size, context_lens.device
+    S, width = lens.shape[0], block_tables.shape[1]
+    tables = block_tables.long()
+    common = min(common_blocks, (int(lens.min()) - 1) // bs) if S > 1 else 0
+    shared = tables[0, :common] if common > 0 else None
+    start = torch.full((S,), common, dtype=torch.long, device=dev)  # each row's first rest column
+    groups = _sample_groups(tables, lens, bs, common) if S > 1 else []
+    group = [None] * 5
+    if groups:
+        longest, most = max(p for _, p in groups), max(len(rows) for rows, _ in groups)
+        blocks = torch.stack([tables[rows[0], common:common + longest] for rows, _ in groups])
+        pos = torch.arange(longest * bs, device=dev)
+        shared_len = torch.tensor([p * bs for _, p in groups], device=dev)
+        mask = torch.zeros(len(groups), 1, 1, longest * bs, dtype=dtype, device=dev)
+        mask.masked_fill_((pos[None, :] >= shared_len[:, None])[:, None, None, :], float("-inf"))
+        rows = torch.tensor([r + [r[0]] * (most - len(r)) for r, _ in groups], device=dev)
+        slots = torch.tensor([g * most + m for g, (r, _) in enumerate(groups) for m in range(len(r))], device=dev)
+        members = torch.tensor([row for r, _ in groups for row in r], device=dev)
+        group = [blocks.reshape(-1), mask, rows, slots, members]
+        for r, p in groups:
+            start[r] = common + p
+    num_blocks = (lens + bs - 1) // bs
+    cols = start[:, None] + torch.arange(int((num_blocks - start).max()), device=dev)
+    rest = tables.gather(1, cols.clamp(max=width - 1)).reshape(-1)
+    pos = (cols[:, :, None] * bs + torch.arange(bs, device=dev)).reshape(S, -1)
+    mask = torch.zeros(S, 1, 1, pos.shape[1], dtype=dtype, device=dev)
+    mask.masked_fill_((pos >= lens[:, None])[:, None, None, :], float("-inf"))
+    return DecodePlan(shared, *group, rest, mask)
+
+
+class GatherBuffers:
+    """Grow-only scratch for one layer's gathered K and V, reused by every layer and step (it keeps the size of
+    the largest gather seen: batch x context x one layer's K/V)."""
+
+    def __init__(self):
+        self.k = self.v = None
+
+    def take(self, num_blocks: int, cache: torch.Tensor):
+        """Two [num_blocks, *cache.shape[1:]] views for gathering cache blocks into."""
+        k = self.k
+        if k is None or k.shape[0] < num_blocks or k.shape[1:] != cache.shape[1:] or k.dtype != cache.dtype \
+                or k.device != cache.device:
+            rows = max(num_blocks, int(1.25 * k.shape[0]) if k is not None else 0)  # contexts grow every step
+            self.k = torch.empty(rows, *cache.shape[1:], dtype=cache.dtype, device=cache.device)
+            self.v = torch.empty_like(self.k)
+        return self.k[:num_blocks], self.v[:num_blocks]
+
+
+def _gather_heads(k_cache, v_cache, blocks, rows, buffers):
+    """Gather blocks into the buffers -> K, V as [rows, Hkv, L, D] views."""
+    kbuf, vbuf = buffers.take(blocks.shape[0], k_cache)
+    torch.index_select(k_cache, 0, blocks, out=kbuf)
+    torch.index_select(v_cache, 0, blocks, out=vbuf)
+    Hkv, D = k_cache.shape[2], k_cache.shape[3]
+    return kbuf.view(rows, -1, Hkv, D).transpose(1, 2), vbuf.view(rows, -1, Hkv, D).transpose(1, 2)
+
+
+def paged_attention_decode_cpu(q, k_cache, v_cache, plan: DecodePlan, scale, buffers: GatherBuffers | None = None):
+    """The reference's result from a step plan: q [S, Hq, D], caches [num_blocks, bs, Hkv, D] -> [S, Hq, D]."""
+    S, Hq, D = q.shape
+    Hkv = k_cache.shape[2]
+    G = Hq // Hkv
+    buffers = buffers or GatherBuffers()
+    qg = q.reshape(S, Hkv, G, D)  # the G query heads of a KV head become G queries of one attention row
+    k, v = _gather_heads(k_cache, v_cache, plan.rest_blocks, S, buffers)
+    out, lse = attention_with_lse(qg, k, v, plan.rest_mask.to(q.dtype), scale)
+    outs, lses = [out.float()], [lse]
+    if plan.shared_blocks is not None:  # the whole batch's queries against the common prefix at once
+        k, v = _gather_heads(k_cache, v_cache, plan.shared_blocks, 1, buffers)
+        out, lse = attention_with_lse(qg.transpose(0, 1).reshape(1, Hkv, S * G, D), k, v, None, scale)
+        outs.append(out.view(Hkv, S, G, D).transpose(0, 1).float())
+        lses.append(lse.view(Hkv, S, G).transpose(0, 1))
+    if plan.group_blocks is not None:  # each group's queries against its shared prefix at once
+        Ng, M = plan.group_rows.shape
+        k, v = _gather_heads(k_cache, v_cache, plan.group_blocks, Ng, buffers)
+        qs = qg[plan.group_rows.reshape(-1)].view(Ng, M, Hkv, G, D).transpose(1, 2).reshape(Ng, Hkv, M * G, D)
+        out, lse = attention_with_lse(qs, k, v, plan.group_mask.to(q.dtype), scale)
+        out = out.view(Ng, Hkv, M, G, D).transpose(1, 2).reshape(Ng * M, Hkv, G, D)
+        lse = lse.view(Ng, Hkv, M, G).transpose(1, 2).reshape(Ng * M, Hkv, G)
+        outs.append(torch.zeros(S, Hkv, G, D, device=q.device).index_copy_(
+            0, plan.group_members, out[plan.group_slots].float()))
+        lses.append(torch.full((S, Hkv, G), float("-inf"), device=q.device).index_copy_(
+            0, plan.group_members, lse[plan.group_slots]))
+    out = merge_partials(outs, lses) if len(outs) > 1 else outs[0]
     return out.reshape(S, Hq, D).to(q.dtype)
 
 
 def paged_attention_decode_torch(q, k_cache, v_cache, block_tables, context_lens, scale, common_blocks=0):
-    """CPU path: like the reference, but the first ``common_blocks`` columns of block_tables (the same block
-    ids in every row, full in every sequence) are attended once for the whole batch (cascade)."""
-    if common_blocks <= 0 or q.shape[0] == 1:
-        return paged_attention_decode_reference(q, k_cache, v_cache, block_tables, context_lens, scale)
-    S, Hq, D = q.shape
-    Hkv, bs = k_cache.shape[2], k_cache.shape[1]
-    qg = q.view(S, Hkv, Hq // Hkv, D)
-    shared = block_tables[:1, :common_blocks]
-    ks, vs = _gather(k_cache, shared), _gather(v_cache, shared)
-    out_a, lse_a = _partial(qg, ks, vs, None, scale)
-    rest = block_tables[:, common_blocks:]
-    if rest.shape[1] == 0:
-        return out_a.reshape(S, Hq, D).to(q.dtype)
-    kr, vr = _gather(k_cache, rest), _gather(v_cache, rest)
-    pos = torch.arange(kr.shape[1], device=q.device) + common_blocks * bs
-    out_b, lse_b = _partial(qg, kr, vr, pos[None, :] < context_lens.long()[:, None], scale)
-    return merge_partials([out_a, out_b], [lse_a, lse_b]).reshape(S, Hq, D).to(q.dtype)
+    """The CPU path for one call (plans the step on the spot); ``common_blocks`` as in ``plan_decode``."""
+    plan = plan_decode(block_tables, context_lens, k_cache.shape[1], common_blocks, q.dtype)
+    return paged_attention_decode_cpu(q, k_cache, v_cache, plan, scale)
 
 
 # ----------------------------------------------------------------------------- Triton
