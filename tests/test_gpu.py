@@ -84,6 +84,8 @@ def test_nf4_on_cuda_matches_cpu_and_bitsandbytes(shape):
     q_cpu = nf4_quantize(w)
     q = nf4_quantize(w.to(CUDA))
     assert torch.equal(q.data.cpu(), q_cpu.data)
+    torch.testing.assert_close(nf4_dequantize(q, torch.float32).cpu(),  # the kernel vs the reference, same state
+                               nf4_dequantize_reference(q.to("cpu"), torch.float32), rtol=0, atol=0)
     torch.testing.assert_close(nf4_dequantize(q, torch.float32).cpu(), nf4_dequantize_reference(q_cpu, torch.float32),
                                rtol=0, atol=0)
     try:
