@@ -39,8 +39,8 @@ def _model_args(p, adapter_help: str):
     p.add_argument("--device", default=None, help="cpu | cuda (default: cuda when available)")
     p.add_argument("--dtype", default=None, help="float32 | bfloat16 | float16 (default: bf16 on CUDA, fp32 on CPU)")
     p.add_argument("--quantize", default=None, choices=["nf4"], help="4-bit NF4 base weights")
-    p.add_argument("--kv-cache-gib", type=float, default=None, help="KV cache size per engine (default: CPU 1 GiB, "
-                   "CUDA 85%% of free memory; split in two with --adapter)")
+    p.add_argument("--kv-cache-gib", type=float, default=None, help="KV cache size per engine (default: CPU a fifth of available "
+                   "memory, 0.5-8 GiB; CUDA 85%% of free memory; each of the two engines with --adapter)")
     p.add_argument("--max-num-seqs", type=int, default=256, help="sequences decoded together at most")
     p.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True,
                    help="token progress lines from the sampler")
