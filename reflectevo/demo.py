@@ -12,7 +12,8 @@ With the embedded SmolLM2-135M-Instruct and generated arithmetic word problems (
 Nothing is invented: when D+ (or D±) is empty - the tiny model fixed nothing - the demo says so and skips that
 training step. The curated records go to the trainer as they are (their prompts are saved exactly as the model
 saw them, chat template included, and the trainer uses such a prompt unchanged). Every step prints its progress
-and time; ``--out`` holds every file (``raw.jsonl`` is resumed by a rerun, ``--fresh`` starts over).
+and time; ``--out`` holds every file (a rerun resumes ``raw.jsonl`` and redoes the steps after it;
+``--fresh`` starts over).
 """
 from __future__ import annotations
 
@@ -46,7 +47,8 @@ def add_demo_options(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     p.add_argument("--device", default=None, help="cpu | cuda (default: cuda when available)")
     p.add_argument("--kv-cache-gib", type=float, default=1.5,
                    help="KV cache of the sampler (too small a cache makes it recompute preempted sequences)")
-    p.add_argument("--fresh", action="store_true", help="delete the demo's earlier files in --out first")
+    p.add_argument("--fresh", action="store_true",
+                   help="also delete the earlier raw.jsonl in --out (a rerun otherwise resumes it, redoes the rest)")
     return p
 
 
@@ -88,8 +90,9 @@ def run_demo(args) -> dict:
 
     log = _Clock()
     out = Path(args.out)
-    if args.fresh:
-        for name in OWNED:
+    # a rerun resumes the expensive generation (raw.jsonl) and redoes everything derived from it
+    for name in OWNED:
+        if name != "raw.jsonl" or args.fresh:
             path = out / name
             if path.is_dir():
                 shutil.rmtree(path)
