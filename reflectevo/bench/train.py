@@ -86,11 +86,7 @@ class Ours:
 
         with _autocast(self.device, self.cfg):
             loss, _ = objective.micro_step(self.model, batch, objective.step_normaliser([batch]))
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(self.params, 1.0)
-        self.opt.step()
-        self.opt.zero_grad(set_to_none=True)
-        return float(loss.detach())
+        return _optimizer_step(loss, self.params, self.opt)
 
     def sft(self):
         from reflectevo.trainer.sft import SFTObjective
@@ -118,6 +114,15 @@ def _padded(seqs: list[list[int]], prompt_lens: list[int], device):
     return ids.to(device), mask.to(device), labels.to(device)
 
 
+def _optimizer_step(loss, params, opt) -> float:
+    """The same optimizer step for both stacks: backward, clip to 1.0, AdamW step."""
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(params, 1.0)
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+    return float(loss.detach())
+
+
 class Reference:
     def __init__(self, hf, pairs, r, device, sft_seqs):
         from peft import LoraConfig, get_peft_model
@@ -142,11 +147,7 @@ class Reference:
         return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.device.type == "cuda")
 
     def _finish(self, loss):
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(self.params, 1.0)
-        self.opt.step()
-        self.opt.zero_grad(set_to_none=True)
-        return float(loss.detach())
+        return _optimizer_step(loss, self.params, self.opt)
 
     def sft(self):
         ids, mask, labels = self.sft_batch
