@@ -6,6 +6,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+import contextlib
+
 from reflectevo.kernels import kernel_backend
 from reflectevo.kernels.dpo_loss import dpo_loss, sequence_logps
 from reflectevo.kernels.linear_cross_entropy import linear_cross_entropy
@@ -13,14 +15,23 @@ from reflectevo.kernels.linear_logprobs import linear_logprobs, linear_logprobs_
 
 # the package re-exports the function under the module's name, so reach the module through sys.modules
 ll = importlib.import_module("reflectevo.kernels.linear_logprobs")
-BACKENDS = ["torch", "triton"]
+tiles_mod = importlib.import_module("reflectevo.kernels.linear_logprobs_tiles")
+ce_mod = importlib.import_module("reflectevo.kernels.linear_cross_entropy")
+# torch: row chunks, PyTorch row step; triton: row chunks, Triton row kernel; tiles: the fully tiled kernels
+BACKENDS = ["torch", "triton", "tiles"]
+
+
+@contextlib.contextmanager
+def backend_ctx(name):
+    """Select one implementation; yields the keyword arguments the op calls take."""
+    with kernel_backend("torch" if name == "torch" else "triton"):
+        yield {"impl": "tiles" if name == "tiles" else "auto"}
 
 
 @pytest.fixture(autouse=True)
 def small_chunks(monkeypatch):
-    """Small torch-path chunks so the online log-sum-exp crosses several vocab and token chunks."""
-    monkeypatch.setattr(ll, "CHUNK_N", 8)
-    monkeypatch.setattr(ll, "CHUNK_V", 48)
+    """Chunks of 8 rows, so every test crosses several chunks (and a ragged last one)."""
+    monkeypatch.setattr(ll, "CHUNK_ROWS", 8)
 
 
 def rel(a, b):
@@ -44,8 +55,8 @@ def check_against_fp64(backend, x, w, labels, tol, train_head=True):
     ref = linear_logprobs_reference(xr, wr, labels)
     ref_grads = torch.autograd.grad((ref * up).sum(), [xr, wr] if train_head else [xr])
     xk, wk = x.clone().requires_grad_(), w.clone().requires_grad_(train_head)
-    with kernel_backend(backend):
-        out = linear_logprobs(xk, wk, labels)
+    with backend_ctx(backend) as kw:
+        out = linear_logprobs(xk, wk, labels, **kw)
         grads = torch.autograd.grad((out.double() * up).sum(), [xk, wk] if train_head else [xk])
     assert out.dtype == torch.float32 and out.shape == labels.shape
     assert torch.all(out[labels == -100] == 0)
@@ -69,20 +80,41 @@ def test_half_precision_matches_fp64_of_rounded_inputs(backend, dtype):
     check_against_fp64(backend, x, w, labels, 2e-2)
 
 
+def spy_weight_grad_work(monkeypatch):
+    """Records, for every chunk sweep or tiled backward, whether it was asked for dW."""
+    calls = []
+    for mod, name in ((ll, "chunked_pass"), (ce_mod, "chunked_pass"), (tiles_mod, "tiles_backward")):
+        orig = getattr(mod, name)
+        monkeypatch.setattr(mod, name, lambda *a, _o=orig, **k: calls.append(a[6]) or _o(*a, **k))
+    return calls
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_frozen_head_skips_weight_gradient(backend, monkeypatch):
-    calls = []
-    for name in ("_launch_backward", "_torch_backward"):
-        orig = getattr(ll, name)
-        monkeypatch.setattr(ll, name, lambda *a, _o=orig, **k: calls.append(a[6]) or _o(*a, **k))
+    calls = spy_weight_grad_work(monkeypatch)
     x, w, labels = make(20, 32, 70, torch.float32)
     check_against_fp64(backend, x, w, labels, 1e-5, train_head=False)
-    assert calls == [False]
+    assert calls == [False]  # chunks: the forward sweep only (dH is elementwise); tiles: one backward, no dW
     xk = x.clone().requires_grad_()
-    with kernel_backend(backend):
-        linear_logprobs(xk, w, labels).sum().backward()
+    with backend_ctx(backend) as kw:
+        linear_logprobs(xk, w, labels, **kw).sum().backward()
+        linear_cross_entropy(xk, w, labels, **kw).backward()
     assert w.grad is None and xk.grad is not None
-    assert calls == [False, False]
+    assert True not in calls
+
+
+@pytest.mark.parametrize("train_head", [False, True])
+def test_cross_entropy_computes_gradients_in_one_sweep(train_head, monkeypatch):
+    """mean/sum CE knows its row weights up front: one chunk sweep gives loss, dH and dW; per-token log-probs
+    with a trainable head recompute once in the backward."""
+    calls = spy_weight_grad_work(monkeypatch)
+    x, w, labels = make(30, 32, 110, torch.float32, ignore_every=3)
+    xk, wk = x.clone().requires_grad_(), w.clone().requires_grad_(train_head)
+    linear_cross_entropy(xk, wk, labels, reduction="sum").backward()
+    assert calls == [train_head]
+    calls.clear()
+    linear_logprobs(xk, wk, labels).sum().backward()
+    assert calls == ([False, True] if train_head else [False])
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -95,11 +127,15 @@ def test_every_output_element_is_written(backend, monkeypatch):
         return t
 
     monkeypatch.setattr(ll, "_empty", nan_empty)
-    x, w, labels = make(21, 32, 150, torch.float32)  # 2 token blocks, several vocab splits on Triton
-    with kernel_backend(backend):
-        out = linear_logprobs(x, w, labels)
+    monkeypatch.setattr(tiles_mod, "_empty", nan_empty)
+    x, w, labels = make(21, 32, 150, torch.float32)  # 3 row chunks (ragged), several vocab splits on Triton
+    xk = x.clone().requires_grad_()
+    with backend_ctx(backend) as kw:
+        out = linear_logprobs(xk, w, labels, **kw)
+        out.sum().backward()
     assert poisoned and all(not torch.isnan(t).any() for t in poisoned)
     assert rel(out, linear_logprobs_reference(x.double(), w.double(), labels)) <= 1e-5
+    assert torch.isfinite(xk.grad).all()
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -120,8 +156,8 @@ def test_extreme_logits_and_edge_labels(backend):
         if name == "fp64":
             want = ref
     xk = x.clone().requires_grad_()
-    with kernel_backend(backend):
-        out = linear_logprobs(xk, w, labels)
+    with backend_ctx(backend) as kw:
+        out = linear_logprobs(xk, w, labels, **kw)
         (got,) = torch.autograd.grad((out.double() * up).sum(), xk)
     assert torch.isfinite(out).all() and torch.isfinite(got).all()
     assert rel(out, want) <= 1e-5
@@ -133,9 +169,9 @@ def test_all_ignored_gives_zeros_and_no_nan(backend):
     x, w, _ = make(9, 16, 40, torch.float32)
     labels = torch.full((9,), -100)
     xk, wk = x.clone().requires_grad_(), w.clone().requires_grad_()
-    with kernel_backend(backend):
-        out = linear_logprobs(xk, wk, labels)
-        ce = linear_cross_entropy(xk, wk, labels)
+    with backend_ctx(backend) as kw:
+        out = linear_logprobs(xk, wk, labels, **kw)
+        ce = linear_cross_entropy(xk, wk, labels, **kw)
         (out.sum() + ce).backward()
     assert torch.equal(out, torch.zeros(9)) and ce.item() == 0.0
     assert torch.equal(xk.grad, torch.zeros_like(x)) and torch.equal(wk.grad, torch.zeros_like(w))
@@ -148,8 +184,8 @@ def test_non_contiguous_and_batched_inputs(backend):
     w_nc = torch.cat([w, w], dim=1)[:, ::2]  # stride 2 along H
     assert not x_nc.is_contiguous() and not w_nc.is_contiguous()
     check_against_fp64(backend, x_nc, w_nc, labels, 1e-5)
-    with kernel_backend(backend):
-        batched = linear_logprobs(x.reshape(4, 6, 32), w, labels.reshape(4, 6))
+    with backend_ctx(backend) as kw:
+        batched = linear_logprobs(x.reshape(4, 6, 32), w, labels.reshape(4, 6), **kw)
     assert batched.shape == (4, 6)
     assert rel(batched.reshape(-1), linear_logprobs_reference(x.double(), w.double(), labels)) <= 1e-5
 
@@ -159,8 +195,8 @@ def test_mixed_dtypes_promote(backend):
     x, w, labels = make(16, 32, 64, torch.float32)
     xb = x.bfloat16().requires_grad_()
     wf = w.clone().requires_grad_()
-    with kernel_backend(backend):
-        out = linear_logprobs(xb, wf, labels)
+    with backend_ctx(backend) as kw:
+        out = linear_logprobs(xb, wf, labels, **kw)
         out.sum().backward()
     ref = linear_logprobs_reference(xb.double(), w.double(), labels)
     assert rel(out, ref) <= 1e-5
@@ -175,8 +211,8 @@ def test_cross_entropy_matches_torch(backend, reduction):
     ref = F.cross_entropy(xr @ wr.T, labels, ignore_index=-100, reduction=reduction)
     ref_grads = torch.autograd.grad(ref.sum(), [xr, wr])
     xk, wk = x.clone().requires_grad_(), w.clone().requires_grad_()
-    with kernel_backend(backend):
-        out = linear_cross_entropy(xk, wk, labels, reduction=reduction)
+    with backend_ctx(backend) as kw:
+        out = linear_cross_entropy(xk, wk, labels, reduction=reduction, **kw)
         grads = torch.autograd.grad(out.sum(), [xk, wk])
     assert out.shape == ref.shape
     assert rel(out, ref) <= 1e-5
@@ -271,8 +307,8 @@ def test_packed_dpo_single_pass_matches_naive(backend):
         want, _ = dpo_loss(seq[:2], seq[2:], ref_logps[:2], ref_logps[2:], loss_type=loss_type)
         (want_grad,) = torch.autograd.grad(want, xr)
         xk = x.clone().requires_grad_()
-        with kernel_backend(backend):
-            tok = linear_logprobs(xk, w, labels)
+        with backend_ctx(backend) as kw:
+            tok = linear_logprobs(xk, w, labels, **kw)
             seq_k = sequence_logps(tok, seq_ids, 4, average=average, valid=valid)
             loss, metrics = dpo_loss(seq_k[:2], seq_k[2:], ref_logps[:2], ref_logps[2:], loss_type=loss_type)
             loss.backward()
@@ -287,13 +323,22 @@ def test_no_grad_forward_and_hidden_only_weight_grad(backend):
     """Reference-model forward under no_grad, and a head-only gradient (hidden frozen)."""
     x, w, labels = make(19, 24, 77, torch.float32)
     want = linear_logprobs_reference(x.double(), w.double(), labels)
-    with kernel_backend(backend), torch.no_grad():
-        out = linear_logprobs(x.requires_grad_(), w, labels)
+    with backend_ctx(backend) as kw, torch.no_grad():
+        out = linear_logprobs(x.requires_grad_(), w, labels, **kw)
     assert not out.requires_grad and rel(out, want) <= 1e-5
     x = x.detach()
     wr = w.double().requires_grad_()
     (want_gw,) = torch.autograd.grad(linear_logprobs_reference(x.double(), wr, labels).sum(), wr)
     wk = w.clone().requires_grad_()
-    with kernel_backend(backend):
-        linear_logprobs(x, wk, labels).sum().backward()
+    with backend_ctx(backend) as kw:
+        linear_logprobs(x, wk, labels, **kw).sum().backward()
     assert rel(wk.grad, want_gw) <= 1e-5
+
+
+def test_cross_entropy_second_backward_is_a_clear_error():
+    x, w, labels = make(12, 16, 40, torch.float32)
+    xk = x.clone().requires_grad_()
+    loss = linear_cross_entropy(xk, w, labels)
+    loss.backward(retain_graph=True)
+    with pytest.raises(RuntimeError, match="twice"):
+        loss.backward()

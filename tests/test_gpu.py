@@ -39,10 +39,11 @@ def rel(a, b):
     return ((a - b).norm() / b.norm().clamp(min=1e-30)).item()
 
 
+@pytest.mark.parametrize("impl", ["chunks", "tiles"])
 @pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.bfloat16, 2e-2)])
 @pytest.mark.parametrize("train_head", [False, True])
 @pytest.mark.parametrize("n,h,v", [(1, 64, 33), (300, 576, 49152), (513, 1024, 32001)])
-def test_linear_logprobs_cuda(dtype, tol, train_head, n, h, v):
+def test_linear_logprobs_cuda(impl, dtype, tol, train_head, n, h, v):
     g = torch.Generator().manual_seed(n + v)
     x = torch.randn(n, h, generator=g, dtype=torch.float64).to(dtype)
     w = (torch.randn(v, h, generator=g, dtype=torch.float64) / math.sqrt(h)).to(dtype)
@@ -53,7 +54,7 @@ def test_linear_logprobs_cuda(dtype, tol, train_head, n, h, v):
     ref = linear_logprobs_reference(xr, wr, labels)
     ref_grads = torch.autograd.grad((ref * up).sum(), [xr, wr] if train_head else [xr])
     xk, wk = x.to(CUDA).requires_grad_(), w.to(CUDA).requires_grad_(train_head)
-    out = linear_logprobs(xk, wk, labels.to(CUDA))
+    out = linear_logprobs(xk, wk, labels.to(CUDA), impl=impl)
     grads = torch.autograd.grad((out.double() * up.to(CUDA)).sum(), [xk, wk] if train_head else [xk])
     assert out.dtype == torch.float32 and torch.all(out[labels.to(CUDA) == -100] == 0)
     assert rel(out, ref) <= tol
@@ -69,8 +70,14 @@ def test_linear_cross_entropy_and_dpo_on_cuda():
     w = torch.randn(1000, 256, generator=g) / 16
     labels = torch.randint(0, 1000, (256,), generator=g)
     ref = torch.nn.functional.cross_entropy(x.double() @ w.double().t(), labels)
-    got = linear_cross_entropy(x.to(CUDA), w.to(CUDA), labels.to(CUDA))
-    assert abs(got.item() - ref.item()) <= 1e-5 * abs(ref.item())
+    for impl in ("chunks", "tiles"):
+        xk, wk = x.to(CUDA).requires_grad_(), w.to(CUDA).requires_grad_()
+        got = linear_cross_entropy(xk, wk, labels.to(CUDA), impl=impl)
+        assert abs(got.item() - ref.item()) <= 1e-5 * abs(ref.item())
+        got.backward()
+        xr, wr = x.double().requires_grad_(), w.double().requires_grad_()
+        torch.nn.functional.cross_entropy(xr @ wr.t(), labels).backward()
+        assert rel(xk.grad, xr.grad) <= 1e-5 and rel(wk.grad, wr.grad) <= 1e-5
     logps = [torch.randn(8, generator=g).to(CUDA) for _ in range(4)]
     loss, metrics = dpo_loss(*logps, beta=0.1)
     margin = 0.1 * ((logps[0] - logps[2]) - (logps[1] - logps[3]))

@@ -273,15 +273,20 @@ def test_load_model_nf4_with_peft_adapter(tmp_path):
         torch.testing.assert_close(again(IDS), model(IDS), rtol=1e-4, atol=1e-4)
 
 
-def test_qlora_layer_on_triton_path_matches_float():
+@pytest.mark.parametrize("auto_fused_rows", [0, 1024])  # the measured default (dequant kernel) and the fused one
+def test_qlora_layer_on_triton_path_matches_float(auto_fused_rows, monkeypatch):
+    import importlib
+
     from reflectevo.kernels import kernel_backend
+
+    monkeypatch.setattr(importlib.import_module("reflectevo.kernels.nf4_matmul"), "AUTO_FUSED_MAX_ROWS", auto_fused_rows)
 
     torch.manual_seed(0)
     lin = nn.Linear(64, 48, bias=False)
     layer = LoRALinear(NF4Linear.from_linear(lin, compute_dtype=torch.float32), r=4, alpha=8)
     with torch.no_grad():
         layer.lora_B.weight.normal_()
-    x = torch.randn(12, 64, requires_grad=True)  # 12 rows: the fused kernel forward and backward
+    x = torch.randn(12, 64, requires_grad=True)
     with kernel_backend("triton"):
         y = layer(x)
         y.square().sum().backward()

@@ -1,9 +1,11 @@
 """Benchmark: fused linear log-prob / cross-entropy / DPO loss against the naive lm_head + log_softmax path.
 
 For each (N tokens, H hidden, V vocab) it times forward + backward (median after warm-up) and measures the peak
-extra memory of: naive PyTorch (full logits, fp32 log_softmax, gather), our ``linear_logprobs`` with a frozen and
-with a trainable head, Liger's fused linear cross-entropy and fused linear DPO loss when ``liger_kernel`` imports,
-and a DPO side by side (packed chosen + rejected -> linear_logprobs -> sequence_logps -> dpo_loss vs naive).
+extra memory of: naive PyTorch (full logits, fp32 log_softmax, gather, mean over valid tokens), our
+``linear_cross_entropy`` (SFT's loss) with a frozen and with a trainable head, Liger's fused linear cross-entropy and
+fused linear DPO loss when ``liger_kernel`` imports, and a DPO side by side (packed chosen + rejected ->
+linear_logprobs -> sequence_logps -> dpo_loss vs naive). On CUDA the fully tiled kernels (``impl="tiles"``) run
+too, as ``fused_tiles`` / ``fused_dpo_tiles``.
 
 Throughput is counted in model FLOPs (4NHV frozen head, 6NHV trainable: forward + backward matmuls, no recompute)
 and set against a bf16 (CUDA) / fp32 (CPU) dense matmul timed in the same run.
@@ -27,13 +29,15 @@ import torch
 from reflectevo.bench.common import (cpu_peak_extra_bytes, cuda_peak_extra_bytes, env_info, matmul_peak_tflops,
                                      time_fn)
 from reflectevo.kernels.dpo_loss import dpo_loss, sequence_logps
+from reflectevo.kernels.linear_cross_entropy import linear_cross_entropy
 from reflectevo.kernels.linear_logprobs import linear_logprobs
 
 GPU_SHAPES = [(4096, 576, 49152), (8192, 4096, 128256), (16384, 4096, 32000)]
 CPU_SHAPES = [(4096, 576, 49152)]
 QUICK_CPU_SHAPES = [(1024, 576, 16384)]
 DPO_SEQ_LEN = 512
-METHODS = ["naive", "fused", "liger_flce", "naive_dpo", "fused_dpo", "liger_dpo"]
+METHODS = ["naive", "fused", "fused_tiles", "liger_flce", "naive_dpo", "fused_dpo", "fused_dpo_tiles", "liger_dpo"]
+CUDA_ONLY = ("fused_tiles", "fused_dpo_tiles")  # the tiled Triton kernels have no CPU path outside the interpreter
 
 
 def _inputs(n, h, v, device, dtype, train_head: bool):
@@ -65,12 +69,15 @@ def _build(method: str, n, h, v, device, dtype, train_head: bool):
 
     if method == "naive":
         body = lambda: (-_naive_logps(x, w, labels).sum() / count).backward()
-    elif method == "fused":
-        body = lambda: (-linear_logprobs(x, w, labels).sum() / count).backward()
+    elif method in ("fused", "fused_tiles"):
+        impl = "tiles" if method == "fused_tiles" else "auto"
+        body = lambda: linear_cross_entropy(x, w, labels, impl=impl).backward()
     elif method == "naive_dpo":
         body = lambda: dpo_from_seq(sequence_logps(_naive_logps(x, w, labels), seq_ids, 2 * pairs)).backward()
-    elif method == "fused_dpo":
-        body = lambda: dpo_from_seq(sequence_logps(linear_logprobs(x, w, labels), seq_ids, 2 * pairs)).backward()
+    elif method in ("fused_dpo", "fused_dpo_tiles"):
+        impl = "tiles" if method == "fused_dpo_tiles" else "auto"
+        body = lambda: dpo_from_seq(sequence_logps(linear_logprobs(x, w, labels, impl=impl), seq_ids,
+                                                   2 * pairs)).backward()
     elif method == "liger_flce":
         from liger_kernel.transformers import LigerFusedLinearCrossEntropyLoss
 
@@ -121,9 +128,10 @@ def run(device: str = "cpu", shapes=None, repeats: int | None = None, liger: boo
     rows = []
     for n, h, v in shapes:
         for method in METHODS:
-            if method.startswith("liger") and not liger:
+            if (method.startswith("liger") and not liger) or (method in CUDA_ONLY and not cuda):
                 continue
-            for train_head in ((False, True) if method in ("naive", "fused", "liger_flce") else (False,)):
+            for train_head in ((False, True) if method in ("naive", "fused", "fused_tiles", "liger_flce")
+                               else (False,)):
                 row = {"shape": [n, h, v], "method": method, "head": "trainable" if train_head else "frozen"}
                 try:
                     fn = _build(method, n, h, v, device, dtype, train_head)

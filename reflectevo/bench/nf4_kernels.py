@@ -15,8 +15,10 @@ from reflectevo.bench.common import copy_bandwidth_gbs, env_info, time_fn
 from reflectevo.kernels import kernel_backend
 from reflectevo.kernels.nf4 import nf4_dequantize, nf4_quantize
 from reflectevo.kernels.nf4_matmul import (
-    FUSED_MAX_ROWS,
+    AUTO_FUSED_MAX_ROWS,
+    AUTO_GEMV_MAX_ROWS,
     GEMV_MAX_ROWS,
+    choose_path,
     llama3_8b_nf4_bytes_per_param,
     nf4_matmul,
 )
@@ -71,10 +73,7 @@ def _matmul_rows(device, n, k, tokens, dtype, repeats):
         for path in paths:
             with torch.no_grad():
                 row[f"{path}_ms"] = time_fn(lambda: nf4_matmul(x, q, path=path), device, repeats=repeats)
-        if device.type == "cuda":
-            row["auto_path"] = "gemv" if m <= GEMV_MAX_ROWS else ("fused" if m <= FUSED_MAX_ROWS else "dequant")
-        else:
-            row["auto_path"] = "dequant"
+        row["auto_path"] = choose_path(x)
         if bnb is not None:
             with torch.no_grad():
                 row["bnb_ms"] = time_fn(lambda: bnb.matmul_4bit(x, packed.t(), state), device, repeats=repeats)
@@ -94,7 +93,7 @@ def run(device="cpu", quick: bool = False) -> dict:
     repeats = 10 if cuda else 5
     result = {"env": env_info(device), "dtype": str(dtype).removeprefix("torch."),
               "copy_gbs": copy_bandwidth_gbs(device), "dequant": [], "matmul": [],
-              "thresholds": {"GEMV_MAX_ROWS": GEMV_MAX_ROWS, "FUSED_MAX_ROWS": FUSED_MAX_ROWS},
+              "thresholds": {"AUTO_GEMV_MAX_ROWS": AUTO_GEMV_MAX_ROWS, "AUTO_FUSED_MAX_ROWS": AUTO_FUSED_MAX_ROWS},
               "llama3_8b_memory": llama3_8b_nf4_bytes_per_param()}
     backend = "triton" if cuda else "torch"
     with kernel_backend(backend):

@@ -6,18 +6,20 @@ Math: for hidden rows h_i, lm_head W and labels y_i (ignore_index skipped)::
     "mean": sum_i ce_i / #valid   (0 when no token is valid, never NaN)
     "sum":  sum_i ce_i            "none": ce [...] float32, 0 on ignored tokens
 
-The Triton kernels, the autograd.Function and the chunked CPU path are those of
-:mod:`reflectevo.kernels.linear_logprobs` (forward saves only lse [N] fp32; backward recomputes the logit tiles):
-the reduction is a handful of elementwise torch ops on [N] floats whose gradient reaches the fused backward as
-the per-token upstream gradient (-1/#valid for "mean"). FLOPs per token (see linear_logprobs for why): Triton
-6HV with a frozen head, 8HV with a trainable one; CPU chunked path 4HV / 8HV. Memory saved versus the naive path:
-the fp32 logits and their log-softmax (8 * N * V bytes each) replaced by 8 * N bytes of row max / log-sum.
+Design: gradients in forward for "mean" and "sum". The loss is sum_i r_i logp_i with r_i known before the
+backward (-1/#valid or -1 on valid tokens, 0 elsewhere), so one sweep of ``chunked_pass`` with those row weights
+gives the loss, dH = G @ W and (trainable head) dW = G^T @ H; the backward only scales them by the upstream
+scalar. FLOPs per token: 4HV with a frozen head, 6HV with a trainable one, the same matmuls as the naive path
+(logits, dH, dW) without its [N, V] log-softmax and gradient tensors. Memory: dH [N, H] and dW [V, H] are held
+from forward to backward (they are the gradients the naive path creates anyway), plus one chunk of logits.
+"none" (and ``impl="tiles"``) goes through ``linear_logprobs``, whose backward gets per-token gradients.
 """
 from __future__ import annotations
 
 import torch
 
-from reflectevo.kernels.linear_logprobs import linear_logprobs, linear_logprobs_reference
+from reflectevo.kernels._dispatch import use_triton
+from reflectevo.kernels.linear_logprobs import chunked_pass, linear_logprobs, linear_logprobs_reference, prepare
 
 REDUCTIONS = ("mean", "sum", "none")
 
@@ -39,17 +41,48 @@ def _reduce(ce: torch.Tensor, valid: torch.Tensor, reduction: str) -> torch.Tens
     return total / valid.sum().clamp(min=1).to(total.dtype)
 
 
+class LinearCrossEntropyFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, hidden, weight, labels, valid, scale, triton_rows: bool, want_dx: bool, want_dw: bool):
+        loss_weight = valid.float() * scale  # loss = -sum_i loss_weight_i logp_i
+        logp, dx, dw = chunked_pass(hidden, weight, labels, valid, -loss_weight, want_dx, want_dw, triton_rows)
+        ctx.grads = (dx, dw)  # scaled in place by the backward: no second [V, H] buffer
+        ctx.hidden_dtype, ctx.weight_dtype = hidden.dtype, weight.dtype
+        return -(logp * loss_weight).sum()
+
+    @staticmethod
+    def backward(ctx, grad_loss):
+        if ctx.grads is None:
+            raise RuntimeError("linear_cross_entropy: its gradients are computed in the forward and handed out once; "
+                               "backward through the same loss twice (retain_graph) is not supported")
+        dx, dw = ctx.grads
+        ctx.grads = None
+        need_dx, need_dw = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        gx = dx.mul_(grad_loss.to(dx.dtype)).to(ctx.hidden_dtype) if need_dx else None
+        gw = dw.mul_(grad_loss.to(dw.dtype)).to(ctx.weight_dtype) if need_dw else None
+        return gx, gw, None, None, None, None, None, None
+
+
 def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor,
-                         ignore_index: int = -100, reduction: str = "mean") -> torch.Tensor:
+                         ignore_index: int = -100, reduction: str = "mean", impl: str = "auto") -> torch.Tensor:
     """Cross-entropy of softmax(hidden @ weight.T) against labels without materialising the logits.
 
     hidden [..., H], weight [V, H], labels [...]. reduction "mean" (over non-ignored tokens; 0 if none),
     "sum", or "none" (per-token float32, 0 on ignored tokens). Gradient w.r.t. weight only when it requires grad.
+    ``impl`` as in ``linear_logprobs``.
     """
     if reduction not in REDUCTIONS:
         raise ValueError(f"reduction: expected one of {REDUCTIONS}, got {reduction!r}")
-    logp = linear_logprobs(hidden, weight, labels, ignore_index=ignore_index)
-    return _reduce(-logp, labels != ignore_index, reduction)
+    if reduction == "none" or impl == "tiles":
+        logp = linear_logprobs(hidden, weight, labels, ignore_index=ignore_index, impl=impl)
+        return _reduce(-logp, labels != ignore_index, reduction)
+    x, w, flat_labels, valid, _ = prepare(hidden, weight, labels, ignore_index, impl)
+    if x.shape[0] == 0:
+        return (x.sum() * 0).float()
+    scale = 1.0 / valid.sum().clamp(min=1).float() if reduction == "mean" else torch.ones((), device=x.device)
+    grad_on = torch.is_grad_enabled()
+    return LinearCrossEntropyFunction.apply(x, w, flat_labels, valid, scale, use_triton(x),
+                                            grad_on and x.requires_grad, grad_on and w.requires_grad)
 
 
 __all__ = ["linear_cross_entropy", "linear_cross_entropy_reference", "linear_logprobs_reference"]

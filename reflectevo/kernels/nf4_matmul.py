@@ -6,16 +6,19 @@ registers, and feed it to ``tl.dot``: the dense weight is never written to memor
 0.52 bytes per weight instead of 2 (bf16) and allocates nothing of size N*K. When K is a multiple of the
 quantisation block, each tile row lies inside one block and its absmax is decoded once per row (PER_LINE).
 
-Paths (``nf4_matmul`` picks one; the thresholds are module constants so they can be tuned per GPU):
-- ``gemv``     rows <= GEMV_MAX_ROWS (8, the sampler's decode step): one program per BLOCK_N output features,
+Paths (``nf4_matmul(path=...)`` forces one; ``choose_path`` picks one from measured thresholds):
+- ``gemv``     up to GEMV_MAX_ROWS (8) rows, the sampler's decode step: one program per BLOCK_N output features,
                every row of x handled by broadcasting, no tensor cores.
-- ``fused``    rows <= FUSED_MAX_ROWS (1024): tiled tl.dot with in-loop dequantisation.
-- ``dequant``  more rows: the Triton dequant kernel writes a temporary bf16 W, then cuBLAS (torch.matmul). At
-               that size the matmul is compute-bound and the one-off decode (≈ 2.5 bytes/weight of traffic) is
-               amortised over the rows, so cuBLAS wins.
+- ``fused``    tiled tl.dot with in-loop dequantisation.
+- ``dequant``  the Triton dequant kernel writes a temporary bf16 W, then cuBLAS (torch.matmul).
+Thresholds: ``gemv`` for rows <= AUTO_GEMV_MAX_ROWS, ``fused`` for rows <= AUTO_FUSED_MAX_ROWS, else ``dequant``.
+Both are 0, i.e. always ``dequant``: on an H200 (bench/results/2026-11-26-h200-kernels.md, Llama-3-8B shapes)
+dequant + cuBLAS beat the GEMV at 1 token by 2.4-7.7x and the fused kernel at 16 and 512 tokens by 2.8-33x; the
+kernels are there, tested, for a GPU where they win (set the constants after ``reflectevo bench kernels``).
 On the CPU (no Triton) every call is dequant + matmul in PyTorch.
 
-The backward (dx = dy · W) uses the same kernel with W read transposed (``fused``), or dequant + matmul.
+The backward (dx = dy · W) uses the fused kernel with W read transposed when the forward took ``gemv`` or
+``fused``, else dequant + matmul.
 The weight is frozen: no gradient for W; a bias gets its gradient when it requires one.
 """
 from __future__ import annotations
@@ -31,8 +34,9 @@ if HAS_TRITON:
 
     from reflectevo.kernels.nf4 import cast_rne
 
-GEMV_MAX_ROWS = 8
-FUSED_MAX_ROWS = 1024
+GEMV_MAX_ROWS = 8  # what the GEMV kernel handles
+AUTO_GEMV_MAX_ROWS = 0  # measured: see the module docstring
+AUTO_FUSED_MAX_ROWS = 0
 PATHS = ("gemv", "fused", "dequant")
 
 
@@ -178,13 +182,14 @@ def nf4_matmul_reference(x: torch.Tensor, q: NF4Tensor, bias: torch.Tensor | Non
 
 
 def choose_path(x2d: torch.Tensor) -> str:
-    """``gemv`` for decode-sized batches, ``fused`` up to FUSED_MAX_ROWS, else ``dequant`` (always on CPU)."""
+    """The auto path: ``gemv`` up to AUTO_GEMV_MAX_ROWS, ``fused`` up to AUTO_FUSED_MAX_ROWS, else ``dequant``
+    (always ``dequant`` on the CPU)."""
     rows = x2d.shape[0]
     if not use_triton(x2d):
         return "dequant"
-    if rows <= GEMV_MAX_ROWS:
+    if rows <= min(AUTO_GEMV_MAX_ROWS, GEMV_MAX_ROWS):
         return "gemv"
-    return "fused" if rows <= FUSED_MAX_ROWS else "dequant"
+    return "fused" if rows <= AUTO_FUSED_MAX_ROWS else "dequant"
 
 
 def _forward(x2d, q, bias, path):
@@ -208,7 +213,7 @@ class _NF4Matmul(torch.autograd.Function):
         dx = dbias = None
         if ctx.needs_input_grad[0]:
             dy = dy.contiguous()
-            if ctx.path != "dequant" and use_triton(dy) and dy.shape[0] <= FUSED_MAX_ROWS:
+            if ctx.path != "dequant" and use_triton(dy):
                 dx = _fused(dy, q, None, transpose_w=True)
             else:
                 dx = dy @ nf4_dequantize(q, dy.dtype)
