@@ -21,7 +21,7 @@ class TrainError(ReflectEvoError, ValueError):
 class TrainConfig:
     # data
     mode: str = "one-stage"                 # SFT only: one-stage | reflect | correct
-    max_length: int = 1024                  # tokens per sequence (prompt + response [+ eot]); also the packed row
+    max_length: int = 1024                  # tokens per sequence (prompt + response [+ eot])
     max_prompt_length: int | None = None    # DPO: prompt tokens kept (the end of the prompt); None = 7/8 of max_length
     on_too_long: str = "error"              # a response that cannot fit max_length: "error" | "skip"
     eval_data: list | None = None           # held-out records (already read), or ...

@@ -22,9 +22,10 @@ start of the assistant turn the stored prompt already holds, such as "Thought:")
 end-of-turn token carry labels. Too long: the prompt loses tokens from the left (a leading BOS is kept); the
 response is never shortened - one that cannot fit is an error (or skipped).
 
-Packing: the sequences of a micro-batch are placed first-fit-decreasing into rows of at most ``max_length``
-tokens; each keeps its own ``seq_ids`` value and positions restarting at 0, so attention never crosses a
-sequence boundary. Input = ids[:-1], labels = ids[1:] masked to -100 on prompt targets.
+Packing: the sequences of a micro-batch go into one row, back to back (no padding token is computed); each keeps
+its own ``seq_ids`` value and positions restarting at 0, so attention never crosses a sequence boundary
+(flash-attn varlen, or one causal SDPA per sequence). ``pack`` can also fill rows of a fixed length
+first-fit-decreasing. Input = ids[:-1], labels = ids[1:] masked to -100 on prompt targets.
 """
 from __future__ import annotations
 
@@ -373,13 +374,15 @@ def pack(seqs: list[tuple[list[int], list[int]]], row_len: int, keys: list[str],
             sid[r, at:at + n] = local
             sidx[r, at:at + n] = i
             at += n
-    # rows holding one sequence each need no block-diagonal mask (trailing padding is never attended by causality)
+    # rows holding one sequence each need no per-sequence attention (trailing padding is never attended)
     meta = {"packed": any(len(m) > 1 for m in rows)}
     return Batch(ids, pos, sid, lab, sidx, len(seqs), keys, sum(fill), int((lab != IGNORE).sum()), meta)
 
 
 def make_batch(examples: list[Example], cfg, dpo: bool, pad_id: int | None) -> Batch:
-    return pack(sequences_of(examples, dpo), cfg.max_length, [ex.key for ex in examples], pad_id or 0)
+    """The micro-batch as one packed row (each sequence already fits ``cfg.max_length``)."""
+    seqs = sequences_of(examples, dpo)
+    return pack(seqs, sum(len(inp) for inp, _ in seqs), [ex.key for ex in examples], pad_id or 0)
 
 
 def load_examples(path: str | Path, tokenizer, cfg, dpo: bool) -> list[Example]:
