@@ -159,6 +159,36 @@ def test_cpu_path_group_shared_part_leaves_the_last_token_out():
     torch.testing.assert_close(paged_attention_decode_cpu(q, kc, vc, plan, 0.25), ref, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("budget", [1 << 30, 0])
+def test_shared_parts_are_kept_across_steps_until_forgotten(budget, monkeypatch):
+    """Decode steps reuse the gathered shared prefix and group parts (no index_select for them); a prefill step's
+    forget_stable makes the next step read the blocks again; with no budget nothing is kept and results hold."""
+    q, kc, vc, bt, lens = _grouped_problem([(3, [70, 81]), (2, [64, 90])], 1, seed=11)
+    buffers = GatherBuffers(stable_budget=budget)
+    plan = plan_decode(bt, lens, 16, common_blocks=1)
+    ref = paged_attention_decode_reference(q, kc, vc, bt, lens, 0.25)
+    gathered = []
+    real = torch.index_select
+    monkeypatch.setattr(torch, "index_select", lambda t, d, i, **kw: gathered.append(i.numel()) or real(t, d, i, **kw))
+    monkeypatch.setattr(torch.Tensor, "index_select", lambda t, d, i: gathered.append(i.numel()) or real(t, d, i))
+    first = paged_attention_decode_cpu(q, kc, vc, plan, 0.25, buffers)
+    per_step = len(gathered)
+    gathered.clear()
+    second = paged_attention_decode_cpu(q, kc, vc, plan_decode(bt, lens, 16, common_blocks=1), 0.25, buffers)
+    torch.testing.assert_close(first, ref, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(second, ref, rtol=1e-5, atol=1e-5)
+    if budget:
+        assert len(gathered) == per_step - 4 and buffers.stable_bytes > 0  # shared + group K and V were kept
+        shared = int(bt[0, 0])
+        kc[shared] += 1.0  # stands for a block recycled by a prefill step
+        buffers.forget_stable()
+        fresh = paged_attention_decode_cpu(q, kc, vc, plan, 0.25, buffers)
+        torch.testing.assert_close(fresh, paged_attention_decode_reference(q, kc, vc, bt, lens, 0.25),
+                                   rtol=1e-5, atol=1e-5)
+    else:
+        assert len(gathered) == per_step and not buffers.stable
+
+
 def test_cpu_path_bf16_and_matmul_fallback(monkeypatch):
     q, kc, vc, bt, lens = _paged_problem([5, 40, 23, 64], 6, 2, 16, shared_prefix_blocks=1, seed=8)
     ref = paged_attention_decode_reference(q, kc, vc, bt, lens, 0.25)

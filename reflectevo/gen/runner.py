@@ -147,6 +147,7 @@ class ModelRunner:
         attn.decode_plan, attn.prefill_seqs = None, []
         if is_prefill:
             attn.prefill_seqs = self._prefill_seqs(seqs, starts)
+            attn.buffers.forget_stable()  # prefill may place new or recycled blocks where shared prefixes were
         else:
             tables = self._tables(seqs)
             context_lens = torch.tensor(lens, dtype=torch.int32)

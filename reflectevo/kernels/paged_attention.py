@@ -19,7 +19,8 @@ The CPU path (``paged_attention_decode_cpu``) computes the same thing faster, in
 - what every layer of a step shares (block ids as one flat index, the additive length mask) is planned once
   per step (``plan_decode``), not once per layer;
 - the context is gathered into scratch buffers reused by every layer and step (``GatherBuffers``): a fresh
-  tensor of that size per layer costs page faults, since large allocations are mapped afresh each time;
+  tensor of that size per layer costs page faults, since large allocations are mapped afresh each time; the
+  shared prefixes below are gathered once and kept across decode steps, since no decode step writes them;
 - the attention itself is one call of PyTorch's fused CPU attention kernel (the one SDPA uses) over the padded
   batch with the length mask, the grouped query heads folded into the query length so K/V are never
   repeated, instead of matmuls on permuted copies.
@@ -174,10 +175,20 @@ def plan_decode(block_tables, context_lens, block_size, common_blocks=0, dtype=t
 
 class GatherBuffers:
     """Grow-only scratch for one layer's gathered K and V, reused by every layer and step (it keeps the size of
-    the largest gather seen: batch x context x one layer's K/V)."""
+    the largest gather seen: batch x context x one layer's K/V), and the gathered shared prefixes kept across
+    decode steps.
 
-    def __init__(self):
+    The shared parts of a decode plan (the prefix every sequence starts with, the prompt each sample group shares)
+    are full blocks that no decode step writes, so each layer's gathered copy stays valid while the plan names
+    the same blocks: ``stable_gather`` reuses it instead of gathering again every step. The runner calls
+    ``forget_stable`` on every prefill step (the only steps that place new or recycled blocks into shared
+    positions), and the kept copies are bounded by ``stable_budget`` bytes (past it, parts are gathered afresh)."""
+
+    def __init__(self, stable_budget: int = 1 << 30):
         self.k = self.v = None
+        self.stable_budget = stable_budget
+        self.stable: dict[tuple[str, int], tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
+        self.stable_bytes = 0
 
     def take(self, num_blocks: int, cache: torch.Tensor):
         """Two [num_blocks, *cache.shape[1:]] views for gathering cache blocks into."""
@@ -189,12 +200,40 @@ class GatherBuffers:
             self.v = torch.empty_like(self.k)
         return self.k[:num_blocks], self.v[:num_blocks]
 
+    def stable_gather(self, part: str, k_cache, v_cache, blocks):
+        """K and V [len(blocks), bs, Hkv, D] of the shared blocks ``blocks`` of this layer's cache: the copy kept
+        from an earlier step when it names the same blocks, else gathered now (and kept when it fits)."""
+        key = (part, k_cache.data_ptr())
+        kept = self.stable.get(key)
+        if kept is not None and kept[0].shape == blocks.shape and torch.equal(kept[0], blocks):
+            return kept[1], kept[2]
+        if kept is not None:
+            del self.stable[key]
+            self.stable_bytes -= 2 * kept[1].numel() * kept[1].element_size()
+        size = 2 * blocks.numel() * k_cache[0].numel() * k_cache.element_size()
+        if self.stable_bytes + size > self.stable_budget:
+            kbuf, vbuf = self.take(blocks.shape[0], k_cache)
+            torch.index_select(k_cache, 0, blocks, out=kbuf)
+            torch.index_select(v_cache, 0, blocks, out=vbuf)
+            return kbuf, vbuf
+        kbuf, vbuf = k_cache.index_select(0, blocks), v_cache.index_select(0, blocks)
+        self.stable[key] = (blocks.clone(), kbuf, vbuf)
+        self.stable_bytes += size
+        return kbuf, vbuf
 
-def _gather_heads(k_cache, v_cache, blocks, rows, buffers):
-    """Gather blocks into the buffers -> K, V as [rows, Hkv, L, D] views."""
-    kbuf, vbuf = buffers.take(blocks.shape[0], k_cache)
-    torch.index_select(k_cache, 0, blocks, out=kbuf)
-    torch.index_select(v_cache, 0, blocks, out=vbuf)
+    def forget_stable(self):
+        self.stable.clear()
+        self.stable_bytes = 0
+
+
+def _gather_heads(k_cache, v_cache, blocks, rows, buffers, stable: str | None = None):
+    """Gather blocks (into the scratch buffers, or the kept copy of a shared part) -> K, V [rows, Hkv, L, D]."""
+    if stable is None:
+        kbuf, vbuf = buffers.take(blocks.shape[0], k_cache)
+        torch.index_select(k_cache, 0, blocks, out=kbuf)
+        torch.index_select(v_cache, 0, blocks, out=vbuf)
+    else:
+        kbuf, vbuf = buffers.stable_gather(stable, k_cache, v_cache, blocks)
     Hkv, D = k_cache.shape[2], k_cache.shape[3]
     return kbuf.view(rows, -1, Hkv, D).transpose(1, 2), vbuf.view(rows, -1, Hkv, D).transpose(1, 2)
 
@@ -210,13 +249,13 @@ def paged_attention_decode_cpu(q, k_cache, v_cache, plan: DecodePlan, scale, buf
     out, lse = attention_with_lse(qg, k, v, plan.rest_mask.to(q.dtype), scale)
     outs, lses = [out.float()], [lse]
     if plan.shared_blocks is not None:  # the whole batch's queries against the common prefix at once
-        k, v = _gather_heads(k_cache, v_cache, plan.shared_blocks, 1, buffers)
+        k, v = _gather_heads(k_cache, v_cache, plan.shared_blocks, 1, buffers, stable="shared")
         out, lse = attention_with_lse(qg.transpose(0, 1).reshape(1, Hkv, S * G, D), k, v, None, scale)
         outs.append(out.view(Hkv, S, G, D).transpose(0, 1).float())
         lses.append(lse.view(Hkv, S, G).transpose(0, 1))
     if plan.group_blocks is not None:  # each group's queries against its shared prefix at once
         Ng, M = plan.group_rows.shape
-        k, v = _gather_heads(k_cache, v_cache, plan.group_blocks, Ng, buffers)
+        k, v = _gather_heads(k_cache, v_cache, plan.group_blocks, Ng, buffers, stable="group")
         qs = qg[plan.group_rows.reshape(-1)].view(Ng, M, Hkv, G, D).transpose(1, 2).reshape(Ng, Hkv, M * G, D)
         out, lse = attention_with_lse(qs, k, v, plan.group_mask.to(q.dtype), scale)
         out = out.view(Ng, Hkv, M, G, D).transpose(1, 2).reshape(Ng * M, Hkv, G, D)
