@@ -33,7 +33,9 @@ logits (C x V x 4 bytes, C chosen from a byte budget: 32 MiB CPU, 256 MiB CUDA) 
 
 Precision: inputs bf16 / fp16 / fp32. On CUDA the matmuls take the input dtype (tensor cores, fp32 accumulation;
 the logits come out in fp32 where torch.mm offers out_dtype, else rounded to the input dtype by cuBLAS), the row
-step is fp32, G is rounded to the input dtype for the next matmuls. On the CPU everything runs in fp32. fp32 CUDA
+step is fp32, G is rounded to the input dtype for the next matmuls, and a trainable head's dW is summed over
+the chunks in the weight's dtype (each chunk's product accumulates in fp32 inside cuBLAS; with bf16 and many
+chunks that sum carries ~sqrt(chunks) bf16 roundings). On the CPU everything runs in fp32. fp32 CUDA
 inputs follow torch's TF32 setting (off by default). The log-sum-exp subtracts the row max first, so |logits|
 ~ 1e4 stay exact to fp32.
 """
