@@ -449,3 +449,18 @@ def test_greedy_matches_transformers_smollm2(smollm_pair):
                                   max_new_tokens=16, do_sample=False)[0, len(ids):].tolist()
         assert o[0].token_ids == ref
         assert o[0].finish_reason == ("stop" if ref[-1] in tok.eos_token_ids else "length")
+
+
+def test_cpu_logits_in_vocabulary_slices_match_the_head(tiny, monkeypatch):
+    from reflectevo.gen import runner as runner_mod
+
+    model, tok = tiny
+    monkeypatch.setattr(runner_mod, "LOGITS_CHUNK_CPU", 7)  # a ragged last slice
+    assert model.config.vocab_size % 7
+    eng = Engine(model, tok, kv_cache_gib=0.01)
+    h = torch.randn(5, model.config.hidden_size)
+    with torch.no_grad():
+        torch.testing.assert_close(eng.runner._logits(h), model.logits(h).float(), rtol=1e-5, atol=1e-5)
+    prompts = prompts_mixed(3)
+    for p, o in zip(prompts, eng.generate(prompts, SamplingParams(max_tokens=12, ignore_eos=True))):
+        assert o[0].token_ids == plain_greedy(model, p, 12, eos=())

@@ -26,6 +26,9 @@ from reflectevo.kernels.paged_attention import (
     plan_decode,
     store_kv,
 )
+from reflectevo.kernels.paged_attention_rows import RowContexts
+
+LOGITS_CHUNK_CPU = 1024
 
 
 @dataclass
@@ -49,6 +52,7 @@ class PagedAttention:
         self.decode_plan: DecodePlan | None = None  # CPU decode: built once per step
         self.prefill_seqs: list[PrefillSeq] = []
         self.buffers = GatherBuffers()
+        self.rows = RowContexts()  # CPU decode: each sequence's own context kept contiguous across steps
 
     def __call__(self, layer_idx: int, q, k, v):
         B, T, Hq, D = q.shape
@@ -148,6 +152,7 @@ class ModelRunner:
         if is_prefill:
             attn.prefill_seqs = self._prefill_seqs(seqs, starts)
             attn.buffers.forget_stable()  # prefill may place new or recycled blocks where shared prefixes were
+            attn.rows.forget()
         else:
             tables = self._tables(seqs)
             context_lens = torch.tensor(lens, dtype=torch.int32)
@@ -155,13 +160,31 @@ class ModelRunner:
                 attn.block_tables, attn.context_lens = tables.to(dev), context_lens.to(dev)
             else:  # CPU: prefixes shared by all sequences, or by the samples of a prompt, are read once
                 common = self._common_blocks(tables, min(lens))
-                attn.decode_plan = plan_decode(tables.to(dev), context_lens.to(dev), self.block_size, common,
-                                               self.dtype)
+                plan = plan_decode(tables.to(dev), context_lens.to(dev), self.block_size, common, self.dtype,
+                                   [s.num_prompt_tokens for s in seqs])
+                cfg = self.model.config
+                plan.rows = attn.rows.step([s.seq_id for s in seqs], [s.block_table for s in seqs],
+                                           (plan.rest_start * self.block_size).tolist(), lens, self.block_size,
+                                           cfg.num_layers, cfg.num_kv_heads, cfg.head_dim, self.dtype, dev)
+                attn.decode_plan = plan
         input_ids = torch.tensor([ids], dtype=torch.long, device=dev)
         positions = torch.tensor([pos], dtype=torch.long, device=dev)
         hidden = self.model.hidden_states(input_ids, positions=positions, attention=attn)
         last = hidden[0] if not is_prefill else hidden[0, torch.tensor(starts[1:], device=dev) - 1]
-        return self.model.logits(last).float()
+        return self._logits(last)
+
+    def _logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """[S, H] -> [S, V] fp32. On the CPU a plain head runs in vocabulary slices of LOGITS_CHUNK_CPU rows, so
+        each slice's [S, chunk] output stays in cache: 1.4-1.9x faster than one matmul at 8-64 rows (measured on
+        a 2-core AVX2 machine, SmolLM2's 49152 x 576 head)."""
+        head = self.model.lm_head
+        if hidden.is_cuda or type(head) is not torch.nn.Linear or head.bias is not None:
+            return self.model.logits(hidden).float()
+        w = head.weight
+        out = torch.empty(hidden.shape[0], w.shape[0], dtype=torch.result_type(hidden, w), device=hidden.device)
+        for c in range(0, w.shape[0], LOGITS_CHUNK_CPU):
+            torch.matmul(hidden, w[c:c + LOGITS_CHUNK_CPU].T, out=out[:, c:c + LOGITS_CHUNK_CPU])
+        return out.float()
 
     def _common_blocks(self, tables: torch.Tensor, min_len: int) -> int:
         """Leading table columns equal in every row and full in every sequence."""

@@ -26,7 +26,10 @@ The CPU path (``paged_attention_decode_cpu``) computes the same thing faster, in
   repeated, instead of matmuls on permuted copies.
 When the sequences share leading blocks (a common few-shot prefix) it attends to that prefix once for the
 whole batch (cascade attention), and blocks shared by a group of sequences only (the n samples of one prompt)
-once per group, then merges the parts by log-sum-exp: S copies of a shared prefix become one.
+once per group, then merges the parts by log-sum-exp: S copies of a shared prefix become one. Given the prompt
+lengths, every sequence's prompt blocks form a group (of one, when no other sample shares them), so the parts
+that change during a decode are only the generated tokens; the caller may keep those contiguous across steps
+too (``paged_attention_rows.RowContexts``), each step copying in one token per sequence.
 """
 from __future__ import annotations
 
@@ -118,15 +121,31 @@ class DecodePlan:
     group_members: torch.Tensor | None  # [n] ... and their rows
     rest_blocks: torch.Tensor  # [S * R] int64: the R table columns after each row's shared parts, row after row
     rest_mask: torch.Tensor  # [S, 1, 1, R * block_size] additive: 0 for context tokens, -inf past the context
+    rest_start: torch.Tensor | None = None  # [S] each row's first rest column
+    rows: object = None  # a RowStep (paged_attention_rows): the rest kept contiguous across steps, set by the caller
 
 
-def _sample_groups(block_tables, lens, block_size, common) -> list[tuple[list[int], int]]:
-    """Rows whose tables agree on full blocks right after the common prefix (equal block ids mean equal
-    prefixes: blocks are only shared through prefix-cache hits), as [(rows, shared blocks)] for groups of two
-    or more. Each row keeps at least its last token outside the shared blocks."""
+def _sample_groups(block_tables, lens, block_size, common, prompt_lens=None) -> list[tuple[list[int], int]]:
+    """Groups of rows and the full blocks after the common prefix that each group shares (equal block ids mean
+    equal prefixes: blocks are only shared through prefix-cache hits), as [(rows, shared blocks)]. Each row keeps
+    at least its last token outside the shared blocks.
+
+    With ``prompt_lens`` a group is the rows whose prompts' full blocks are the same blocks (the n samples of one
+    prompt), a row alone included, and the shared part is those prompt blocks: it stays the same for the whole
+    decode, so its gathered copy is kept across steps (GatherBuffers) and each step gathers only the generated
+    tokens. Without it, rows agreeing on the first block after the common prefix form a group over the blocks
+    they all agree on (groups of two or more)."""
     limit = ((lens - 1) // block_size - common).tolist()
     if common >= block_tables.shape[1]:
         return []
+    if prompt_lens is not None:
+        by_prompt: dict[tuple, list[int]] = {}
+        rows_blocks = block_tables[:, common:].tolist()
+        for row, (lim, n) in enumerate(zip(limit, prompt_lens)):
+            own = min(lim, int(n) // block_size - common)
+            if own > 0:
+                by_prompt.setdefault(tuple(rows_blocks[row][:own]), []).append(row)
+        return [(rows, len(key)) for key, rows in by_prompt.items()]
     by_first: dict[int, list[int]] = {}
     for row, (block, lim) in enumerate(zip(block_tables[:, common].tolist(), limit)):
         if lim > 0:
@@ -140,16 +159,18 @@ def _sample_groups(block_tables, lens, block_size, common) -> list[tuple[list[in
     return groups
 
 
-def plan_decode(block_tables, context_lens, block_size, common_blocks=0, dtype=torch.float32) -> DecodePlan:
+def plan_decode(block_tables, context_lens, block_size, common_blocks=0, dtype=torch.float32,
+                prompt_lens=None) -> DecodePlan:
     """block_tables [S, >= max blocks], context_lens [S] (>= 1); ``common_blocks``: leading columns with the same
-    ids in every row. Shared parts stop early enough that every sequence has a token after them."""
+    ids in every row; ``prompt_lens`` [S] (optional): each row's prompt length, for single-row groups (see
+    ``_sample_groups``). Shared parts stop early enough that every sequence has a token after them."""
     lens, bs, dev = context_lens.long(), block_size, context_lens.device
     S, width = lens.shape[0], block_tables.shape[1]
     tables = block_tables.long()
     common = min(common_blocks, (int(lens.min()) - 1) // bs) if S > 1 else 0
     shared = tables[0, :common] if common > 0 else None
     start = torch.full((S,), common, dtype=torch.long, device=dev)  # each row's first rest column
-    groups = _sample_groups(tables, lens, bs, common) if S > 1 else []
+    groups = _sample_groups(tables, lens, bs, common, prompt_lens) if S > 1 or prompt_lens is not None else []
     group = [None] * 5
     if groups:
         longest, most = max(p for _, p in groups), max(len(rows) for rows, _ in groups)
@@ -170,7 +191,7 @@ def plan_decode(block_tables, context_lens, block_size, common_blocks=0, dtype=t
     pos = (cols[:, :, None] * bs + torch.arange(bs, device=dev)).reshape(S, -1)
     mask = torch.zeros(S, 1, 1, pos.shape[1], dtype=dtype, device=dev)
     mask.masked_fill_((pos >= lens[:, None])[:, None, None, :], float("-inf"))
-    return DecodePlan(shared, *group, rest, mask)
+    return DecodePlan(shared, *group, rest, mask, start)
 
 
 class GatherBuffers:
@@ -184,7 +205,7 @@ class GatherBuffers:
     ``forget_stable`` on every prefill step (the only steps that place new or recycled blocks into shared
     positions), and the kept copies are bounded by ``stable_budget`` bytes (past it, parts are gathered afresh)."""
 
-    def __init__(self, stable_budget: int = 1 << 30):
+    def __init__(self, stable_budget: int = 2 << 30):
         self.k = self.v = None
         self.stable_budget = stable_budget
         self.stable: dict[tuple[str, int], tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
@@ -200,9 +221,10 @@ class GatherBuffers:
             self.v = torch.empty_like(self.k)
         return self.k[:num_blocks], self.v[:num_blocks]
 
-    def stable_gather(self, part: str, k_cache, v_cache, blocks):
-        """K and V [len(blocks), bs, Hkv, D] of the shared blocks ``blocks`` of this layer's cache: the copy kept
-        from an earlier step when it names the same blocks, else gathered now (and kept when it fits)."""
+    def stable_gather(self, part: str, k_cache, v_cache, blocks, rows: int):
+        """K and V [rows, Hkv, len(blocks) / rows * bs, D] of the shared blocks ``blocks`` of this layer's cache:
+        the copy kept from an earlier step when it names the same blocks, else gathered now (and kept when it
+        fits)."""
         key = (part, k_cache.data_ptr())
         kept = self.stable.get(key)
         if kept is not None and kept[0].shape == blocks.shape and torch.equal(kept[0], blocks):
@@ -215,11 +237,14 @@ class GatherBuffers:
             kbuf, vbuf = self.take(blocks.shape[0], k_cache)
             torch.index_select(k_cache, 0, blocks, out=kbuf)
             torch.index_select(v_cache, 0, blocks, out=vbuf)
-            return kbuf, vbuf
-        kbuf, vbuf = k_cache.index_select(0, blocks), v_cache.index_select(0, blocks)
-        self.stable[key] = (blocks.clone(), kbuf, vbuf)
-        self.stable_bytes += size
-        return kbuf, vbuf
+        else:
+            kbuf, vbuf = k_cache.index_select(0, blocks), v_cache.index_select(0, blocks)
+        Hkv, D = k_cache.shape[2], k_cache.shape[3]
+        k, v = kbuf.view(rows, -1, Hkv, D).transpose(1, 2), vbuf.view(rows, -1, Hkv, D).transpose(1, 2)
+        if self.stable_bytes + size <= self.stable_budget:
+            self.stable[key] = (blocks.clone(), k, v)
+            self.stable_bytes += size
+        return k, v
 
     def forget_stable(self):
         self.stable.clear()
@@ -228,12 +253,11 @@ class GatherBuffers:
 
 def _gather_heads(k_cache, v_cache, blocks, rows, buffers, stable: str | None = None):
     """Gather blocks (into the scratch buffers, or the kept copy of a shared part) -> K, V [rows, Hkv, L, D]."""
-    if stable is None:
-        kbuf, vbuf = buffers.take(blocks.shape[0], k_cache)
-        torch.index_select(k_cache, 0, blocks, out=kbuf)
-        torch.index_select(v_cache, 0, blocks, out=vbuf)
-    else:
-        kbuf, vbuf = buffers.stable_gather(stable, k_cache, v_cache, blocks)
+    if stable is not None:
+        return buffers.stable_gather(stable, k_cache, v_cache, blocks, rows)
+    kbuf, vbuf = buffers.take(blocks.shape[0], k_cache)
+    torch.index_select(k_cache, 0, blocks, out=kbuf)
+    torch.index_select(v_cache, 0, blocks, out=vbuf)
     Hkv, D = k_cache.shape[2], k_cache.shape[3]
     return kbuf.view(rows, -1, Hkv, D).transpose(1, 2), vbuf.view(rows, -1, Hkv, D).transpose(1, 2)
 
@@ -245,8 +269,14 @@ def paged_attention_decode_cpu(q, k_cache, v_cache, plan: DecodePlan, scale, buf
     G = Hq // Hkv
     buffers = buffers or GatherBuffers()
     qg = q.reshape(S, Hkv, G, D)  # the G query heads of a KV head become G queries of one attention row
-    k, v = _gather_heads(k_cache, v_cache, plan.rest_blocks, S, buffers)
-    out, lse = attention_with_lse(qg, k, v, plan.rest_mask.to(q.dtype), scale)
+    if plan.rows is not None:  # the rows' own tokens, kept contiguous in slot order across steps
+        rows = plan.rows
+        k, v = rows.kv(k_cache.data_ptr(), k_cache, v_cache)
+        out, lse = attention_with_lse(qg[rows.row_of_slot], k, v, rows.mask.to(q.dtype), scale)
+        out, lse = out[rows.slot_of_row], lse[rows.slot_of_row]
+    else:
+        k, v = _gather_heads(k_cache, v_cache, plan.rest_blocks, S, buffers)
+        out, lse = attention_with_lse(qg, k, v, plan.rest_mask.to(q.dtype), scale)
     outs, lses = [out.float()], [lse]
     if plan.shared_blocks is not None:  # the whole batch's queries against the common prefix at once
         k, v = _gather_heads(k_cache, v_cache, plan.shared_blocks, 1, buffers, stable="shared")

@@ -1,0 +1,123 @@
+"""CPU decode with each sequence's own context kept contiguous across steps (RowContexts) against the gather
+reference, over simulated decode runs: contexts growing a token per step across block boundaries, sequences
+leaving, sample groups, a prefill in between, an interrupted step, and a budget too small to keep anything."""
+import random
+
+import torch
+
+from reflectevo.kernels.paged_attention import paged_attention_decode_cpu, paged_attention_decode_reference, \
+    plan_decode
+from reflectevo.kernels.paged_attention_rows import RowContexts
+
+BS, HQ, HKV, D, LAYERS = 16, 6, 2, 16, 2
+
+
+class FakeRun:
+    """Sequences in a paged cache of LAYERS layers: one common prefix, then per group a shared part, then each
+    sequence's own tokens; ``grow`` writes one new token per sequence (a new block when the last is full)."""
+
+    def __init__(self, groups, common_blocks=1, num_blocks=400, seed=0):
+        self.g = torch.Generator().manual_seed(seed)
+        self.kc = torch.randn(LAYERS, num_blocks, BS, HKV, D, generator=self.g)
+        self.vc = torch.randn(LAYERS, num_blocks, BS, HKV, D, generator=self.g)
+        self.free = list(range(num_blocks))
+        random.Random(seed).shuffle(self.free)
+        common = [self.free.pop() for _ in range(common_blocks)]
+        self.tables, self.lens, self.keys = [], [], []
+        for shared_blocks, lens in groups:
+            shared = [self.free.pop() for _ in range(shared_blocks)]
+            for L in lens:  # shared blocks are full blocks, as the prefix cache shares them
+                assert L > (common_blocks + shared_blocks) * BS
+                n = (L + BS - 1) // BS
+                own = [self.free.pop() for _ in range(max(0, n - len(common) - len(shared)))]
+                self.tables.append((common + shared + own)[:n])
+                self.lens.append(L)
+                self.keys.append(len(self.keys) + 100)
+
+    def grow(self):
+        for i, table in enumerate(self.tables):
+            if self.lens[i] % BS == 0:
+                table.append(self.free.pop())
+            block, off = table[self.lens[i] // BS], self.lens[i] % BS
+            self.kc[:, block, off] = torch.randn(LAYERS, HKV, D, generator=self.g)
+            self.vc[:, block, off] = torch.randn(LAYERS, HKV, D, generator=self.g)
+            self.lens[i] += 1
+
+    def leave(self, i):
+        for xs in (self.tables, self.lens, self.keys):
+            del xs[i]
+
+    def step(self, rows: RowContexts, layers=range(LAYERS)):
+        """One decode step through RowContexts, checked against the reference in every layer it runs."""
+        width = max(len(t) for t in self.tables)
+        bt = torch.tensor([t + [0] * (width - len(t)) for t in self.tables], dtype=torch.int32)
+        lens = torch.tensor(self.lens, dtype=torch.int32)
+        same = (bt == bt[:1]).all(dim=0).to(torch.int32)
+        common = min(int(same.cumprod(0).sum()), min(self.lens) // BS)
+        plan = plan_decode(bt, lens, BS, common)
+        plan.rows = rows.step(list(self.keys), [list(t) for t in self.tables], (plan.rest_start * BS).tolist(),
+                              list(self.lens), BS, LAYERS, HKV, D, torch.float32, "cpu")
+        q = torch.randn(len(self.lens), HQ, D, generator=self.g)
+        for layer in layers:
+            ref = paged_attention_decode_reference(q, self.kc[layer], self.vc[layer], bt, lens, 0.25)
+            out = paged_attention_decode_cpu(q, self.kc[layer], self.vc[layer], plan, 0.25)
+            torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+        return plan.rows
+
+
+def test_rows_match_reference_over_a_decode_run_with_leaving_sequences():
+    run = FakeRun([(2, [50, 57]), (1, [40, 70, 33]), (0, [60])], seed=1)
+    rows = RowContexts()
+    assert run.step(rows) is not None
+    for t in range(40):
+        run.grow()
+        if t in (5, 17, 18):
+            run.leave([0, 3, 1][(5, 17, 18).index(t)])
+        step = run.step(rows)
+        assert step is not None
+        if t not in (5, 17, 18):  # steady decode: only the token each sequence just added is copied in
+            assert step.src.numel() == len(run.lens) and step.moves_from is None
+    assert len(rows.slot_of) == len(run.lens) == 3
+
+
+def test_first_step_copies_each_rest_once_and_slots_stay_dense_after_leaving():
+    run = FakeRun([(0, [20, 35, 50, 18])], common_blocks=1, seed=2)
+    rows = RowContexts()
+    step = run.step(rows)
+    rest = [n - BS for n in run.lens]  # every row's rest starts after the one common block
+    assert step.src.numel() == sum(rest) and step.length == max(rest)
+    run.grow()
+    run.leave(1)
+    step = run.step(rows)
+    assert sorted(rows.slot_of.values()) == [0, 1, 2]  # the last slot moved into the hole
+    assert step.moves_from.tolist() == [3] and step.moves_to.tolist() == [1]
+
+
+def test_prefill_forget_interrupted_step_and_budget():
+    run = FakeRun([(1, [36, 41]), (0, [25])], seed=3)
+    rows = RowContexts()
+    run.step(rows)
+    run.grow()
+    run.step(rows, layers=[0])  # the model call stopped after layer 0: layer 1 missed this step's token
+    run.grow()
+    step = run.step(rows)  # noticed: everything is sent again, results still match in both layers
+    assert step.src.numel() > len(run.lens)
+    rows.forget()  # what a prefill step does
+    run.grow()
+    step = run.step(rows)
+    assert step.src.numel() > len(run.lens)
+    assert RowContexts(budget_bytes=0).step([1], [[0, 1]], [0], [20], BS, LAYERS, HKV, D, torch.float32,
+                                            "cpu") is None
+
+
+def test_sequence_whose_rest_moves_is_sent_again():
+    """When a group loses a member the other's rest starts earlier (its group part is gone): re-sent whole."""
+    run = FakeRun([(2, [50, 55]), (0, [50])], common_blocks=1, seed=4)
+    rows = RowContexts()
+    before = run.step(rows)
+    run.grow()
+    run.leave(1)
+    after = run.step(rows)
+    start_before = rows.kept[run.keys[0]][0]
+    assert start_before == BS  # rest now starts after the common block only
+    assert after.src.numel() > len(run.lens) and before is not None
