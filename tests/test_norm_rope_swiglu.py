@@ -393,3 +393,16 @@ def test_kernels_compile_for_sm90_without_a_gpu():
     if proc.returncode == 3:
         pytest.skip(proc.stdout.strip()[-300:])
     assert proc.returncode == 0 and "compiled" in proc.stdout, proc.stdout[-2000:] + proc.stderr[-4000:]
+
+
+def test_cpu_inference_paths_equal_the_references():
+    """Without autograd, fp32 RMSNorm and SwiGLU on the CPU take allocation-light paths: the same numbers."""
+    g = torch.Generator().manual_seed(3)
+    x, w = torch.randn(2, 37, 96, generator=g) * 30, torch.randn(96, generator=g)
+    gate, up = torch.randn(3, 41, 160, generator=g) * 8, torch.randn(3, 41, 160, generator=g)
+    with torch.inference_mode():
+        assert torch.equal(rms_norm(x, w, 1e-5), rms_norm_reference(x, w, 1e-5))
+        assert torch.equal(swiglu(gate, up), swiglu_reference(gate, up))
+    x.requires_grad_(True)  # with autograd the reference path runs and gradients flow
+    rms_norm(x, w, 1e-5).sum().backward()
+    assert x.grad is not None
