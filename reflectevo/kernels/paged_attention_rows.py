@@ -1,7 +1,8 @@
 """CPU decode: each running sequence's own context (the part after the prefixes it shares) kept contiguous.
 
 The cascade plan (``plan_decode``) attends to a shared prefix once per batch or group; what is left is each
-sequence's own tokens ("rest": its question, its generated text). Gathering those blocks from the paged cache
+sequence's own tokens ("rest": with prompt groups, its generated text and the partial last prompt block; without,
+its whole private prompt too). Gathering those blocks from the paged cache
 every layer of every decode step reads and writes the whole private context each time, although a decode step
 adds one token per sequence and never changes a token already stored. ``RowContexts`` keeps, per layer, one
 buffer K, V [slots, Hkv, capacity, D] in which slot i holds one sequence's rest tokens in order; each step copies
@@ -100,7 +101,7 @@ class RowContexts:
             held = 0
             kept = self.kept.get(key)
             if kept is not None and kept[0] == start:
-                full = kept[2] // bs  # blocks whose tokens were all copied; the partial last one is re-read
+                full = kept[2] // bs  # stored tokens never change: only other block ids (recycled) mean resend
                 if kept[1][:full] == blocks[:full]:
                     held = kept[2]
             slot = self.slot_of[key]
