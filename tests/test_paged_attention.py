@@ -223,17 +223,18 @@ def test_rejects_bad_gqa():
 
 def test_prompt_groups_keep_each_prompt_apart():
     """With prompt lengths, groups are the rows whose prompts' full blocks are the same blocks (n samples of one
-    prompt), a row alone included; rows of different prompts that merely start alike are not grouped together."""
+    prompt); a row alone forms no group, and rows of different prompts that merely start alike are not grouped."""
     q, kc, vc, bt, lens = _grouped_problem([(3, [70, 81]), (2, [64, 90]), (0, [40])], 1, seed=12)
     prompt = [64, 64, 48, 48, 33]  # each pair's prompt ends where its shared blocks end; the last row is alone
     plan = plan_decode(bt, lens, 16, common_blocks=1, prompt_lens=prompt)
-    assert sorted(plan.group_rows[:, 0].tolist()) == [0, 2, 4]
+    assert sorted(plan.group_rows[:, 0].tolist()) == [0, 2]
+    assert plan.rest_start.tolist() == [4, 4, 3, 3, 1]  # the row alone keeps everything after the common block
     ref = paged_attention_decode_reference(q, kc, vc, bt, lens, 0.25)
     torch.testing.assert_close(paged_attention_decode_cpu(q, kc, vc, plan, 0.25, GatherBuffers()), ref,
                                rtol=1e-5, atol=1e-5)
-    bt[1, 1] = bt[0, 1]  # rows 0-1 now share their first block only: different prompts, two groups of one
+    bt[1, 1] = bt[0, 1]  # rows 0-1 now share their first block only: different prompts, no group
     bt[1, 2:4] = torch.tensor([190, 191], dtype=bt.dtype)
     plan = plan_decode(bt, lens, 16, common_blocks=1, prompt_lens=[64, 64, 48, 48, 33])
-    assert plan.group_rows.shape[0] == 4
+    assert plan.group_rows[:, 0].tolist() == [2] and plan.rest_start.tolist() == [1, 1, 3, 3, 1]
     torch.testing.assert_close(paged_attention_decode_cpu(q, kc, vc, plan, 0.25, GatherBuffers()),
                                paged_attention_decode_reference(q, kc, vc, bt, lens, 0.25), rtol=1e-5, atol=1e-5)

@@ -7,7 +7,7 @@ import torch
 
 from reflectevo.kernels.paged_attention import paged_attention_decode_cpu, paged_attention_decode_reference, \
     plan_decode
-from reflectevo.kernels.paged_attention_rows import RowContexts
+from reflectevo.kernels.paged_attention_rows import RowContexts, keep_contexts
 
 BS, HQ, HKV, D, LAYERS = 16, 6, 2, 16, 2
 
@@ -47,16 +47,22 @@ class FakeRun:
         for xs in (self.tables, self.lens, self.keys):
             del xs[i]
 
-    def step(self, rows: RowContexts, layers=range(LAYERS)):
-        """One decode step through RowContexts, checked against the reference in every layer it runs."""
+    def step(self, rows: RowContexts, layers=range(LAYERS), groups: RowContexts | None = None, prompt_lens=None):
+        """One decode step through RowContexts (and the groups' kept parts when ``groups`` is given), checked
+        against the reference in every layer it runs."""
         width = max(len(t) for t in self.tables)
         bt = torch.tensor([t + [0] * (width - len(t)) for t in self.tables], dtype=torch.int32)
         lens = torch.tensor(self.lens, dtype=torch.int32)
         same = (bt == bt[:1]).all(dim=0).to(torch.int32)
         common = min(int(same.cumprod(0).sum()), min(self.lens) // BS)
-        plan = plan_decode(bt, lens, BS, common)
-        plan.rows = rows.step(list(self.keys), [list(t) for t in self.tables], (plan.rest_start * BS).tolist(),
-                              list(self.lens), BS, LAYERS, HKV, D, torch.float32, "cpu")
+        plan = plan_decode(bt, lens, BS, common, prompt_lens=prompt_lens)
+        if groups is None:
+            plan.rows = rows.step(list(self.keys), [list(t) for t in self.tables], (plan.rest_start * BS).tolist(),
+                                  list(self.lens), BS, LAYERS, HKV, D, torch.float32, "cpu")
+        else:
+            keep_contexts(plan, rows, groups, list(self.keys), [list(t) for t in self.tables], list(self.lens), BS,
+                          LAYERS, HKV, D, torch.float32, "cpu")
+            self.last_plan = plan
         q = torch.randn(len(self.lens), HQ, D, generator=self.g)
         for layer in layers:
             ref = paged_attention_decode_reference(q, self.kc[layer], self.vc[layer], bt, lens, 0.25)
@@ -121,3 +127,25 @@ def test_sequence_whose_rest_moves_is_sent_again():
     start_before = rows.kept[run.keys[0]][0]
     assert start_before == BS  # rest now starts after the common block only
     assert after.src.numel() > len(run.lens) and before is not None
+
+
+def test_group_parts_kept_across_steps_while_groups_come_and_go():
+    """Sample groups' shared prompts kept contiguous (one slot per group) beside the rows' own parts: equal to the
+    reference every step while groups lose members, dissolve into a row alone and leave."""
+    run = FakeRun([(2, [50, 57]), (1, [40, 70, 33]), (3, [70, 66]), (0, [60])], seed=5)
+    prompts = [48, 48, 32, 32, 32, 64, 64, 40]  # each group's prompt ends where its shared blocks end
+    rows, groups = RowContexts(), RowContexts()
+    run.step(rows, groups=groups, prompt_lens=prompts)
+    assert run.last_plan.group_ctx.slots == 3 and run.last_plan.group_ctx.src.numel() == (2 + 1 + 3) * BS
+    for t in range(30):
+        run.grow()
+        if t in (4, 9, 10, 20):
+            i = [0, 2, 0, 3][(4, 9, 10, 20).index(t)]
+            run.leave(i)
+            del prompts[i]
+        run.step(rows, groups=groups, prompt_lens=prompts)
+        ctx = run.last_plan.group_ctx
+        assert ctx.slots == len(run.last_plan.groups) == (3 if t < 4 else 2 if t < 20 else 1)
+        if t in (0, 1, 2):  # steady groups: nothing copied into the group slots
+            assert ctx.src is None and ctx.moves_from is None
+    assert sorted(groups.slot_of.values()) == [0]  # the group left is compacted into slot 0

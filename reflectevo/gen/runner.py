@@ -26,7 +26,7 @@ from reflectevo.kernels.paged_attention import (
     plan_decode,
     store_kv,
 )
-from reflectevo.kernels.paged_attention_rows import RowContexts
+from reflectevo.kernels.paged_attention_rows import RowContexts, keep_contexts
 
 LOGITS_CHUNK_CPU = 1024
 
@@ -52,7 +52,9 @@ class PagedAttention:
         self.decode_plan: DecodePlan | None = None  # CPU decode: built once per step
         self.prefill_seqs: list[PrefillSeq] = []
         self.buffers = GatherBuffers()
-        self.rows = RowContexts()  # CPU decode: each sequence's own context kept contiguous across steps
+        cache_bytes = 2 * k_cache.numel() * k_cache.element_size()
+        self.rows = RowContexts(cache_bytes)  # CPU decode: each sequence's own context, contiguous across steps
+        self.groups = RowContexts(cache_bytes // 2)  # ... and each sample group's shared prompt
 
     def __call__(self, layer_idx: int, q, k, v):
         B, T, Hq, D = q.shape
@@ -153,6 +155,7 @@ class ModelRunner:
             attn.prefill_seqs = self._prefill_seqs(seqs, starts)
             attn.buffers.forget_stable()  # prefill may place new or recycled blocks where shared prefixes were
             attn.rows.forget()
+            attn.groups.forget()
         else:
             tables = self._tables(seqs)
             context_lens = torch.tensor(lens, dtype=torch.int32)
@@ -163,9 +166,8 @@ class ModelRunner:
                 plan = plan_decode(tables.to(dev), context_lens.to(dev), self.block_size, common, self.dtype,
                                    [s.num_prompt_tokens for s in seqs])
                 cfg = self.model.config
-                plan.rows = attn.rows.step([s.seq_id for s in seqs], [s.block_table for s in seqs],
-                                           (plan.rest_start * self.block_size).tolist(), lens, self.block_size,
-                                           cfg.num_layers, cfg.num_kv_heads, cfg.head_dim, self.dtype, dev)
+                keep_contexts(plan, attn.rows, attn.groups, [s.seq_id for s in seqs], [s.block_table for s in seqs],
+                              lens, self.block_size, cfg.num_layers, cfg.num_kv_heads, cfg.head_dim, self.dtype, dev)
                 attn.decode_plan = plan
         input_ids = torch.tensor([ids], dtype=torch.long, device=dev)
         positions = torch.tensor([pos], dtype=torch.long, device=dev)

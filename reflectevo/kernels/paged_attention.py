@@ -122,19 +122,22 @@ class DecodePlan:
     rest_blocks: torch.Tensor  # [S * R] int64: the R table columns after each row's shared parts, row after row
     rest_mask: torch.Tensor  # [S, 1, 1, R * block_size] additive: 0 for context tokens, -inf past the context
     rest_start: torch.Tensor | None = None  # [S] each row's first rest column
+    groups: list | None = None  # [(member rows, shared blocks after the common prefix)], in group order
+    common: int = 0  # blocks every row shares (the shared_blocks)
     rows: object = None  # a RowStep (paged_attention_rows): the rest kept contiguous across steps, set by the caller
+    group_ctx: object = None  # a RowStep over the groups' shared parts (slot per group), set by the caller
 
 
 def _sample_groups(block_tables, lens, block_size, common, prompt_lens=None) -> list[tuple[list[int], int]]:
-    """Groups of rows and the full blocks after the common prefix that each group shares (equal block ids mean
-    equal prefixes: blocks are only shared through prefix-cache hits), as [(rows, shared blocks)]. Each row keeps
-    at least its last token outside the shared blocks.
+    """Groups of two or more rows and the full blocks after the common prefix that each group shares (equal block
+    ids mean equal prefixes: blocks are only shared through prefix-cache hits), as [(rows, shared blocks)]. Each row
+    keeps at least its last token outside the shared blocks.
 
     With ``prompt_lens`` a group is the rows whose prompts' full blocks are the same blocks (the n samples of one
-    prompt), a row alone included, and the shared part is those prompt blocks: it stays the same for the whole
-    decode, so its gathered copy is kept across steps (GatherBuffers) and each step gathers only the generated
-    tokens. Without it, rows agreeing on the first block after the common prefix form a group over the blocks
-    they all agree on (groups of two or more)."""
+    prompt), and the shared part is those prompt blocks: it stays the same for the whole decode, so its copy is
+    kept across steps (``paged_attention_rows.RowContexts`` or GatherBuffers) and each step reads only the generated
+    tokens apart. Without it, rows agreeing on the first block after the common prefix form a group over the blocks
+    they all agree on. A row alone forms no group: its whole context after the common prefix is its own part."""
     limit = ((lens - 1) // block_size - common).tolist()
     if common >= block_tables.shape[1]:
         return []
@@ -145,7 +148,7 @@ def _sample_groups(block_tables, lens, block_size, common, prompt_lens=None) -> 
             own = min(lim, int(n) // block_size - common)
             if own > 0:
                 by_prompt.setdefault(tuple(rows_blocks[row][:own]), []).append(row)
-        return [(rows, len(key)) for key, rows in by_prompt.items()]
+        return [(rows, len(key)) for key, rows in by_prompt.items() if len(rows) > 1]
     by_first: dict[int, list[int]] = {}
     for row, (block, lim) in enumerate(zip(block_tables[:, common].tolist(), limit)):
         if lim > 0:
@@ -191,7 +194,7 @@ def plan_decode(block_tables, context_lens, block_size, common_blocks=0, dtype=t
     pos = (cols[:, :, None] * bs + torch.arange(bs, device=dev)).reshape(S, -1)
     mask = torch.zeros(S, 1, 1, pos.shape[1], dtype=dtype, device=dev)
     mask.masked_fill_((pos >= lens[:, None])[:, None, None, :], float("-inf"))
-    return DecodePlan(shared, *group, rest, mask, start)
+    return DecodePlan(shared, *group, rest, mask, start, groups, common)
 
 
 class GatherBuffers:
@@ -285,9 +288,15 @@ def paged_attention_decode_cpu(q, k_cache, v_cache, plan: DecodePlan, scale, buf
         lses.append(lse.view(Hkv, S, G).transpose(0, 1))
     if plan.group_blocks is not None:  # each group's queries against its shared prefix at once
         Ng, M = plan.group_rows.shape
-        k, v = _gather_heads(k_cache, v_cache, plan.group_blocks, Ng, buffers, stable="group")
         qs = qg[plan.group_rows.reshape(-1)].view(Ng, M, Hkv, G, D).transpose(1, 2).reshape(Ng, Hkv, M * G, D)
-        out, lse = attention_with_lse(qs, k, v, plan.group_mask.to(q.dtype), scale)
+        if plan.group_ctx is not None:  # the groups' parts kept contiguous across steps, one slot per group
+            ctx = plan.group_ctx
+            k, v = ctx.kv(k_cache.data_ptr(), k_cache, v_cache)
+            out, lse = attention_with_lse(qs[ctx.row_of_slot], k, v, ctx.mask.to(q.dtype), scale)
+            out, lse = out[ctx.slot_of_row], lse[ctx.slot_of_row]
+        else:
+            k, v = _gather_heads(k_cache, v_cache, plan.group_blocks, Ng, buffers, stable="group")
+            out, lse = attention_with_lse(qs, k, v, plan.group_mask.to(q.dtype), scale)
         out = out.view(Ng, Hkv, M, G, D).transpose(1, 2).reshape(Ng * M, Hkv, G, D)
         lse = lse.view(Ng, Hkv, M, G).transpose(1, 2).reshape(Ng * M, Hkv, G)
         outs.append(torch.zeros(S, Hkv, G, D, device=q.device).index_copy_(

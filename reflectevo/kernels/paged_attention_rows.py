@@ -152,3 +152,18 @@ class RowContexts:
                 v.transpose(1, 2).index_put_((step.dst_slot, step.dst_pos), vf.index_select(0, step.src))
             entry[2] = step.step
         return k[:step.slots, :, :step.length], v[:step.slots, :, :step.length]
+
+
+def keep_contexts(plan, rows: RowContexts, groups: RowContexts, keys: list, tables: list[list[int]],
+                  lens: list[int], block_size: int, num_layers: int, kv_heads: int, head_dim: int, dtype, device):
+    """Set ``plan.rows`` (each sequence's own part) and ``plan.group_ctx`` (each sample group's shared part, a
+    group known by its block ids: the same blocks hold the same tokens) from the kept contexts; either stays None
+    when its buffers would pass their budget, and the attention gathers that part instead."""
+    shape = (block_size, num_layers, kv_heads, head_dim, dtype, device)
+    plan.rows = rows.step(keys, tables, (plan.rest_start * block_size).tolist(), lens, *shape)
+    if plan.groups:
+        c = plan.common
+        firsts = [tables[members[0]][:c + n] for members, n in plan.groups]
+        plan.group_ctx = groups.step([tuple(t) for t in firsts], firsts, [c * block_size] * len(firsts),
+                                     [len(t) * block_size for t in firsts], *shape)
+    return plan
