@@ -145,6 +145,29 @@ def test_groups_of_samples_decode_like_plain_decoding(tiny):
         assert [s.token_ids for s in o] == [ref, ref]
 
 
+def test_row_left_alone_keeps_the_shared_prefix(tiny):
+    """When the other rows finish, the last one keeps attending to the prefix they shared as a shared part (its
+    kept contiguous part stays valid) and still decodes like plain greedy decoding."""
+    model, tok = tiny
+    eng = Engine(model, tok, kv_cache_gib=0.01)
+    common = prompts_mixed(15)[3][:40]
+    prompts = [common + [3, 4], common + [5]]
+    params = [SamplingParams(max_tokens=3, ignore_eos=True), SamplingParams(max_tokens=14, ignore_eos=True)]
+    alone = []
+    run = eng.runner.run
+
+    def spy(seqs, is_prefill):
+        out = run(seqs, is_prefill)
+        if not is_prefill and len(seqs) == 1:
+            alone.append(eng.runner.attn.decode_plan.shared_blocks)
+        return out
+
+    eng.runner.run = spy
+    outs = eng.generate(prompts, params)
+    assert [o[0].token_ids for o in outs] == [plain_greedy(model, p, n, eos=()) for p, n in zip(prompts, (3, 14))]
+    assert alone and all(b is not None and b.numel() == 40 // eng.block_size for b in alone)
+
+
 def test_tiny_cache_preempts_and_matches_large_cache(tiny):
     model, tok = tiny
     prompts = prompts_mixed(4)

@@ -99,8 +99,12 @@ def test_cpu_path_cascade_keeps_a_token_after_the_shared_prefix():
     assert plan.shared_blocks.tolist() == bt[0, :1].tolist()  # clamped to (32 - 1) // 16 = 1 block
     ref = paged_attention_decode_reference(q, kc, vc, bt, lens, 0.25)
     torch.testing.assert_close(paged_attention_decode_cpu(q, kc, vc, plan, 0.25), ref, rtol=1e-5, atol=1e-5)
-    single = plan_decode(bt[:1], lens[:1], 16, common_blocks=2)
-    assert single.shared_blocks is None  # one sequence: nothing to share
+    single = plan_decode(bt[:1], lens[:1], 16, common_blocks=2)  # a row left alone keeps the prefix it shared
+    assert single.shared_blocks.tolist() == bt[0, :1].tolist()
+    torch.testing.assert_close(paged_attention_decode_cpu(q[:1], kc, vc, single, 0.25),
+                               paged_attention_decode_reference(q[:1], kc, vc, bt[:1], lens[:1], 0.25),
+                               rtol=1e-5, atol=1e-5)
+    assert plan_decode(bt[:1], lens[:1], 16).shared_blocks is None
 
 
 def test_cpu_path_reuses_buffers_across_layers_and_steps():

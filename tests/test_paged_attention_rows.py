@@ -7,7 +7,7 @@ import torch
 
 from reflectevo.kernels.paged_attention import paged_attention_decode_cpu, paged_attention_decode_reference, \
     plan_decode
-from reflectevo.kernels.paged_attention_rows import RowContexts, keep_contexts
+from reflectevo.kernels.paged_attention_rows import RowContexts, keep_contexts, length_buckets
 
 BS, HQ, HKV, D, LAYERS = 16, 6, 2, 16, 2
 
@@ -149,3 +149,28 @@ def test_group_parts_kept_across_steps_while_groups_come_and_go():
         if t in (0, 1, 2):  # steady groups: nothing copied into the group slots
             assert ctx.src is None and ctx.moves_from is None
     assert sorted(groups.slot_of.values()) == [0]  # the group left is compacted into slot 0
+
+
+def test_length_buckets_minimise_padding_plus_calls():
+    lengths = [90, 88, 85, 40, 38, 10]
+    assert length_buckets(lengths, call_cost=10**6) == [(0, 6, 90)]  # calls dear: one padded range
+    assert length_buckets(lengths, call_cost=0) == [(i, i + 1, n) for i, n in enumerate(lengths)]
+    assert length_buckets(lengths, call_cost=60) == [(0, 3, 90), (3, 6, 40)]
+    assert length_buckets([], call_cost=5) == []
+
+
+def test_arrivals_take_slots_longest_first_and_buckets_match_reference():
+    """Sequences arriving together get slots by decreasing rest; attention split into many buckets (every call
+    free) still equals the reference over a run where sequences leave and the last slot fills the hole."""
+    run = FakeRun([(0, [20, 75, 50, 33, 61])], common_blocks=1, seed=6)
+    rows = RowContexts(bucket_call_cost=0)
+    step = run.step(rows)
+    assert [rows.slot_of[k] for k in run.keys] == [4, 0, 2, 3, 1]
+    assert len(step.buckets) == 5 and step.buckets[0] == (0, 1, 75 - BS)
+    for t in range(12):
+        run.grow()
+        if t == 3:
+            run.leave(1)  # the longest leaves: the shortest moves into slot 0
+        step = run.step(rows)
+        covered = [i for a, b, _ in step.buckets for i in range(a, b)]
+        assert covered == list(range(len(run.lens)))

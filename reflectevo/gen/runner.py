@@ -107,6 +107,7 @@ class ModelRunner:
         self.k_cache = torch.empty(shape, dtype=self.dtype, device=self.device)
         self.v_cache = torch.empty(shape, dtype=self.dtype, device=self.device)
         self.attn = PagedAttention(self.k_cache, self.v_cache, cfg.head_dim ** -0.5)
+        self._last_common: list[int] = []  # the block ids the last decode step's rows all started with
 
     @staticmethod
     def bytes_per_block(cfg, block_size: int, dtype: torch.dtype) -> int:
@@ -156,6 +157,7 @@ class ModelRunner:
             attn.buffers.forget_stable()  # prefill may place new or recycled blocks where shared prefixes were
             attn.rows.forget()
             attn.groups.forget()
+            self._last_common = []
         else:
             tables = self._tables(seqs)
             context_lens = torch.tensor(lens, dtype=torch.int32)
@@ -166,8 +168,10 @@ class ModelRunner:
                 plan = plan_decode(tables.to(dev), context_lens.to(dev), self.block_size, common, self.dtype,
                                    [s.num_prompt_tokens for s in seqs])
                 cfg = self.model.config
+                reserve = max(s.params.max_tokens - s.num_output_tokens for s in seqs)
                 keep_contexts(plan, attn.rows, attn.groups, [s.seq_id for s in seqs], [s.block_table for s in seqs],
-                              lens, self.block_size, cfg.num_layers, cfg.num_kv_heads, cfg.head_dim, self.dtype, dev)
+                              lens, self.block_size, cfg.num_layers, cfg.num_kv_heads, cfg.head_dim, self.dtype, dev,
+                              reserve)
                 attn.decode_plan = plan
         input_ids = torch.tensor([ids], dtype=torch.long, device=dev)
         positions = torch.tensor([pos], dtype=torch.long, device=dev)
@@ -189,9 +193,13 @@ class ModelRunner:
         return out.float()
 
     def _common_blocks(self, tables: torch.Tensor, min_len: int) -> int:
-        """Leading table columns equal in every row and full in every sequence."""
+        """Leading table columns equal in every row and full in every sequence. A row left alone keeps the prefix
+        it shared in the step before, so its kept contiguous part stays valid instead of being copied again."""
         if tables.shape[0] < 2:
-            return 0
-        same = (tables == tables[:1]).all(dim=0).to(torch.int32)
-        n = int(same.cumprod(0).sum())
-        return min(n, min_len // self.block_size)
+            last = torch.tensor(self._last_common, dtype=tables.dtype)[: tables.shape[1]]
+            same = tables[0, : last.shape[0]] == last
+        else:
+            same = (tables == tables[:1]).all(dim=0)
+        n = min(int(same.to(torch.int32).cumprod(0).sum()), min_len // self.block_size)
+        self._last_common = tables[0, :n].tolist()
+        return n

@@ -170,7 +170,7 @@ def plan_decode(block_tables, context_lens, block_size, common_blocks=0, dtype=t
     lens, bs, dev = context_lens.long(), block_size, context_lens.device
     S, width = lens.shape[0], block_tables.shape[1]
     tables = block_tables.long()
-    common = min(common_blocks, (int(lens.min()) - 1) // bs) if S > 1 else 0
+    common = min(common_blocks, (int(lens.min()) - 1) // bs)
     shared = tables[0, :common] if common > 0 else None
     start = torch.full((S,), common, dtype=torch.long, device=dev)  # each row's first rest column
     groups = _sample_groups(tables, lens, bs, common, prompt_lens) if S > 1 or prompt_lens is not None else []
@@ -273,10 +273,7 @@ def paged_attention_decode_cpu(q, k_cache, v_cache, plan: DecodePlan, scale, buf
     buffers = buffers or GatherBuffers()
     qg = q.reshape(S, Hkv, G, D)  # the G query heads of a KV head become G queries of one attention row
     if plan.rows is not None:  # the rows' own tokens, kept contiguous in slot order across steps
-        rows = plan.rows
-        k, v = rows.kv(k_cache.data_ptr(), k_cache, v_cache)
-        out, lse = attention_with_lse(qg[rows.row_of_slot], k, v, rows.mask.to(q.dtype), scale)
-        out, lse = out[rows.slot_of_row], lse[rows.slot_of_row]
+        out, lse = plan.rows.attend(k_cache.data_ptr(), qg, k_cache, v_cache, scale)
     else:
         k, v = _gather_heads(k_cache, v_cache, plan.rest_blocks, S, buffers)
         out, lse = attention_with_lse(qg, k, v, plan.rest_mask.to(q.dtype), scale)
@@ -290,10 +287,7 @@ def paged_attention_decode_cpu(q, k_cache, v_cache, plan: DecodePlan, scale, buf
         Ng, M = plan.group_rows.shape
         qs = qg[plan.group_rows.reshape(-1)].view(Ng, M, Hkv, G, D).transpose(1, 2).reshape(Ng, Hkv, M * G, D)
         if plan.group_ctx is not None:  # the groups' parts kept contiguous across steps, one slot per group
-            ctx = plan.group_ctx
-            k, v = ctx.kv(k_cache.data_ptr(), k_cache, v_cache)
-            out, lse = attention_with_lse(qs[ctx.row_of_slot], k, v, ctx.mask.to(q.dtype), scale)
-            out, lse = out[ctx.slot_of_row], lse[ctx.slot_of_row]
+            out, lse = plan.group_ctx.attend(k_cache.data_ptr(), qs, k_cache, v_cache, scale)
         else:
             k, v = _gather_heads(k_cache, v_cache, plan.group_blocks, Ng, buffers, stable="group")
             out, lse = attention_with_lse(qs, k, v, plan.group_mask.to(q.dtype), scale)

@@ -12,7 +12,15 @@ each (slot, head) a contiguous [tokens, D] matrix.
 Bookkeeping is done once per step (``step``), for all layers: which slot each sequence owns, which tokens are
 new, which slots move. When a sequence leaves, the last slot moves into its place, so the live slots are always
 0..n-1; their order differs from the step's row order, which the attention undoes by permuting the queries and
-outputs ([S, Hq, D], tiny). Everything is forgotten on a prefill step (a recomputed or newly admitted sequence
+outputs ([S, Hq, D], tiny).
+
+Rests differ in length (prompts of different questions), and one attention call over all slots pads each to the
+longest: measured on the ReflectEvo loop, half of what such a call reads is padding. So sequences arriving
+together get slots in order of decreasing rest length (they then grow together, a token per step, and a slot
+moved into a hole is the shortest, so the order stays close), and each step splits the slots into a few
+contiguous ranges (``buckets``), each attended up to its own longest rest: a split costs one more call
+(``BUCKET_CALL_COST`` padded tokens per slot-range, measured order of magnitude) and saves the padding it cuts.
+The buffers are sized for the tokens the sequences may still generate (``reserve``), so they rarely grow. Everything is forgotten on a prefill step (a recomputed or newly admitted sequence
 may reuse block ids or hold recomputed K/V), when a sequence's rest starts elsewhere (its sample group changed),
 and when the buffers would pass ``budget_bytes`` (then the caller gathers as before).
 """
@@ -21,6 +29,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+
+from reflectevo.kernels.paged_attention import attention_with_lse
+
+BUCKET_CALL_COST = 300  # one more attention call costs about as much as this many (slot x token) of padding
 
 
 @dataclass
@@ -40,15 +52,48 @@ class RowStep:
     slot_of_row: torch.Tensor  # [S]
     mask: torch.Tensor  # [S, 1, 1, length] additive, slot order: -inf past each slot's rest
     owner: "RowContexts"
+    buckets: list[tuple[int, int, int]] | None = None  # (first slot, end slot, tokens read): covers 0..slots
+    flat_rows: tuple | None = None  # cache of _flat_rows
 
     def kv(self, layer_key, k_cache, v_cache):
         """This layer's buffers brought up to date -> K, V [slots, Hkv, length, D] views."""
         return self.owner._layer_kv(self, layer_key, k_cache, v_cache)
 
+    def attend(self, layer_key, q, k_cache, v_cache, scale):
+        """q [rows, Hkv, M, D] in the step's row order (M queries per KV head) against each row's kept tokens ->
+        (out [rows, Hkv, M, D], lse [rows, Hkv, M] fp32) in row order; one attention call per bucket."""
+        k, v = self.kv(layer_key, k_cache, v_cache)
+        qs, mask = q[self.row_of_slot], self.mask.to(q.dtype)
+        parts = [attention_with_lse(qs[a:b], k[a:b, :, :n], v[a:b, :, :n], mask[a:b, :, :, :n], scale)
+                 for a, b, n in self.buckets or [(0, self.slots, self.length)]]
+        out = torch.cat([o for o, _ in parts]) if len(parts) > 1 else parts[0][0]
+        lse = torch.cat([x for _, x in parts]) if len(parts) > 1 else parts[0][1]
+        return out[self.slot_of_row], lse[self.slot_of_row]
+
+
+def length_buckets(lengths: list[int], call_cost: int = BUCKET_CALL_COST) -> list[tuple[int, int, int]]:
+    """Split slots 0..n-1 with these lengths into contiguous ranges minimising sum(range size x longest in range)
+    + call_cost per range (dynamic programming over range ends) -> [(start, end, longest)]."""
+    n = len(lengths)
+    best, cut = [0] + [None] * n, [0] * (n + 1)
+    for end in range(1, n + 1):
+        longest = 0
+        for start in range(end - 1, -1, -1):
+            longest = max(longest, lengths[start])
+            cost = best[start] + (end - start) * longest + call_cost
+            if best[end] is None or cost < best[end]:
+                best[end], cut[end] = cost, start
+    out, end = [], n
+    while end > 0:
+        start = cut[end]
+        out.append((start, end, max(lengths[start:end])))
+        end = start
+    return out[::-1]
+
 
 class RowContexts:
-    def __init__(self, budget_bytes: int = 1 << 30):
-        self.budget_bytes = budget_bytes
+    def __init__(self, budget_bytes: int = 1 << 30, bucket_call_cost: int = BUCKET_CALL_COST):
+        self.budget_bytes, self.bucket_call_cost = budget_bytes, bucket_call_cost
         self.layers: dict = {}  # layer key -> [k buffer, v buffer, last step applied]
         self.forget()
 
@@ -61,19 +106,25 @@ class RowContexts:
         for entry in self.layers.values():
             entry[2] = -1
 
-    def step(self, keys: list[int], tables: list[list[int]], starts: list[int], lens: list[int], block_size: int,
-             num_layers: int, kv_heads: int, head_dim: int, dtype: torch.dtype, device) -> RowStep | None:
-        """Plan one decode step: row r is sequence keys[r] with block table tables[r], context lens[r], whose rest
-        starts at token starts[r] (a block boundary). None when the buffers would pass the budget."""
+    def step(self, keys: list, tables: list[list[int]], starts: list[int], lens: list[int], block_size: int,
+             num_layers: int, kv_heads: int, head_dim: int, dtype: torch.dtype, device, reserve: int = 0
+             ) -> RowStep | None:
+        """Plan one decode step: row r is sequence keys[r] (any hashable) with block table tables[r], context
+        lens[r], whose rest starts at token starts[r] (a block boundary); ``reserve``: tokens a sequence may still
+        add (room made for them when the buffers grow). None when the buffers would pass the budget."""
         bs, S = block_size, len(keys)
         if self.step_id and any(e[2] != self.step_id for e in self.layers.values()):
             self.forget()  # the last step did not reach every layer (an interrupted model call)
         longest = max(n - s for n, s in zip(lens, starts))
-        capacity = max(self.valid_capacity, longest)
-        if capacity > self.valid_capacity:
-            capacity = max(capacity, int(self.valid_capacity * 1.25), 64)
-            capacity = (capacity + bs - 1) // bs * bs
         elem = torch.empty((), dtype=dtype).element_size()
+        capacity = self.valid_capacity
+        if longest > self.valid_capacity:
+            for extra in (reserve, 0):  # room for the rest of the generation when the budget allows
+                capacity = max(longest + extra, int(self.valid_capacity * 1.25), 64)
+                capacity = (capacity + bs - 1) // bs * bs
+                if 2 * num_layers * max(S, len(self.slot_of)) * kv_heads * capacity * head_dim * elem \
+                        <= self.budget_bytes:
+                    break
         if 2 * num_layers * max(S, len(self.slot_of)) * kv_heads * capacity * head_dim * elem > self.budget_bytes:
             self.forget()
             return None
@@ -92,10 +143,12 @@ class RowContexts:
                 moves_from.append(s)
                 moves_to.append(hole)
                 self.slot_of[by_slot[s]] = hole
+        arriving = sorted((r for r, key in enumerate(keys) if key not in self.slot_of),
+                          key=lambda r: starts[r] - lens[r])  # longest rest first
+        for r in arriving:
+            self.slot_of[keys[r]] = len(self.slot_of)
         src, dst_slot, dst_pos = [], [], []
         for key, table, start, n in zip(keys, tables, starts, lens):
-            if key not in self.slot_of:
-                self.slot_of[key] = len(self.slot_of)
             first_block = start // bs
             blocks = table[first_block:(n + bs - 1) // bs]
             held = 0
@@ -116,7 +169,10 @@ class RowContexts:
         slot_of_row = torch.tensor([self.slot_of[k] for k in keys], device=device)
         row_of_slot = torch.empty_like(slot_of_row)
         row_of_slot[slot_of_row] = torch.arange(S, device=device)
-        rest = torch.tensor([n - s for n, s in zip(lens, starts)], device=device)[row_of_slot]
+        rest_of_slot = [0] * S
+        for key, start, n in zip(keys, starts, lens):
+            rest_of_slot[self.slot_of[key]] = n - start
+        rest = torch.tensor(rest_of_slot, device=device)
         mask = torch.zeros(S, 1, 1, longest, dtype=dtype, device=device)
         mask.masked_fill_((torch.arange(longest, device=device)[None, :] >= rest[:, None])[:, None, None, :],
                           float("-inf"))
@@ -125,42 +181,56 @@ class RowContexts:
             return torch.tensor(xs, dtype=torch.long, device=device) if xs else None
 
         return RowStep(self.step_id, S, capacity, longest, t(moves_from), t(moves_to), t(src), t(dst_slot),
-                       t(dst_pos), row_of_slot, slot_of_row, mask, self)
+                       t(dst_pos), row_of_slot, slot_of_row, mask, self, length_buckets(rest_of_slot, self.bucket_call_cost))
 
     def _layer_kv(self, step: RowStep, layer_key, k_cache, v_cache):
         entry = self.layers.get(layer_key)
         Hkv, D = k_cache.shape[2], k_cache.shape[3]
+        pending = entry is None or entry[2] != step.step
+        if entry is not None and pending and step.moves_from is not None:  # before a resize drops high slots
+            for buf in entry[:2]:
+                buf.index_copy_(0, step.moves_to, buf.index_select(0, step.moves_from))
         if entry is None or entry[0].shape[2] < step.capacity or entry[0].shape[0] < step.slots \
                 or entry[0].dtype != k_cache.dtype:
-            slots = max(step.slots, entry[0].shape[0] if entry is not None else 0)
             # zeros: positions past a slot's rest are masked, but their V is still multiplied by a zero weight
-            k = torch.zeros(slots, Hkv, step.capacity, D, dtype=k_cache.dtype, device=k_cache.device)
+            k = torch.zeros(step.slots, Hkv, step.capacity, D, dtype=k_cache.dtype, device=k_cache.device)
             v = torch.zeros_like(k)
             if entry is not None and entry[2] >= 0 and entry[0].dtype == k_cache.dtype:
-                old_s, old_c = min(entry[0].shape[0], slots), entry[0].shape[2]
-                k[:old_s, :, :old_c] = entry[0][:old_s]
-                v[:old_s, :, :old_c] = entry[1][:old_s]
+                old_s, old_c = min(entry[0].shape[0], step.slots), min(entry[0].shape[2], step.capacity)
+                k[:old_s, :, :old_c] = entry[0][:old_s, :, :old_c]
+                v[:old_s, :, :old_c] = entry[1][:old_s, :, :old_c]
             entry = self.layers[layer_key] = [k, v, entry[2] if entry is not None else -1]
         k, v = entry[0], entry[1]
-        if entry[2] != step.step:
-            if step.moves_from is not None:
-                k.index_copy_(0, step.moves_to, k.index_select(0, step.moves_from))
-                v.index_copy_(0, step.moves_to, v.index_select(0, step.moves_from))
-            if step.src is not None:
-                kf, vf = k_cache.view(-1, Hkv, D), v_cache.view(-1, Hkv, D)
-                k.transpose(1, 2).index_put_((step.dst_slot, step.dst_pos), kf.index_select(0, step.src))
-                v.transpose(1, 2).index_put_((step.dst_slot, step.dst_pos), vf.index_select(0, step.src))
+        if pending:
+            if step.src is not None:  # one contiguous [D] row per (token, head): a flat index_copy per buffer
+                rows = _flat_rows(step, Hkv, k.shape[2])
+                kf, vf = k_cache.view(-1, Hkv * D), v_cache.view(-1, Hkv * D)
+                k.view(-1, D).index_copy_(0, rows, kf.index_select(0, step.src).view(-1, D))
+                v.view(-1, D).index_copy_(0, rows, vf.index_select(0, step.src).view(-1, D))
             entry[2] = step.step
         return k[:step.slots, :, :step.length], v[:step.slots, :, :step.length]
 
 
+def _flat_rows(step: RowStep, kv_heads: int, capacity: int) -> torch.Tensor:
+    """Rows of a [slots * Hkv * capacity, D] view of the buffers where each new token's heads go, token-major
+    (the order of the gathered [tokens, Hkv, D] values); computed once per step and buffer capacity."""
+    cached = step.flat_rows
+    if cached is None or cached[0] != (kv_heads, capacity):
+        heads = torch.arange(kv_heads, device=step.dst_slot.device)
+        rows = ((step.dst_slot[:, None] * kv_heads + heads) * capacity + step.dst_pos[:, None]).reshape(-1)
+        cached = step.flat_rows = ((kv_heads, capacity), rows)
+    return cached[1]
+
+
 def keep_contexts(plan, rows: RowContexts, groups: RowContexts, keys: list, tables: list[list[int]],
-                  lens: list[int], block_size: int, num_layers: int, kv_heads: int, head_dim: int, dtype, device):
+                  lens: list[int], block_size: int, num_layers: int, kv_heads: int, head_dim: int, dtype, device,
+                  reserve: int = 0):
     """Set ``plan.rows`` (each sequence's own part) and ``plan.group_ctx`` (each sample group's shared part, a
     group known by its block ids: the same blocks hold the same tokens) from the kept contexts; either stays None
-    when its buffers would pass their budget, and the attention gathers that part instead."""
+    when its buffers would pass their budget, and the attention gathers that part instead. ``reserve``: tokens
+    the sequences may still generate."""
     shape = (block_size, num_layers, kv_heads, head_dim, dtype, device)
-    plan.rows = rows.step(keys, tables, (plan.rest_start * block_size).tolist(), lens, *shape)
+    plan.rows = rows.step(keys, tables, (plan.rest_start * block_size).tolist(), lens, *shape, reserve=reserve)
     if plan.groups:
         c = plan.common
         firsts = [tables[members[0]][:c + n] for members, n in plan.groups]
