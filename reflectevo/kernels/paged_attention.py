@@ -65,11 +65,17 @@ def _gather(cache, block_tables):
 
 
 def merge_partials(outs, lses):
-    """Combine attention over disjoint key sets: weights exp(lse_i - logsumexp_i lse_i)."""
-    lse = torch.stack(lses)
-    total = torch.logsumexp(lse, dim=0)
-    w = torch.exp(lse - total.nan_to_num(neginf=0.0)).nan_to_num(nan=0.0)
-    return sum(w[i][..., None] * outs[i] for i in range(len(outs)))
+    """Combine attention over disjoint key sets: out = sum_i w_i out_i / sum_i w_i, w_i = exp(lse_i - max_j lse_j)
+    (a part a row does not see has lse -inf and weight 0; every row sees at least one part)."""
+    top = lses[0]
+    for lse in lses[1:]:
+        top = torch.maximum(top, lse)
+    acc = den = None
+    for out, lse in zip(outs, lses):
+        w = torch.exp(lse - top)
+        acc = out * w[..., None] if acc is None else acc.addcmul_(out, w[..., None])
+        den = w if den is None else den.add_(w)
+    return acc.div_(den[..., None])
 
 
 def paged_attention_decode_reference(q, k_cache, v_cache, block_tables, context_lens, scale):
