@@ -27,9 +27,10 @@ The CPU path (``paged_attention_decode_cpu``) computes the same thing faster, in
 When the sequences share leading blocks (a common few-shot prefix) it attends to that prefix once for the
 whole batch (cascade attention), and blocks shared by a group of sequences only (the n samples of one prompt)
 once per group, then merges the parts by log-sum-exp: S copies of a shared prefix become one. Given the prompt
-lengths, every sequence's prompt blocks form a group (of one, when no other sample shares them), so the parts
-that change during a decode are only the generated tokens; the caller may keep those contiguous across steps
-too (``paged_attention_rows.RowContexts``), each step copying in one token per sequence.
+lengths, a group is the samples of one prompt and its part is their prompt blocks; a sequence alone keeps its
+whole context after the common prefix as its own part. The caller may keep the groups' parts and the sequences'
+own parts contiguous across steps (``paged_attention_rows.RowContexts``: each step copies in one token per
+sequence, and attends to the parts in a few length buckets instead of padding every part to the longest).
 """
 from __future__ import annotations
 

@@ -1,9 +1,9 @@
 """CPU decode: each running sequence's own context (the part after the prefixes it shares) kept contiguous.
 
 The cascade plan (``plan_decode``) attends to a shared prefix once per batch or group; what is left is each
-sequence's own tokens ("rest": with prompt groups, its generated text and the partial last prompt block; without,
-its whole private prompt too). Gathering those blocks from the paged cache
-every layer of every decode step reads and writes the whole private context each time, although a decode step
+sequence's own tokens ("rest": for one of the n samples of a prompt, its generated text and the partial last
+prompt block; for a sequence alone, everything after the common prefix). Gathering those blocks from the paged
+cache every layer of every decode step reads and writes the whole private context each time, although a decode step
 adds one token per sequence and never changes a token already stored. ``RowContexts`` keeps, per layer, one
 buffer K, V [slots, Hkv, capacity, D] in which slot i holds one sequence's rest tokens in order; each step copies
 in only the tokens that are new to it (one per sequence while decoding) and attention reads the buffer as it is,
@@ -23,6 +23,8 @@ contiguous ranges (``buckets``), each attended up to its own longest rest: a spl
 The buffers are sized for the tokens the sequences may still generate (``reserve``), so they rarely grow. Everything is forgotten on a prefill step (a recomputed or newly admitted sequence
 may reuse block ids or hold recomputed K/V), when a sequence's rest starts elsewhere (its sample group changed),
 and when the buffers would pass ``budget_bytes`` (then the caller gathers as before).
+The same class keeps the sample groups' shared prompts (one slot per group, keyed by the group's block ids),
+which never change during a decode: ``keep_contexts`` plans both for a step.
 """
 from __future__ import annotations
 
@@ -94,7 +96,7 @@ def length_buckets(lengths: list[int], call_cost: int = BUCKET_CALL_COST) -> lis
 class RowContexts:
     def __init__(self, budget_bytes: int = 1 << 30, bucket_call_cost: int = BUCKET_CALL_COST):
         self.budget_bytes, self.bucket_call_cost = budget_bytes, bucket_call_cost
-        self.layers: dict = {}  # layer key -> [k buffer, v buffer, last step applied]
+        self.layers: dict = {}  # layer key -> [k, v views, last step applied, k, v flat storage]
         self.forget()
 
     def forget(self):
@@ -192,14 +194,23 @@ class RowContexts:
                 buf.index_copy_(0, step.moves_to, buf.index_select(0, step.moves_from))
         if entry is None or entry[0].shape[2] < step.capacity or entry[0].shape[0] < step.slots \
                 or entry[0].dtype != k_cache.dtype:
-            # zeros: positions past a slot's rest are masked, but their V is still multiplied by a zero weight
-            k = torch.zeros(step.slots, Hkv, step.capacity, D, dtype=k_cache.dtype, device=k_cache.device)
-            v = torch.zeros_like(k)
-            if entry is not None and entry[2] >= 0 and entry[0].dtype == k_cache.dtype:
-                old_s, old_c = min(entry[0].shape[0], step.slots), min(entry[0].shape[2], step.capacity)
-                k[:old_s, :, :old_c] = entry[0][:old_s, :, :old_c]
-                v[:old_s, :, :old_c] = entry[1][:old_s, :, :old_c]
-            entry = self.layers[layer_key] = [k, v, entry[2] if entry is not None else -1]
+            shape = (step.slots, Hkv, step.capacity, D)
+            numel = step.slots * Hkv * step.capacity * D
+            if entry is not None and entry[2] < 0 and entry[3].numel() >= numel and entry[0].dtype == k_cache.dtype:
+                # nothing kept to move: re-view the old storage (it holds finite values, which is all that
+                # masked positions need) instead of mapping and faulting in fresh zeroed pages
+                k, v = entry[3][:numel].view(shape), entry[4][:numel].view(shape)
+                entry[:2] = [k, v]
+            else:
+                # zeros: positions past a slot's rest are masked, but their V is still multiplied by a zero weight
+                kf = torch.zeros(numel, dtype=k_cache.dtype, device=k_cache.device)
+                vf = torch.zeros_like(kf)
+                k, v = kf.view(shape), vf.view(shape)
+                if entry is not None and entry[2] >= 0 and entry[0].dtype == k_cache.dtype:
+                    old_s, old_c = min(entry[0].shape[0], step.slots), min(entry[0].shape[2], step.capacity)
+                    k[:old_s, :, :old_c] = entry[0][:old_s, :, :old_c]
+                    v[:old_s, :, :old_c] = entry[1][:old_s, :, :old_c]
+                entry = self.layers[layer_key] = [k, v, entry[2] if entry is not None else -1, kf, vf]
         k, v = entry[0], entry[1]
         if pending:
             if step.src is not None:  # one contiguous [D] row per (token, head): a flat index_copy per buffer
