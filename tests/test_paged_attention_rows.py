@@ -108,10 +108,12 @@ def test_prefill_forget_interrupted_step_and_budget():
     run.grow()
     step = run.step(rows)  # noticed: everything is sent again, results still match in both layers
     assert step.src.numel() > len(run.lens)
+    storage = {key: entry[3].data_ptr() for key, entry in rows.layers.items()}
     rows.forget()  # what a prefill step does
     run.grow()
     step = run.step(rows)
     assert step.src.numel() > len(run.lens)
+    assert {key: entry[3].data_ptr() for key, entry in rows.layers.items()} == storage  # re-viewed, not remapped
     assert RowContexts(budget_bytes=0).step([1], [[0, 1]], [0], [20], BS, LAYERS, HKV, D, torch.float32,
                                             "cpu") is None
 
