@@ -176,3 +176,18 @@ def test_arrivals_take_slots_longest_first_and_buckets_match_reference():
         step = run.step(rows)
         covered = [i for a, b, _ in step.buckets for i in range(a, b)]
         assert covered == list(range(len(run.lens)))
+
+
+def test_after_forget_a_new_shape_reuses_the_storage():
+    """More slots of shorter rests after a prefill fit the old storage: re-viewed (stale but finite values past
+    each rest are masked) and still equal to the reference."""
+    first = FakeRun([(0, [150, 140])], seed=7)
+    rows = RowContexts()
+    first.step(rows)
+    storage = {key: entry[3].data_ptr() for key, entry in rows.layers.items()}
+    rows.forget()
+    second = FakeRun([(0, [40, 35, 30, 45])], seed=8)
+    second.kc, second.vc = first.kc, first.vc  # the same cache, so the same layer keys
+    step = second.step(rows)
+    assert step.slots == 4 and all(entry[0].shape[0] == 4 for entry in rows.layers.values())
+    assert {key: entry[3].data_ptr() for key, entry in rows.layers.items()} == storage
