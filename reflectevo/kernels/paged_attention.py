@@ -172,8 +172,8 @@ def _sample_groups(block_tables, lens, block_size, common, prompt_lens=None) -> 
 def plan_decode(block_tables, context_lens, block_size, common_blocks=0, dtype=torch.float32,
                 prompt_lens=None) -> DecodePlan:
     """block_tables [S, >= max blocks], context_lens [S] (>= 1); ``common_blocks``: leading columns with the same
-    ids in every row; ``prompt_lens`` [S] (optional): each row's prompt length, for single-row groups (see
-    ``_sample_groups``). Shared parts stop early enough that every sequence has a token after them."""
+    ids in every row; ``prompt_lens`` [S] (optional): each row's prompt length, so that groups are the samples of
+    one prompt (see ``_sample_groups``). Shared parts stop early enough that every sequence has a token after them."""
     lens, bs, dev = context_lens.long(), block_size, context_lens.device
     S, width = lens.shape[0], block_tables.shape[1]
     tables = block_tables.long()

@@ -20,9 +20,11 @@ together get slots in order of decreasing rest length (they then grow together, 
 moved into a hole is the shortest, so the order stays close), and each step splits the slots into a few
 contiguous ranges (``buckets``), each attended up to its own longest rest: a split costs one more call
 (``BUCKET_CALL_COST`` padded tokens per slot-range, measured order of magnitude) and saves the padding it cuts.
-The buffers are sized for the tokens the sequences may still generate (``reserve``), so they rarely grow. Everything is forgotten on a prefill step (a recomputed or newly admitted sequence
-may reuse block ids or hold recomputed K/V), when a sequence's rest starts elsewhere (its sample group changed),
-and when the buffers would pass ``budget_bytes`` (then the caller gathers as before).
+The buffers are sized for the tokens the sequences may still generate (``reserve``), so they rarely grow.
+
+Everything is forgotten on a prefill step (a recomputed or newly admitted sequence may reuse block ids or hold
+recomputed K/V), when a sequence's rest starts elsewhere (its sample group changed), and when the buffers would
+pass ``budget_bytes`` (then the caller gathers as before).
 The same class keeps the sample groups' shared prompts (one slot per group, keyed by the group's block ids),
 which never change during a decode: ``keep_contexts`` plans both for a step.
 """
@@ -101,8 +103,8 @@ class RowContexts:
 
     def forget(self):
         """Drop what the slots hold (the buffers stay allocated for reuse)."""
-        self.slot_of: dict[int, int] = {}  # sequence key -> slot
-        self.kept: dict[int, tuple[int, list[int], int]] = {}  # key -> (rest start token, rest blocks, tokens held)
+        self.slot_of: dict = {}  # sequence (or group) key -> slot
+        self.kept: dict = {}  # key -> (rest start token, rest blocks, tokens held)
         self.step_id = 0
         self.valid_capacity = 0
         for entry in self.layers.values():
@@ -118,16 +120,16 @@ class RowContexts:
         if self.step_id and any(e[2] != self.step_id for e in self.layers.values()):
             self.forget()  # the last step did not reach every layer (an interrupted model call)
         longest = max(n - s for n, s in zip(lens, starts))
-        elem = torch.empty((), dtype=dtype).element_size()
+        slot_bytes = 2 * num_layers * max(S, len(self.slot_of)) * kv_heads * head_dim \
+            * torch.empty((), dtype=dtype).element_size()  # per token of capacity
         capacity = self.valid_capacity
         if longest > self.valid_capacity:
             for extra in (reserve, 0):  # room for the rest of the generation when the budget allows
                 capacity = max(longest + extra, int(self.valid_capacity * 1.25), 64)
                 capacity = (capacity + bs - 1) // bs * bs
-                if 2 * num_layers * max(S, len(self.slot_of)) * kv_heads * capacity * head_dim * elem \
-                        <= self.budget_bytes:
+                if slot_bytes * capacity <= self.budget_bytes:
                     break
-        if 2 * num_layers * max(S, len(self.slot_of)) * kv_heads * capacity * head_dim * elem > self.budget_bytes:
+        if slot_bytes * capacity > self.budget_bytes:
             self.forget()
             return None
         live = set(keys)
@@ -183,7 +185,8 @@ class RowContexts:
             return torch.tensor(xs, dtype=torch.long, device=device) if xs else None
 
         return RowStep(self.step_id, S, capacity, longest, t(moves_from), t(moves_to), t(src), t(dst_slot),
-                       t(dst_pos), row_of_slot, slot_of_row, mask, self, length_buckets(rest_of_slot, self.bucket_call_cost))
+                       t(dst_pos), row_of_slot, slot_of_row, mask, self,
+                       length_buckets(rest_of_slot, self.bucket_call_cost))
 
     def _layer_kv(self, step: RowStep, layer_key, k_cache, v_cache):
         entry = self.layers.get(layer_key)
