@@ -70,6 +70,44 @@ def test_lora_linear_outputs_and_grads_match_float(use_rslora, quantized, dtype)
     close(x.detach() @ layer.merge().t(), y.detach().float())
 
 
+def test_merged_compute_matches_the_unmerged_layer_and_follows_updates(monkeypatch):
+    from reflectevo.model import lora
+
+    torch.manual_seed(0)
+    base = nn.Linear(24, 40, bias=True).double()
+    merged = LoRALinear(base, r=4, alpha=8, dtype=torch.float64)
+    with torch.no_grad():
+        merged.lora_B.weight.normal_()
+    x = torch.randn(3, 5, 24, dtype=torch.float64, requires_grad=True)
+    opt = torch.optim.SGD([merged.lora_A.weight, merged.lora_B.weight], lr=0.5)
+    for _ in range(2):  # the second pass runs after an optimizer step changed A and B in place
+        assert merged._merges(x)
+        y = merged(x)
+        g = torch.randn_like(y)
+        y.backward(g)
+        got = (y.detach(), x.grad, merged.lora_A.weight.grad, merged.lora_B.weight.grad)
+        x.grad = None
+        monkeypatch.setattr(lora, "MERGED_COMPUTE", False)
+        merged.zero_grad()
+        y_ref = merged(x)
+        y_ref.backward(g)
+        want = (y_ref.detach(), x.grad, merged.lora_A.weight.grad, merged.lora_B.weight.grad)
+        monkeypatch.setattr(lora, "MERGED_COMPUTE", True)
+        for a, b in zip(got, want):
+            torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+        with torch.no_grad():
+            torch.testing.assert_close(merged(x), y_ref.detach(), rtol=1e-12, atol=1e-12)
+        x.grad = None
+        opt.step()
+        opt.zero_grad()
+    with adapters_disabled(merged):
+        torch.testing.assert_close(merged(x), base(x), rtol=0, atol=0)
+    half = LoRALinear(nn.Linear(24, 40).bfloat16(), r=4, dtype=torch.bfloat16)
+    assert not half._merges(torch.randn(2, 24, dtype=torch.bfloat16))  # B A would round away in 16 bits
+    drop = LoRALinear(nn.Linear(24, 40), r=4, dropout=0.1)
+    assert not drop._merges(torch.randn(2, 24)) and drop.eval()._merges(torch.randn(2, 24))
+
+
 def test_lora_dropout_only_in_training():
     layer = LoRALinear(nn.Linear(16, 16), r=2, alpha=4, dropout=0.5)
     with torch.no_grad():

@@ -4,6 +4,15 @@
 ``alpha / sqrt(r)`` with rsLoRA. Initialisation as PEFT: A Kaiming-uniform (a = sqrt(5)), B zero, so a fresh
 adapter leaves the model unchanged. Only A and B train; the base stays frozen (NF4: 0.52 bytes/parameter).
 Module and state names mirror PEFT (``...q_proj.lora_A.weight``) so reflectevo.model.peft_io maps keys 1:1.
+
+Merged compute (an fp32 / fp64 float base on the CPU, no dropout in training): the layer keeps
+``W' = W + scaling · B A`` (rebuilt whenever A, B or W change, detected by their version counters) and computes
+``y = x W'^T``: one matmul instead of the base matmul plus two skinny rank-r ones, a scale and an add. Its backward
+takes dx = dy W' (again one matmul) and the adapter gradients from ``u = x A^T`` saved in the forward:
+dB = scaling · dy^T u, dA = scaling · (dy B)^T x. The price is one more copy of each adapted weight (fp32: 4 bytes a
+parameter). Measured on a 2-core CPU: an SFT step of SmolLM2-135M with LoRA on every linear layer 16 % shorter.
+Skipped where it would lose precision or memory: 16-bit bases (the small B A would round away), NF4 bases, CUDA;
+``MERGED_COMPUTE = False`` turns it off.
 """
 from __future__ import annotations
 
@@ -12,12 +21,14 @@ import math
 import re
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from reflectevo.kernels.nf4 import NF4Tensor, nf4_dequantize, nf4_quantize
 from reflectevo.kernels.nf4_matmul import nf4_matmul
 
 DEFAULT_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+MERGED_COMPUTE = True
 
 
 class NF4Linear(nn.Module):
@@ -79,6 +90,7 @@ class LoRALinear(nn.Module):
         self.lora_B = nn.Linear(self.r, self.out_features, bias=False, device=device, dtype=dtype)
         self.lora_dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         self.disabled = False
+        self._merged, self._merged_key = None, None
         self.reset_lora_parameters()
         for p in self.base.parameters():
             p.requires_grad_(False)
@@ -88,12 +100,42 @@ class LoRALinear(nn.Module):
         nn.init.zeros_(self.lora_B.weight)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self._merges(x):
+            bias = self.base.bias
+            if torch.is_grad_enabled() and (x.requires_grad or self.lora_A.weight.requires_grad
+                                            or self.lora_B.weight.requires_grad):
+                return _MergedLoRA.apply(x, self._merged_weight(), bias, self.lora_A.weight, self.lora_B.weight,
+                                         self.scaling)
+            return F.linear(x, self._merged_weight(), bias)
         y = self.base(x)
         if self.disabled:
             return y
         a = self.lora_A.weight
         h = self.lora_B(self.lora_A(self.lora_dropout(x.to(a.dtype))))
         return y + (h * self.scaling).to(y.dtype)
+
+    def _merges(self, x: torch.Tensor) -> bool:
+        if not MERGED_COMPUTE or self.disabled or type(self.base) is not nn.Linear:
+            return False
+        w, bias = self.base.weight, self.base.bias
+        if w.requires_grad or (bias is not None and bias.requires_grad):
+            return False
+        return (w.device.type == "cpu" and w.dtype in (torch.float32, torch.float64) and x.dtype == w.dtype
+                and self.lora_A.weight.dtype == w.dtype and (self.dropout_p == 0 or not self.training))
+
+    def _merged_weight(self) -> torch.Tensor:
+        """W + scaling · B A, rebuilt when any of the three tensors changed since the last call."""
+        a, b, w = self.lora_A.weight, self.lora_B.weight, self.base.weight
+        key = tuple((id(t), t.data_ptr(), t._version) for t in (a, b, w)) + (self.scaling,)
+        if self._merged_key != key:
+            with torch.no_grad():
+                self._merged = torch.addmm(w, b, a, alpha=self.scaling)
+            self._merged_key = key
+        return self._merged
+
+    def _apply(self, fn, recurse=True):
+        self._merged, self._merged_key = None, None  # rebuilt on the next forward, where the weights then live
+        return super()._apply(fn, recurse)
 
     def base_weight(self) -> torch.Tensor:
         """The base weight in fp32 (dequantised for NF4)."""
@@ -108,6 +150,30 @@ class LoRALinear(nn.Module):
 
     def extra_repr(self) -> str:
         return f"r={self.r}, alpha={self.alpha}, dropout={self.dropout_p}, rslora={self.use_rslora}"
+
+
+class _MergedLoRA(torch.autograd.Function):
+    """y = x W'^T + bias with W' = W + s B A (built from the same A, B); gradients for x, A and B."""
+
+    @staticmethod
+    def forward(ctx, x, merged, bias, a, b, scaling: float):
+        u = x @ a.T if ctx.needs_input_grad[4] else None
+        ctx.save_for_backward(x, u, merged, a, b)
+        ctx.scaling = scaling
+        return F.linear(x, merged, bias)
+
+    @staticmethod
+    def backward(ctx, dy):
+        x, u, merged, a, b = ctx.saved_tensors
+        need_x, need_a, need_b = ctx.needs_input_grad[0], ctx.needs_input_grad[3], ctx.needs_input_grad[4]
+        dy2 = dy.reshape(-1, dy.shape[-1])
+        dx = (dy @ merged) if need_x else None
+        da = db = None
+        if need_b:
+            db = (dy2.T @ u.reshape(-1, u.shape[-1])).mul_(ctx.scaling)
+        if need_a:
+            da = ((dy2 @ b).T @ x.reshape(-1, x.shape[-1])).mul_(ctx.scaling)
+        return dx, None, None, da, db, None
 
 
 def _module_device(m: nn.Module) -> torch.device:
