@@ -10,7 +10,8 @@ Merged compute (an fp32 / fp64 float base on the CPU, no dropout in training): t
 ``y = x W'^T``: one matmul instead of the base matmul plus two skinny rank-r ones, a scale and an add. Its backward
 takes dx = dy W' (again one matmul) and the adapter gradients from ``u = x A^T`` saved in the forward:
 dB = scaling · dy^T u, dA = scaling · (dy B)^T x. The price is one more copy of each adapted weight (fp32: 4 bytes a
-parameter). Measured on a 2-core CPU: an SFT step of SmolLM2-135M with LoRA on every linear layer 16 % shorter.
+parameter). Measured on a 2-core CPU: an SFT step of SmolLM2-135M with LoRA on every linear layer 9-16 % shorter
+(interleaved runs).
 Skipped where it would lose precision or memory: 16-bit bases (the small B A would round away), NF4 bases, CUDA;
 ``MERGED_COMPUTE = False`` turns it off.
 """
