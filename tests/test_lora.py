@@ -108,6 +108,29 @@ def test_merged_compute_matches_the_unmerged_layer_and_follows_updates(monkeypat
     assert not drop._merges(torch.randn(2, 24)) and drop.eval()._merges(torch.randn(2, 24))
 
 
+def test_lora_with_dropout_trains_unmerged_and_matches_the_formula():
+    torch.manual_seed(0)
+    lin = nn.Linear(32, 24, bias=True)
+    layer = LoRALinear(lin, r=4, alpha=8, dropout=0.25)
+    with torch.no_grad():
+        layer.lora_B.weight.normal_()
+    x = torch.randn(2, 6, 32, requires_grad=True)
+    assert not layer._merges(x)
+    torch.manual_seed(7)
+    y = layer(x)
+    torch.manual_seed(7)  # the same draw: the layer's dropout is its only use of the generator
+    xf = x.detach().clone().requires_grad_(True)
+    af = layer.lora_A.weight.detach().clone().requires_grad_(True)
+    bf = layer.lora_B.weight.detach().clone().requires_grad_(True)
+    y_ref = xf @ lin.weight.t() + lin.bias + 2.0 * (torch.nn.functional.dropout(xf, 0.25) @ af.t() @ bf.t())
+    torch.testing.assert_close(y, y_ref, rtol=1e-5, atol=1e-6)
+    g = torch.randn_like(y)
+    y.backward(g)
+    y_ref.backward(g)
+    for got, want in ((x.grad, xf.grad), (layer.lora_A.weight.grad, af.grad), (layer.lora_B.weight.grad, bf.grad)):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+
+
 def test_lora_dropout_only_in_training():
     layer = LoRALinear(nn.Linear(16, 16), r=2, alpha=4, dropout=0.5)
     with torch.no_grad():

@@ -111,9 +111,13 @@ class LoRALinear(nn.Module):
         y = self.base(x)
         if self.disabled:
             return y
-        a = self.lora_A.weight
-        h = self.lora_B(self.lora_A(self.lora_dropout(x.to(a.dtype))))
-        return y + (h * self.scaling).to(y.dtype)
+        a, b = self.lora_A.weight, self.lora_B.weight
+        u = F.linear(self.lora_dropout(x.to(a.dtype)), a)
+        if y.dtype == u.dtype == b.dtype and not torch.is_autocast_enabled(y.device.type):
+            # y + scaling · u B^T in one BLAS call: no [tokens, out] temporaries for the product, scale and sum
+            return torch.addmm(y.reshape(-1, y.shape[-1]), u.reshape(-1, u.shape[-1]), b.T,
+                               alpha=self.scaling).view(y.shape)
+        return y + (F.linear(u, b) * self.scaling).to(y.dtype)
 
     def _merges(self, x: torch.Tensor) -> bool:
         if not MERGED_COMPUTE or self.disabled or type(self.base) is not nn.Linear:
