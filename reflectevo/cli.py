@@ -52,17 +52,28 @@ def _add_bench_args(p: argparse.ArgumentParser):
 
 
 def _cmd_bench(args) -> int:
-    from reflectevo.bench.runner import run_bench
+    from reflectevo.bench.runner import failed, run_bench
 
-    result, table = run_bench(args.what, device=args.device, quick=args.quick)
-    print(table)
+    printed = [0]
+
+    def save(results, table):  # after each benchmark: print its table, rewrite the files with all done so far
+        print(table[printed[0]:].lstrip("\n"), flush=True)
+        printed[0] = len(table)
+        if args.out is not None:
+            args.out.parent.mkdir(parents=True, exist_ok=True)
+            for path, text in ((args.out, json.dumps(results, indent=2, default=str)),
+                               (args.out.with_suffix(".md"), table + "\n")):
+                tmp = path.with_name(path.name + ".tmp")
+                tmp.write_text(text)
+                tmp.replace(path)
+
+    result, _ = run_bench(args.what, device=args.device, quick=args.quick, on_result=save)
     if args.out is not None:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        tmp = args.out.with_name(args.out.name + ".tmp")
-        tmp.write_text(json.dumps(result, indent=2, default=str))
-        tmp.replace(args.out)
-        args.out.with_suffix(".md").write_text(table + "\n")
         print(f"wrote {args.out}")
+    bad = failed(result)
+    if bad:
+        print(f"error: benchmark(s) failed: {', '.join(bad)}", file=sys.stderr)
+        return 1
     return 0
 
 

@@ -51,3 +51,40 @@ def test_user_error_is_one_line_with_exit_code_2(tmp_path, capsys):
     code = main(["curate", str(missing), "--out", str(tmp_path / "cur")])
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2 and len(err) == 1 and str(missing) in err[0]
+
+
+def test_bench_saves_each_result_as_it_lands_and_survives_a_failing_one(tmp_path, monkeypatch, capsys):
+    import json
+    import types
+
+    from reflectevo.bench import runner
+
+    seen_on_disk = []
+
+    def make(name, fail):
+        mod = types.ModuleType(name)
+
+        def run(device):
+            if fail:
+                seen_on_disk.append(json.loads(out.read_text()))  # the first result is already saved
+                raise RuntimeError("out of memory at shape 8192")
+            return {"device": device, "ms": 1.5}
+
+        mod.run = run
+        mod.format_table = lambda res: f"### {name}\n| ms |\n| {res['ms']} |"
+        monkeypatch.setitem(sys.modules, name, mod)
+        return name
+
+    monkeypatch.setitem(runner.FAMILIES, "kernels", [make("fake_bench.ok_one", False), make("fake_bench.bad", True),
+                                                     make("fake_bench.ok_two", False)])
+    out = tmp_path / "res" / "kernels.json"
+    assert main(["bench", "kernels", "--device", "cpu", "--out", str(out)]) == 1
+    assert seen_on_disk == [{"ok_one": {"device": "cpu", "ms": 1.5}}]
+    saved = json.loads(out.read_text())
+    assert saved["ok_one"] == saved["ok_two"] == {"device": "cpu", "ms": 1.5}
+    assert saved["bad"] == {"error": "RuntimeError: out of memory at shape 8192"}
+    table = out.with_suffix(".md").read_text()
+    assert "### fake_bench.ok_one" in table and "### bad: FAILED" in table and "### fake_bench.ok_two" in table
+    captured = capsys.readouterr()
+    assert captured.out.count("### fake_bench.ok_one") == 1  # each table printed once, as it lands
+    assert "benchmark(s) failed: bad" in captured.err
