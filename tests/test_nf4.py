@@ -104,7 +104,7 @@ def test_error_is_small_and_zero_exact():
 @pytest.mark.parametrize("double_quant", [True, False])
 def test_triton_dequant_matches_reference(name, w, double_quant):
     q = nf4_quantize(w, double_quant=double_quant)
-    for dtype in (torch.float32, torch.bfloat16):
+    for dtype in (torch.float32, torch.bfloat16, torch.float16):
         with kernel_backend("triton"):
             out = nf4_dequantize(q, dtype)
         assert torch.equal(out, nf4_dequantize_reference(q, dtype))

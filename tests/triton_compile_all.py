@@ -75,8 +75,12 @@ def _variants():
             sig = dict(nf4_ptrs, out_ptr=f"*{dt}", n="i64")
             if double:
                 sig["absmax_ptr"] = "*u8"
-            out.append((k["nf4"]._nf4_dequant_kernel, sig, dict(BLOCKSIZE=64, DOUBLE=double, BLOCK=1024),
-                        dict(enable_fp_fusion=False)))
+            out.append((k["nf4"]._nf4_dequant_kernel, sig, dict(BLOCKSIZE=64, DOUBLE=double, ROWS=64),
+                        dict(enable_fp_fusion=False, num_warps=8)))
+    for blocksize in (32, 4096):  # the extremes of bitsandbytes' block sizes: many rows, one row per program
+        out.append((k["nf4"]._nf4_dequant_kernel, dict(nf4_ptrs, absmax_ptr="*u8", out_ptr="*bf16", n="i64"),
+                    dict(BLOCKSIZE=blocksize, DOUBLE=True, ROWS=max(1, 4096 // blocksize)),
+                    dict(enable_fp_fusion=False, num_warps=8)))
     # bf16 in every structural variant (BLOCK_M 16 takes the mma.sync path, 64 the Hopper wgmma one); fp32 and fp16
     # once per code path (their dots differ: ieee fp32, fp16 operands)
     fused = [("bf16", trans, per_line, bm) for trans in (False, True) for per_line in (True, False) for bm in (16, 64)]

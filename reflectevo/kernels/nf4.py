@@ -247,32 +247,42 @@ if HAS_TRITON:
 
     @triton.jit
     def _nf4_dequant_kernel(data_ptr, absmax_ptr, absmax2_ptr, code2_ptr, offset_ptr, table_ptr, out_ptr, n,
-                            BLOCKSIZE: tl.constexpr, DOUBLE: tl.constexpr, BLOCK: tl.constexpr):
-        offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
-        mask = offs < n
-        byte = tl.load(data_ptr + (offs >> 1), mask=mask, other=0).to(tl.int32)
-        nib = (byte >> ((1 - (offs & 1)) * 4).to(tl.int32)) & 0xF
-        level = tl.load(table_ptr + nib, mask=mask, other=0.0)
-        blk = offs // BLOCKSIZE
+                            BLOCKSIZE: tl.constexpr, DOUBLE: tl.constexpr, ROWS: tl.constexpr):
+        """ROWS quantisation blocks per program, laid out [ROWS, BLOCKSIZE]: each packed byte is read once and
+        gives two outputs (high nibble -> element 2j, low -> 2j + 1), each block's absmax is decoded once and
+        broadcast along its row, and every row is written as one contiguous run."""
+        HALF: tl.constexpr = BLOCKSIZE // 2
+        blk = tl.program_id(0).to(tl.int64) * ROWS + tl.arange(0, ROWS)
+        pair = blk[:, None] * HALF + tl.arange(0, HALF)[None, :]
+        byte = tl.load(data_ptr + pair, mask=pair * 2 < n, other=0).to(tl.int32)
+        hi = tl.load(table_ptr + (byte >> 4))
+        lo = tl.load(table_ptr + (byte & 0xF))
+        levels = tl.reshape(tl.join(hi, lo), (ROWS, BLOCKSIZE))
+        blk_ok = blk * BLOCKSIZE < n
         if DOUBLE:
-            qa = tl.load(absmax_ptr + blk, mask=mask, other=0).to(tl.int32)
-            c = tl.load(code2_ptr + qa, mask=mask, other=0.0)
-            a2 = tl.load(absmax2_ptr + blk // 256, mask=mask, other=0.0)
+            qa = tl.load(absmax_ptr + blk, mask=blk_ok, other=0).to(tl.int32)
+            c = tl.load(code2_ptr + qa, mask=blk_ok, other=0.0)
+            a2 = tl.load(absmax2_ptr + blk // 256, mask=blk_ok, other=0.0)
             scale = c * a2 + tl.load(offset_ptr)
         else:
-            scale = tl.load(absmax_ptr + blk, mask=mask, other=0.0)
-        tl.store(out_ptr + offs, cast_rne(level * scale, out_ptr.dtype.element_ty), mask=mask)
+            scale = tl.load(absmax_ptr + blk, mask=blk_ok, other=0.0)
+        offs = blk[:, None] * BLOCKSIZE + tl.arange(0, BLOCKSIZE)[None, :]
+        tl.store(out_ptr + offs, cast_rne(levels * scale[:, None], out_ptr.dtype.element_ty), mask=offs < n)
 
 
 def _dequantize_triton(q: NF4Tensor, dtype: torch.dtype) -> torch.Tensor:
     n = q.numel()
     out = torch.empty(n, dtype=dtype, device=q.device)
-    block = 1024 if q.device.type == "cuda" else 256
+    if q.blocksize < 2 or q.blocksize & (q.blocksize - 1):
+        raise ValueError(f"nf4_dequantize: the Triton kernel needs a power-of-two blocksize, got {q.blocksize}")
+    tile = 4096 if q.device.type == "cuda" else 256  # values per program
+    rows = max(1, tile // q.blocksize)
     dq = q.double_quant
     dummy = q.absmax
-    _nf4_dequant_kernel[(triton.cdiv(n, block),)](
+    _nf4_dequant_kernel[(triton.cdiv(triton.cdiv(n, q.blocksize), rows),)](
         q.data, q.absmax, q.absmax2 if dq else dummy, q.code2 if dq else dummy, q.offset if dq else dummy,
-        NF4_TABLE.to(q.device), out, n, BLOCKSIZE=q.blocksize, DOUBLE=dq, BLOCK=block,
+        NF4_TABLE.to(q.device), out, n, BLOCKSIZE=q.blocksize, DOUBLE=dq, ROWS=rows,
+        num_warps=8 if q.device.type == "cuda" else 4,
         enable_fp_fusion=False,  # keep code2 * absmax2 + offset two roundings, as the reference does
     )
     return out.reshape(q.shape)
