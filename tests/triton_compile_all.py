@@ -93,13 +93,15 @@ def _variants():
                     dict(BLOCKSIZE=64, DOUBLE=True, HAS_BIAS=not trans, IEEE=dt == "fp32", DOT_FP32=False,
                          TRANS=trans, PER_LINE=per_line, BLOCK_M=bm, BLOCK_P=64, BLOCK_R=64),
                     dict(enable_fp_fusion=False)))
-    for dt, rows in (("bf16", 2), ("bf16", 4), ("bf16", 8), ("fp16", 8), ("fp32", 8)):
+    gemv = [("bf16", rows, True, True) for rows in (2, 4, 8)] + [("bf16", 2, False, False), ("fp16", 8, True, True),
+                                                                 ("fp32", 8, True, True)]
+    for dt, rows, pairs, per_line in gemv:
         bk = 64
-        sig = dict(nf4_ptrs, x_ptr=f"*{dt}", bias_ptr=f"*{dt}", out_ptr=f"*{dt}", M="i32", N="i32", K="i32",
-                   stride_xm="i32", stride_om="i32", absmax_ptr="*u8")
+        sig = dict(nf4_ptrs, x_ptr=f"*{dt}", part_ptr="*fp32", M="i32", N="i32", K="i32", stride_xm="i32",
+                   k_per_split="i32", absmax_ptr="*u8")
         out.append((k["nf4_matmul"]._gemv_kernel, sig,
-                    dict(BLOCKSIZE=64, DOUBLE=True, HAS_BIAS=False, PER_LINE=True, ROWS=rows,
-                         BLOCK_N=max(16, 8192 // (rows * bk)), BLOCK_K=bk), dict(enable_fp_fusion=False)))
+                    dict(BLOCKSIZE=64, DOUBLE=True, PAIRS=pairs, PER_LINE=per_line, ROWS=rows,
+                         BLOCK_N=max(16, 4096 // (rows * bk)), BLOCK_K=bk), dict(enable_fp_fusion=False)))
 
     # paged attention: KV store and the split-K decode, Llama-3-8B (G=4, D=128) and SmolLM2 (G=3, D=64) heads
     for dt in ("bf16", "fp16", "fp32"):

@@ -7,14 +7,17 @@ registers, and feed it to ``tl.dot``: the dense weight is never written to memor
 quantisation block, each tile row lies inside one block and its absmax is decoded once per row (PER_LINE).
 
 Paths (``nf4_matmul(path=...)`` forces one; ``choose_path`` picks one from measured thresholds):
-- ``gemv``     up to GEMV_MAX_ROWS (8) rows, the sampler's decode step: one program per BLOCK_N output features,
-               every row of x handled by broadcasting, no tensor cores.
+- ``gemv``     up to GEMV_MAX_ROWS (8) rows, the sampler's decode step: programs over (BLOCK_N output features) x
+               (a slice of K) writing fp32 partial sums, every row of x handled by broadcasting, no tensor cores.
 - ``fused``    tiled tl.dot with in-loop dequantisation.
 - ``dequant``  the Triton dequant kernel writes a temporary bf16 W, then cuBLAS (torch.matmul).
 Thresholds: ``gemv`` for rows <= AUTO_GEMV_MAX_ROWS, ``fused`` for rows <= AUTO_FUSED_MAX_ROWS, else ``dequant``.
 Both are 0, i.e. always ``dequant``: on an H200 (bench/results/2026-11-26-h200-kernels.md, Llama-3-8B shapes)
 dequant + cuBLAS beat the GEMV at 1 token by 2.4-7.7x and the fused kernel at 16 and 512 tokens by 2.8-33x; the
 kernels are there, tested, for a GPU where they win (set the constants after ``reflectevo bench kernels``).
+The GEMV measured there ran one program per 64 output features over all of K (64 programs for a 4096-feature
+layer on 132 SMs); it now splits K too (~4 programs per SM, fp32 partial sums) and reads each packed byte once:
+not yet measured on a GPU, so the threshold stays 0 until a run shows it winning.
 On the CPU (no Triton) every call is dequant + matmul in PyTorch.
 
 The backward (dx = dy · W) uses the fused kernel with W read transposed when the forward took ``gemv`` or
@@ -105,32 +108,45 @@ if HAS_TRITON:
                  cast_rne(acc, out_ptr.dtype.element_ty), mask=o_mask)
 
     @triton.jit
-    def _gemv_kernel(x_ptr, data_ptr, absmax_ptr, absmax2_ptr, code2_ptr, offset_ptr, table_ptr, bias_ptr, out_ptr,
-                     M, N, K, stride_xm, stride_om,
-                     BLOCKSIZE: tl.constexpr, DOUBLE: tl.constexpr, HAS_BIAS: tl.constexpr,
-                     PER_LINE: tl.constexpr, ROWS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
-        """out[M, N] = x[M, K] · Wᵀ for M <= ROWS (a power of two <= 8): each W tile is decoded once for all rows."""
+    def _gemv_kernel(x_ptr, data_ptr, absmax_ptr, absmax2_ptr, code2_ptr, offset_ptr, table_ptr, part_ptr,
+                     M, N, K, stride_xm, k_per_split,
+                     BLOCKSIZE: tl.constexpr, DOUBLE: tl.constexpr, PAIRS: tl.constexpr, PER_LINE: tl.constexpr,
+                     ROWS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+        """part[split, m, n] = sum over k in this split's range of x[m, k] · W[n, k], fp32, for M <= ROWS (a power
+        of two <= 8). Programs cover (BLOCK_N features) x (one K range): a decode step's few output features still
+        spread over every SM. Each W tile is decoded once for all rows; with K even (PAIRS) each packed byte is
+        read once for its two values."""
         rn = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+        split = tl.program_id(1)
         rm = tl.arange(0, ROWS)
+        n_ok = rn < N
+        k_lo = split * k_per_split
+        k_hi = tl.minimum(k_lo + k_per_split, K)
         acc = tl.zeros((ROWS, BLOCK_N), dtype=tl.float32)
-        for k0 in range(0, K, BLOCK_K):
+        for k0 in range(k_lo, k_hi, BLOCK_K):
             rk = k0 + tl.arange(0, BLOCK_K)
-            w_mask = (rn[:, None] < N) & (rk[None, :] < K)
-            flat = rn[:, None].to(tl.int64) * K + rk[None, :]
-            level = _levels(data_ptr, table_ptr, flat, w_mask)
+            if PAIRS:
+                rb = k0 // 2 + tl.arange(0, BLOCK_K // 2)
+                byte = tl.load(data_ptr + rn[:, None].to(tl.int64) * (K // 2) + rb[None, :],
+                               mask=n_ok[:, None] & (rb[None, :] * 2 < k_hi), other=0).to(tl.int32)
+                level = tl.reshape(tl.join(tl.load(table_ptr + (byte >> 4)), tl.load(table_ptr + (byte & 0xF))),
+                                   (BLOCK_N, BLOCK_K))
+            else:
+                flat = rn[:, None].to(tl.int64) * K + rk[None, :]
+                level = _levels(data_ptr, table_ptr, flat, n_ok[:, None] & (rk[None, :] < k_hi))
             if PER_LINE:
                 blk = (rn.to(tl.int64) * K + k0) // BLOCKSIZE
-                scale = _scales(absmax_ptr, absmax2_ptr, code2_ptr, offset_ptr, blk, rn < N, DOUBLE)[:, None]
+                scale = _scales(absmax_ptr, absmax2_ptr, code2_ptr, offset_ptr, blk, n_ok, DOUBLE)[:, None]
             else:
-                scale = _scales(absmax_ptr, absmax2_ptr, code2_ptr, offset_ptr, flat // BLOCKSIZE, w_mask, DOUBLE)
+                flat_s = rn[:, None].to(tl.int64) * K + rk[None, :]
+                scale = _scales(absmax_ptr, absmax2_ptr, code2_ptr, offset_ptr, flat_s // BLOCKSIZE,
+                                n_ok[:, None] & (rk[None, :] < k_hi), DOUBLE)
             w = cast_rne(level * scale, x_ptr.dtype.element_ty).to(tl.float32)
-            x = tl.load(x_ptr + rm[:, None] * stride_xm + rk[None, :], mask=(rm[:, None] < M) & (rk[None, :] < K),
+            x = tl.load(x_ptr + rm[:, None] * stride_xm + rk[None, :], mask=(rm[:, None] < M) & (rk[None, :] < k_hi),
                         other=0.0).to(tl.float32)
-            acc += tl.sum(x[:, None, :] * w[None, :, :], axis=2)
-        if HAS_BIAS:
-            acc += tl.load(bias_ptr + rn, mask=rn < N, other=0.0).to(tl.float32)[None, :]
-        tl.store(out_ptr + rm[:, None] * stride_om + rn[None, :], cast_rne(acc, out_ptr.dtype.element_ty),
-                 mask=(rm[:, None] < M) & (rn[None, :] < N))
+            acc += tl.sum(x[:, None, :] * w[None, :, :], axis=2)  # masked k: x is 0 there
+        tl.store(part_ptr + (split * M + rm[:, None]).to(tl.int64) * N + rn[None, :], acc,
+                 mask=(rm[:, None] < M) & n_ok[None, :])
 
 
 def _q_args(q: NF4Tensor):
@@ -160,20 +176,38 @@ def _fused(a2d: torch.Tensor, q: NF4Tensor, bias, transpose_w: bool) -> torch.Te
     return out
 
 
+def _gemv_plan(n_out: int, k_in: int, rows: int, blocksize: int, cuda: bool, sms: int) -> tuple[int, int, int]:
+    """(BLOCK_N, BLOCK_K, K per split): about four programs per SM, each with at least four K tiles."""
+    bk = min(64, blocksize)
+    if cuda:
+        bn = max(16, 4096 // (rows * bk))  # rows * bn * bk <= 4096 products in registers per tile
+        target = 4 * sms
+    else:  # interpreter: small tiles, and a K split on small test shapes so both paths are exercised
+        bk, bn, target = min(32, blocksize), 16, 8
+    n_blocks = triton.cdiv(n_out, bn)
+    splits = max(1, min(target // n_blocks, triton.cdiv(k_in, 2 * bk if not cuda else 4 * bk)))
+    k_per_split = triton.cdiv(triton.cdiv(k_in, splits), bk) * bk
+    return bn, bk, k_per_split
+
+
 def _gemv(x2d: torch.Tensor, q: NF4Tensor, bias) -> torch.Tensor:
     n_out, k_in = q.shape
     M = x2d.shape[0]
-    out = torch.empty(M, n_out, dtype=x2d.dtype, device=x2d.device)
     rows = max(2, triton.next_power_of_2(M))
-    bk = min(64, q.blocksize)
-    bn = max(16, 8192 // (rows * bk)) if x2d.is_cuda else 16  # rows * bn * bk <= 8192 products in registers
-    _gemv_kernel[(triton.cdiv(n_out, bn),)](
-        x2d, *_q_args(q), bias if bias is not None else x2d, out, M, n_out, k_in, x2d.stride(0), out.stride(0),
-        BLOCKSIZE=q.blocksize, DOUBLE=q.double_quant, HAS_BIAS=bias is not None,
+    sms = torch.cuda.get_device_properties(x2d.device).multi_processor_count if x2d.is_cuda else 0
+    bn, bk, k_per_split = _gemv_plan(n_out, k_in, rows, q.blocksize, x2d.is_cuda, sms)
+    splits = triton.cdiv(k_in, k_per_split)
+    part = torch.empty(splits, M, n_out, dtype=torch.float32, device=x2d.device)
+    _gemv_kernel[(triton.cdiv(n_out, bn), splits)](
+        x2d, *_q_args(q), part, M, n_out, k_in, x2d.stride(0), k_per_split,
+        BLOCKSIZE=q.blocksize, DOUBLE=q.double_quant, PAIRS=k_in % 2 == 0,
         PER_LINE=k_in % q.blocksize == 0 and q.blocksize % bk == 0, ROWS=rows, BLOCK_N=bn, BLOCK_K=bk,
         enable_fp_fusion=False,
     )
-    return out
+    out = part[0] if splits == 1 else part.sum(0)
+    if bias is not None:
+        out = out + bias.float()
+    return out.to(x2d.dtype)
 
 
 def nf4_matmul_reference(x: torch.Tensor, q: NF4Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
