@@ -71,6 +71,7 @@ if HAS_TRITON:
                       BLOCK_M: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_R: tl.constexpr):
         """out[M, P] = a[M, R] · B[R, P] with B[r, p] = W_flat[r * w_stride_r + p * w_stride_p] decoded in-loop.
         Forward (TRANS=0): R = K, P = N, strides (1, K). Input gradient (TRANS=1): R = N, P = K, strides (K, 1).
+        Either way the tile is decoded with W's contiguous axis as the fast one, so the packed-byte loads coalesce.
         PER_LINE: K % BLOCKSIZE == 0 and the tile's K extent divides BLOCKSIZE, so each W row of the tile lies in
         one quantisation block and the absmax is decoded once per row instead of once per element."""
         pid_m = tl.program_id(0)
@@ -82,19 +83,26 @@ if HAS_TRITON:
             rr = r0 + tl.arange(0, BLOCK_R)
             a_mask = (rm[:, None] < M) & (rr[None, :] < R)
             a = tl.load(a_ptr + rm[:, None].to(tl.int64) * stride_am + rr[None, :], mask=a_mask, other=0.0)
-            w_mask = (rr[:, None] < R) & (rp[None, :] < P)
-            flat = rr[:, None].to(tl.int64) * w_stride_r + rp[None, :].to(tl.int64) * w_stride_p
-            level = _levels(data_ptr, table_ptr, flat, w_mask)
-            if PER_LINE:
-                if TRANS:
+            if TRANS:  # B[r, p] = W[r, p]: p runs along W's rows in memory, as the tile's fast axis does
+                w_mask = (rr[:, None] < R) & (rp[None, :] < P)
+                flat = rr[:, None].to(tl.int64) * w_stride_r + rp[None, :].to(tl.int64) * w_stride_p
+                level = _levels(data_ptr, table_ptr, flat, w_mask)
+                if PER_LINE:
                     blk = (rr.to(tl.int64) * w_stride_r + pid_p * BLOCK_P) // BLOCKSIZE
                     scale = _scales(absmax_ptr, absmax2_ptr, code2_ptr, offset_ptr, blk, rr < R, DOUBLE)[:, None]
                 else:
+                    scale = _scales(absmax_ptr, absmax2_ptr, code2_ptr, offset_ptr, flat // BLOCKSIZE, w_mask, DOUBLE)
+                w = cast_rne(level * scale, a_ptr.dtype.element_ty)
+            else:  # B = W^T: decode the [P, R] tile of W with r (= k, contiguous) fast, then transpose in registers
+                w_mask = (rp[:, None] < P) & (rr[None, :] < R)
+                flat = rp[:, None].to(tl.int64) * w_stride_p + rr[None, :].to(tl.int64) * w_stride_r
+                level = _levels(data_ptr, table_ptr, flat, w_mask)
+                if PER_LINE:
                     blk = (rp.to(tl.int64) * w_stride_p + r0) // BLOCKSIZE
-                    scale = _scales(absmax_ptr, absmax2_ptr, code2_ptr, offset_ptr, blk, rp < P, DOUBLE)[None, :]
-            else:
-                scale = _scales(absmax_ptr, absmax2_ptr, code2_ptr, offset_ptr, flat // BLOCKSIZE, w_mask, DOUBLE)
-            w = cast_rne(level * scale, a_ptr.dtype.element_ty)
+                    scale = _scales(absmax_ptr, absmax2_ptr, code2_ptr, offset_ptr, blk, rp < P, DOUBLE)[:, None]
+                else:
+                    scale = _scales(absmax_ptr, absmax2_ptr, code2_ptr, offset_ptr, flat // BLOCKSIZE, w_mask, DOUBLE)
+                w = tl.trans(cast_rne(level * scale, a_ptr.dtype.element_ty))
             if DOT_FP32:  # the interpreter's tl.dot mishandles bf16 operands: same products, in fp32
                 acc += tl.dot(a.to(tl.float32), w.to(tl.float32), input_precision="ieee")
             elif IEEE:  # fp32 inputs: no TF32 rounding
