@@ -87,20 +87,32 @@ def test_linear_cross_entropy_and_dpo_on_cuda():
 
 @pytest.mark.parametrize("shape", [(4096, 4096), (1024, 14336), (333, 129)])
 def test_nf4_on_cuda_matches_cpu_and_bitsandbytes(shape):
+    """The 4-bit codes are device-independent; the second level is not quite: offset = mean(absmax) is summed in
+    a different order on CUDA (as bitsandbytes does there too), which can move a few 8-bit absmax codes. So: the
+    kernel equals the reference on the same state, CUDA state equals bitsandbytes' CUDA state, and the CPU and
+    CUDA states agree up to that mean."""
     w = torch.randn(*shape, generator=torch.Generator().manual_seed(1))
     q_cpu = nf4_quantize(w)
     q = nf4_quantize(w.to(CUDA))
     assert torch.equal(q.data.cpu(), q_cpu.data)
-    torch.testing.assert_close(nf4_dequantize(q, torch.float32).cpu(),  # the kernel vs the reference, same state
-                               nf4_dequantize_reference(q.to("cpu"), torch.float32), rtol=0, atol=0)
-    torch.testing.assert_close(nf4_dequantize(q, torch.float32).cpu(), nf4_dequantize_reference(q_cpu, torch.float32),
-                               rtol=0, atol=0)
+    f32 = torch.float32
+    assert torch.equal(nf4_dequantize(q, f32).cpu(), nf4_dequantize_reference(q.to("cpu"), f32))
+    torch.testing.assert_close(q.offset.cpu(), q_cpu.offset, rtol=1e-6, atol=0)
+    same_code = (q.absmax.cpu() == q_cpu.absmax)
+    assert same_code.float().mean() >= 0.99
+    blocks = same_code.repeat_interleave(q.blocksize)[: w.numel()].reshape(w.shape)
+    torch.testing.assert_close(nf4_dequantize(q, f32).cpu()[blocks], nf4_dequantize_reference(q_cpu, f32)[blocks],
+                               rtol=1e-5, atol=0)
     try:
         import bitsandbytes.functional as bnbf
     except ImportError:
         return
-    packed, _ = bnbf.quantize_4bit(w.to(CUDA), quant_type="nf4", blocksize=64, compress_statistics=True)
-    assert torch.equal(packed.flatten().cpu(), q_cpu.data.flatten())
+    packed, state = bnbf.quantize_4bit(w.to(CUDA), quant_type="nf4", blocksize=64, compress_statistics=True)
+    assert torch.equal(packed.flatten(), q.data.flatten())
+    assert torch.equal(state.absmax, q.absmax) and torch.equal(state.offset, q.offset)
+    assert torch.equal(state.state2.absmax, q.absmax2)
+    state.dtype = f32
+    assert torch.equal(bnbf.dequantize_4bit(packed, state).flatten(), nf4_dequantize(q, f32).flatten())
 
 
 @pytest.mark.parametrize("tokens", [1, 4, 16, 512])
