@@ -12,6 +12,7 @@ from reflectevo.model.lora import (
     NF4Linear,
     adapters_disabled,
     attach_lora,
+    dropout_keep_mask,
     has_lora,
     lora_parameters,
     quantize_model,
@@ -119,16 +120,33 @@ def test_lora_with_dropout_trains_unmerged_and_matches_the_formula():
     torch.manual_seed(7)
     y = layer(x)
     torch.manual_seed(7)  # the same draw: the layer's dropout is its only use of the generator
+    keep, inv_keep = dropout_keep_mask(x.shape, 0.25, x.device)
+    assert inv_keep == 4 / 3  # 0.25 is a multiple of 2^-16: the exact rescaling
     xf = x.detach().clone().requires_grad_(True)
     af = layer.lora_A.weight.detach().clone().requires_grad_(True)
     bf = layer.lora_B.weight.detach().clone().requires_grad_(True)
-    y_ref = xf @ lin.weight.t() + lin.bias + 2.0 * (torch.nn.functional.dropout(xf, 0.25) @ af.t() @ bf.t())
+    dropped = xf * keep.float() / 0.75
+    y_ref = xf @ lin.weight.t() + lin.bias + 2.0 * (dropped @ af.t() @ bf.t())
     torch.testing.assert_close(y, y_ref, rtol=1e-5, atol=1e-6)
     g = torch.randn_like(y)
     y.backward(g)
     y_ref.backward(g)
     for got, want in ((x.grad, xf.grad), (layer.lora_A.weight.grad, af.grad), (layer.lora_B.weight.grad, bf.grad)):
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+
+
+def test_dropout_keep_mask_rate_and_lanes():
+    torch.manual_seed(3)
+    keep, inv_keep = dropout_keep_mask((1000, 999), 0.05, "cpu")  # odd size: the last 64-bit word is cut
+    assert keep.dtype == torch.bool and keep.shape == (1000, 999)
+    p_eff = round(0.05 * 65536) / 65536
+    assert inv_keep == 1 / (1 - p_eff) and abs(p_eff - 0.05) < 2 ** -16
+    # each of the four 16-bit lanes of a 64-bit draw drops at the same rate (a 63-bit draw would bias the top one)
+    lanes = (~keep).flatten()[: 999 * 1000 // 4 * 4].view(-1, 4).float().mean(0)
+    assert torch.all((lanes - p_eff).abs() < 0.003), lanes
+    again = dropout_keep_mask((1000, 999), 0.05, "cpu")[0]
+    assert not torch.equal(keep, again)  # fresh draws each call
+    assert dropout_keep_mask((8,), 0.999999, "cpu")[1] == 65536.0  # p near 1: finite rescaling
 
 
 def test_lora_dropout_only_in_training():

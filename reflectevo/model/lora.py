@@ -14,6 +14,12 @@ parameter). Measured on a 2-core CPU: an SFT step of SmolLM2-135M with LoRA on e
 (interleaved runs).
 Skipped where it would lose precision or memory: 16-bit bases (the small B A would round away), NF4 bases, CUDA;
 ``MERGED_COMPUTE = False`` turns it off.
+
+Dropout (training only) multiplies x by a keep-mask drawn from 16-bit uniform integers, four from each full-range
+64-bit draw, so P(drop) is p rounded to a multiple of 2^-16 (0.05 -> 0.0500031); the 1/P(keep) rescaling is
+folded into the adapter's scale, which the small [tokens, r] product carries instead of x. Autograd keeps the
+mask as bool (1 byte an element; nn.Dropout's CPU path keeps a float one). Against nn.Dropout, which draws one
+Bernoulli per element from the CPU generator, mask + multiply take about a third of the time on a 2-core CPU.
 """
 from __future__ import annotations
 
@@ -72,6 +78,15 @@ class NF4Linear(nn.Module):
                 f"nf4 blocksize={self.q.blocksize}, compute_dtype={self.compute_dtype}")
 
 
+def dropout_keep_mask(shape, p: float, device) -> tuple[torch.Tensor, float]:
+    """(bool keep-mask of ``shape``, 1 / P(keep)) with P(drop) = round(p · 2^16) / 2^16, from the default generator."""
+    numel = math.prod(shape)
+    words = torch.empty((numel + 3) // 4, dtype=torch.int64, device=device).random_(-2 ** 63, None)  # all 64 bits
+    threshold = min(round(p * 65536), 65535)
+    keep = words.view(torch.int16)[:numel].view(shape) >= threshold - 32768
+    return keep, 65536 / (65536 - threshold)
+
+
 class LoRALinear(nn.Module):
     """``base(x) + scaling · lora_B(lora_A(dropout(x)))``; ``base`` is an nn.Linear or NF4Linear (frozen)."""
 
@@ -89,7 +104,6 @@ class LoRALinear(nn.Module):
         device = _module_device(base)
         self.lora_A = nn.Linear(self.in_features, self.r, bias=False, device=device, dtype=dtype)
         self.lora_B = nn.Linear(self.r, self.out_features, bias=False, device=device, dtype=dtype)
-        self.lora_dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         self.disabled = False
         self._merged, self._merged_key = None, None
         self.reset_lora_parameters()
@@ -112,12 +126,16 @@ class LoRALinear(nn.Module):
         if self.disabled:
             return y
         a, b = self.lora_A.weight, self.lora_B.weight
-        u = F.linear(self.lora_dropout(x.to(a.dtype)), a)
+        xa, scale = x.to(a.dtype), self.scaling
+        if self.training and self.dropout_p > 0:
+            keep, inv_keep = dropout_keep_mask(xa.shape, self.dropout_p, xa.device)
+            xa, scale = xa * keep, scale * inv_keep
+        u = F.linear(xa, a)
         if y.dtype == u.dtype == b.dtype and not torch.is_autocast_enabled(y.device.type):
-            # y + scaling · u B^T in one BLAS call: no [tokens, out] temporaries for the product, scale and sum
+            # y + scale · u B^T in one BLAS call: no [tokens, out] temporaries for the product, scale and sum
             return torch.addmm(y.reshape(-1, y.shape[-1]), u.reshape(-1, u.shape[-1]), b.T,
-                               alpha=self.scaling).view(y.shape)
-        return y + (F.linear(u, b) * self.scaling).to(y.dtype)
+                               alpha=scale).view(y.shape)
+        return y + (F.linear(u, b) * scale).to(y.dtype)
 
     def _merges(self, x: torch.Tensor) -> bool:
         if not MERGED_COMPUTE or self.disabled or type(self.base) is not nn.Linear:
