@@ -133,6 +133,8 @@ if HAS_TRITON:
         acc = tl.zeros((ROWS, BLOCK_N), dtype=tl.float32)
         for k0 in range(k_lo, k_hi, BLOCK_K):
             rk = k0 + tl.arange(0, BLOCK_K)
+            flat = rn[:, None].to(tl.int64) * K + rk[None, :]
+            w_mask = n_ok[:, None] & (rk[None, :] < k_hi)
             if PAIRS:
                 rb = k0 // 2 + tl.arange(0, BLOCK_K // 2)
                 byte = tl.load(data_ptr + rn[:, None].to(tl.int64) * (K // 2) + rb[None, :],
@@ -140,15 +142,12 @@ if HAS_TRITON:
                 level = tl.reshape(tl.join(tl.load(table_ptr + (byte >> 4)), tl.load(table_ptr + (byte & 0xF))),
                                    (BLOCK_N, BLOCK_K))
             else:
-                flat = rn[:, None].to(tl.int64) * K + rk[None, :]
-                level = _levels(data_ptr, table_ptr, flat, n_ok[:, None] & (rk[None, :] < k_hi))
+                level = _levels(data_ptr, table_ptr, flat, w_mask)
             if PER_LINE:
                 blk = (rn.to(tl.int64) * K + k0) // BLOCKSIZE
                 scale = _scales(absmax_ptr, absmax2_ptr, code2_ptr, offset_ptr, blk, n_ok, DOUBLE)[:, None]
             else:
-                flat_s = rn[:, None].to(tl.int64) * K + rk[None, :]
-                scale = _scales(absmax_ptr, absmax2_ptr, code2_ptr, offset_ptr, flat_s // BLOCKSIZE,
-                                n_ok[:, None] & (rk[None, :] < k_hi), DOUBLE)
+                scale = _scales(absmax_ptr, absmax2_ptr, code2_ptr, offset_ptr, flat // BLOCKSIZE, w_mask, DOUBLE)
             w = cast_rne(level * scale, x_ptr.dtype.element_ty).to(tl.float32)
             x = tl.load(x_ptr + rm[:, None] * stride_xm + rk[None, :], mask=(rm[:, None] < M) & (rk[None, :] < k_hi),
                         other=0.0).to(tl.float32)
