@@ -11,7 +11,7 @@ out="${1:-${OUT:-bench/results/ncu-$(date +%Y-%m-%d)}}"
 shift || true
 mkdir -p "$out"
 export PYTHONPATH="$PWD:${PYTHONPATH:-}"
-kernels='regex:^(_rows_kernel|_nf4_dequant_kernel|_gemv_kernel|_fused_kernel|_paged_decode_kernel|_store_kv_kernel|_rms_norm_.*|_rope_kernel|_swiglu_.*)$'
+kernels='regex:_rows_kernel|_nf4_dequant_kernel|_gemv_kernel|_fused_kernel|_paged_decode_kernel|_store_kv_kernel|_rms_norm_.*|_rope_kernel|_swiglu_.*'
 timeout -k 10 "${NCU_S:-420}" ncu --kernel-name "$kernels" \
     --section SpeedOfLight --section MemoryWorkloadAnalysis --section Occupancy --section LaunchStats \
     -f -o "$out/ncu" python3 bench/ncu_kernels.py "$@" > "$out/ncu.log" 2>&1
@@ -24,8 +24,9 @@ rows = defaultdict(dict)
 for r in csv.DictReader(open(sys.argv[1])):
     key = (r["ID"], r["Kernel Name"])
     rows[key][r["Metric Name"]] = (r["Metric Value"], r["Metric Unit"])
+    rows[key]["Grid x Block"] = (f'{r.get("Grid Size", "?")} x {r.get("Block Size", "?")}', "")
 want = ["Duration", "DRAM Throughput", "Memory Throughput", "Compute (SM) Throughput", "Achieved Occupancy",
-        "Registers Per Thread", "Grid Size"]
+        "Registers Per Thread", "Grid x Block"]
 print("| id | kernel | " + " | ".join(want) + " |")
 print("|---|---|" + "---|" * len(want))
 for (i, name), m in sorted(rows.items(), key=lambda kv: int(kv[0][0])):
