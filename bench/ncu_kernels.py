@@ -1,11 +1,12 @@
-"""Launch each of our Triton kernels twice at Llama-3-8B shapes, for Nsight Compute to profile (CUDA only).
+"""Launch each of our Triton kernels at Llama-3-8B shapes, for Nsight Compute to profile (CUDA only).
 
     bash bench/ncu_kernels.sh OUTDIR      (wraps this in `ncu`; one device call, ~2-4 minutes)
     python bench/ncu_kernels.py [NAME ...]  (the launches alone; names: see CASES)
 
-The first launch of each compiles it, the second is the one to read. Each case uses the public entry point, so
-the launch shapes are those the library picks; cuBLAS and PyTorch kernels run too but `ncu_kernels.sh` filters
-them out by name.
+Each case runs once to compile (and autotune), then once between cudaProfilerStart/Stop: `ncu_kernels.sh`
+profiles only that second run (--profile-from-start off), so the autotuner's trial launches are not replayed.
+Each case uses the public entry point, so the launch shapes are those the library picks; cuBLAS and PyTorch
+kernels run too but `ncu_kernels.sh` filters them out by name.
 """
 from __future__ import annotations
 
@@ -97,9 +98,12 @@ def main(names: list[str]) -> int:
     dev = torch.device("cuda")
     for name in names or list(CASES):
         fn = CASES[name](dev)
-        for _ in range(2):
-            fn()
+        fn()  # compiles (and autotunes) outside the profiled range
         torch.cuda.synchronize()
+        torch.cuda.profiler.start()
+        fn()
+        torch.cuda.synchronize()
+        torch.cuda.profiler.stop()
         print(f"ran {name}", flush=True)
     return 0
 

@@ -12,7 +12,7 @@ shift || true
 mkdir -p "$out"
 export PYTHONPATH="$PWD:${PYTHONPATH:-}"
 kernels='regex:_rows_kernel|_nf4_dequant_kernel|_gemv_kernel|_fused_kernel|_paged_decode_kernel|_store_kv_kernel|_rms_norm_.*|_rope_kernel|_swiglu_.*'
-timeout -k 10 "${NCU_S:-420}" ncu --kernel-name "$kernels" \
+timeout -k 10 "${NCU_S:-420}" ncu --profile-from-start off --kernel-name "$kernels" \
     --section SpeedOfLight --section MemoryWorkloadAnalysis --section Occupancy --section LaunchStats \
     -f -o "$out/ncu" python3 bench/ncu_kernels.py "$@" > "$out/ncu.log" 2>&1
 echo "ncu exit $? (log: $out/ncu.log)"

@@ -187,6 +187,26 @@ def test_fused_matmul_forward_and_dx(n, k, m, dtype, path):
     torch.testing.assert_close(dx.reshape(-1, k).float(), dx_ref, **tol)
 
 
+@pytest.mark.parametrize("transpose_w", [False, True])
+def test_fused_kernel_with_every_cuda_tile(transpose_w):
+    """The tiles the CUDA autotuner picks from, run under the interpreter: ragged rows and features (masks), two
+    quantisation blocks per weight row; the forward and the input-gradient direction."""
+    nm = pytest.importorskip("reflectevo.kernels.nf4_matmul")
+    if not nm.HAS_TRITON:
+        pytest.skip("no triton")
+    g = torch.Generator().manual_seed(7)
+    n, k, m = 136, 128, 40
+    q = nf4_quantize(torch.randn(n, k, generator=g))
+    w = nf4_dequantize_reference(q, torch.float32)
+    a = torch.randn(m, n if transpose_w else k, generator=g)
+    bias = None if transpose_w else torch.randn(n, generator=g)
+    expect = a @ w if transpose_w else a @ w.t() + bias
+    with kernel_backend("triton"):
+        for tile in nm._tile_configs(transpose_w):
+            got = nm._fused(a, q, bias, transpose_w, tile=tile)
+            torch.testing.assert_close(got, expect, rtol=1e-5, atol=1e-5, msg=lambda s: f"{tile}: {s}")
+
+
 def test_cpu_default_path_is_dequant_matmul():
     q = nf4_quantize(torch.randn(24, 32))
     x = torch.randn(3, 32, requires_grad=True)

@@ -81,18 +81,21 @@ def _variants():
         out.append((k["nf4"]._nf4_dequant_kernel, dict(nf4_ptrs, absmax_ptr="*u8", out_ptr="*bf16", n="i64"),
                     dict(BLOCKSIZE=blocksize, DOUBLE=True, ROWS=max(1, 4096 // blocksize)),
                     dict(enable_fp_fusion=False, num_warps=8)))
-    # bf16 in every structural variant (BLOCK_M 16 takes the mma.sync path, 64 the Hopper wgmma one); fp32 and fp16
-    # once per code path (their dots differ: ieee fp32, fp16 operands)
-    fused = [("bf16", trans, per_line, bm) for trans in (False, True) for per_line in (True, False) for bm in (16, 64)]
-    fused += [("fp32", trans, per_line, 64) for trans in (False, True) for per_line in (True, False)]
-    fused += [("fp16", False, True, 64)]
-    for dt, trans, per_line, bm in fused:
-        sig = dict(nf4_ptrs, a_ptr=f"*{dt}", bias_ptr=f"*{dt}", out_ptr=f"*{dt}", M="i32", P="i32", R="i32",
-                   stride_am="i32", stride_om="i32", w_stride_r="i32", w_stride_p="i32", absmax_ptr="*u8")
-        out.append((k["nf4_matmul"]._fused_kernel, sig,
+    # every autotuner tile (aligned K, the real models) for bf16 in both directions, fp32 and fp16 once per direction
+    # (their dots differ: ieee fp32, fp16 operands); the fixed tile of the unaligned path
+    nm = k["nf4_matmul"]
+    import triton
+    unaligned = triton.Config(dict(BLOCK_M=64, BLOCK_P=64, BLOCK_R=64), num_warps=4, num_stages=2)
+    fused = [("bf16", trans, True, cfg) for trans in (False, True) for cfg in nm._tile_configs(trans)]
+    fused += [(dt, trans, True, nm._tile_configs(trans)[3]) for dt in ("fp32", "fp16") for trans in (False, True)]
+    fused += [(dt, trans, False, unaligned) for dt in ("bf16", "fp32") for trans in (False, True)]
+    for dt, trans, aligned, cfg in fused:
+        sig = dict(nf4_ptrs, a_ptr=f"*{dt}", bias_ptr=f"*{dt}", out_ptr=f"*{dt}", M="i32", N="i32", K="i32",
+                   stride_am="i32", stride_om="i32", m_bucket="i32", absmax_ptr="*u8")
+        out.append((nm._fused_kernel, sig,
                     dict(BLOCKSIZE=64, DOUBLE=True, HAS_BIAS=not trans, IEEE=dt == "fp32", DOT_FP32=False,
-                         TRANS=trans, PER_LINE=per_line, BLOCK_M=bm, BLOCK_P=64, BLOCK_R=64),
-                    dict(enable_fp_fusion=False)))
+                         TRANS=trans, K_ALIGNED=aligned, **cfg.kwargs),
+                    dict(enable_fp_fusion=False, num_warps=cfg.num_warps, num_stages=cfg.num_stages)))
     gemv = [("bf16", rows, True, True) for rows in (2, 4, 8)] + [("bf16", 2, False, False), ("fp16", 8, True, True),
                                                                  ("fp32", 8, True, True)]
     for dt, rows, pairs, per_line in gemv:

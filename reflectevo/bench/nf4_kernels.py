@@ -4,13 +4,15 @@
   device-to-device copy measured in the same run as the ceiling.
 - matmul: y = x · dequant(W)ᵀ for the Llama-3-8B linear shapes [out, in] at 1/16/512/4096 tokens: ours on each
   path (gemv / fused / dequant + matmul) vs bitsandbytes' matmul_4bit. CUDA: bf16. CPU: one small shape at 1 and 16
-  tokens, PyTorch paths only (Triton would run in the interpreter, whose time means nothing).
+  tokens, PyTorch paths only (Triton would run in the interpreter, whose time means nothing). On CUDA, from 16
+  tokens, also the input gradient dx = dy · dequant(W) (fused vs dequant + matmul) and the tiles the autotuner chose.
 - memory: bytes/parameter of the NF4 base for Llama-3-8B (every linear except lm_head), from the layout.
 """
 from __future__ import annotations
 
 import torch
 
+import reflectevo.kernels.nf4_matmul as nm
 from reflectevo.bench.common import copy_bandwidth_gbs, env_info, time_fn
 from reflectevo.kernels import kernel_backend
 from reflectevo.kernels.nf4 import nf4_dequantize, nf4_quantize
@@ -54,6 +56,12 @@ def _dequant_row(device, n, k, dtype, repeats):
     return row
 
 
+def _tile_name(cfg) -> str:
+    """'BLOCK_M x BLOCK_P x BLOCK_R, warps, stages' of an autotuner choice."""
+    kw = cfg.kwargs
+    return f"{kw['BLOCK_M']}x{kw['BLOCK_P']}x{kw['BLOCK_R']} w{cfg.num_warps} s{cfg.num_stages}"
+
+
 def _matmul_rows(device, n, k, tokens, dtype, repeats):
     bnb, bnbf = _bnb()
     w = torch.randn(n, k, device=device, dtype=dtype)
@@ -73,6 +81,12 @@ def _matmul_rows(device, n, k, tokens, dtype, repeats):
         for path in paths:
             with torch.no_grad():
                 row[f"{path}_ms"] = time_fn(lambda: nf4_matmul(x, q, path=path), device, repeats=repeats)
+        if device.type == "cuda" and m > GEMV_MAX_ROWS:
+            row["fused_tile"] = _tile_name(nm._fused_tuned[False].best_config)
+            dy = torch.randn(m, n, device=device, dtype=dtype)
+            row["fused_dx_ms"] = time_fn(lambda: nm._fused(dy, q, None, True), device, repeats=repeats)
+            row["fused_dx_tile"] = _tile_name(nm._fused_tuned[True].best_config)
+            row["dequant_dx_ms"] = time_fn(lambda: dy @ nf4_dequantize(q, dtype), device, repeats=repeats)
         row["auto_path"] = choose_path(x)
         if bnb is not None:
             with torch.no_grad():
@@ -122,11 +136,13 @@ def format_table(result: dict) -> str:
     for r in result["dequant"]:
         lines.append(f"| {r['shape'][0]}x{r['shape'][1]} | {_f(r['ours_ms'])} | {_f(r['ours_gbs'], '{:.1f}')} | "
                      f"{_f(r.get('bnb_ms'))} | {_f(r.get('bnb_gbs'), '{:.1f}')} | {result['copy_gbs']:.1f} |")
-    lines += ["", "| matmul [out, in] | tokens | gemv ms | fused ms | dequant+mm ms | bnb matmul_4bit ms | auto |",
-              "|---|---|---|---|---|---|---|"]
+    lines += ["", "| matmul [out, in] | tokens | gemv ms | fused ms | dequant+mm ms | bnb matmul_4bit ms | auto | "
+              "fused dx ms | dequant dx ms | fused tile (fwd / dx) |", "|---|---|---|---|---|---|---|---|---|---|"]
     for r in result["matmul"]:
+        tiles = f"{r['fused_tile']} / {r['fused_dx_tile']}" if "fused_tile" in r else "-"
         lines.append(f"| {r['shape'][0]}x{r['shape'][1]} | {r['tokens']} | {_f(r.get('gemv_ms'))} | "
-                     f"{_f(r.get('fused_ms'))} | {_f(r.get('dequant_ms'))} | {_f(r.get('bnb_ms'))} | {r['auto_path']} |")
+                     f"{_f(r.get('fused_ms'))} | {_f(r.get('dequant_ms'))} | {_f(r.get('bnb_ms'))} | {r['auto_path']} | "
+                     f"{_f(r.get('fused_dx_ms'))} | {_f(r.get('dequant_dx_ms'))} | {tiles} |")
     return "\n".join(lines)
 
 

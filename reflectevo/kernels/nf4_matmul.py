@@ -1,23 +1,26 @@
 """y = x · dequant(W)ᵀ (+ bias) for an NF4 weight W [N, K], with dx = dy · dequant(W) for the backward pass.
 
 Math. ``W[n, k] = NF4[nibble(n*K + k)] * absmax[(n*K + k) // 64]`` with ``absmax`` decoded from its 8-bit code
-(see reflectevo.kernels.nf4). The fused kernels decode a [BLOCK_K, BLOCK_N] tile of W inside the K loop, in
-registers, and feed it to ``tl.dot``: the dense weight is never written to memory, so a forward pass reads
-0.52 bytes per weight instead of 2 (bf16) and allocates nothing of size N*K. When K is a multiple of the
-quantisation block, each tile row lies inside one block and its absmax is decoded once per row (PER_LINE).
+(see reflectevo.kernels.nf4). The fused kernels decode a tile of W inside the K loop, in registers, and feed it
+to ``tl.dot``: the dense weight is never written to memory, so a forward pass reads 0.52 bytes per weight instead
+of 2 (bf16) and allocates nothing of size N*K. When K is a multiple of the quantisation block (every real model),
+each tile row lies in one block (one absmax per row), each packed byte is loaded once for its two values, and the
+tile pointers advance by a constant per step (sm_90 SASS of the 64x64x64 bf16 forward: 98 registers, no spills;
+the per-element addressing it replaced took 174 registers and 1.85x the instructions).
 
 Paths (``nf4_matmul(path=...)`` forces one; ``choose_path`` picks one from measured thresholds):
 - ``gemv``     up to GEMV_MAX_ROWS (8) rows, the sampler's decode step: programs over (BLOCK_N output features) x
-               (a slice of K) writing fp32 partial sums, every row of x handled by broadcasting, no tensor cores.
-- ``fused``    tiled tl.dot with in-loop dequantisation.
+               (a slice of K) writing fp32 partial sums, every row of x handled by broadcasting, products summed
+               over K once after the loop, no tensor cores.
+- ``fused``    tiled tl.dot with in-loop dequantisation; on CUDA the tile (rows x features x K step, warps,
+               stages) is autotuned per (power-of-two row bucket, N, K, dtype) from ``_tile_configs``.
 - ``dequant``  the Triton dequant kernel writes a temporary bf16 W, then cuBLAS (torch.matmul).
 Thresholds: ``gemv`` for rows <= AUTO_GEMV_MAX_ROWS, ``fused`` for rows <= AUTO_FUSED_MAX_ROWS, else ``dequant``.
 Both are 0, i.e. always ``dequant``: on an H200 (bench/results/2026-11-26-h200-kernels.md, Llama-3-8B shapes)
-dequant + cuBLAS beat the GEMV at 1 token by 2.4-7.7x and the fused kernel at 16 and 512 tokens by 2.8-33x; the
-kernels are there, tested, for a GPU where they win (set the constants after ``reflectevo bench kernels``).
-The GEMV measured there ran one program per 64 output features over all of K (64 programs for a 4096-feature
-layer on 132 SMs); it now splits K too (~4 programs per SM, fp32 partial sums) and reads each packed byte once:
-not yet measured on a GPU, so the threshold stays 0 until a run shows it winning.
+dequant + cuBLAS beat the GEMV at 1 token by 2.4-7.7x and the fused kernel at 16 and 512 tokens by 2.8-33x.
+Both kernels were reworked since (GEMV: K split over ~4 programs per SM, one FMA per product; fused: the aligned
+path above, autotuned tiles) and are not yet measured on a GPU: the thresholds stay 0 until a run of
+``reflectevo bench kernels`` shows them winning.
 On the CPU (no Triton) every call is dequant + matmul in PyTorch.
 
 The backward (dx = dy · W) uses the fused kernel with W read transposed when the forward took ``gemv`` or
@@ -64,56 +67,96 @@ if HAS_TRITON:
             return tl.load(absmax_ptr + blk, mask=mask, other=0.0)
 
     @triton.jit
+    def _pair_levels(byte_ptrs, table_ptr, mask, ROWS: tl.constexpr, COLS: tl.constexpr):
+        """[ROWS, COLS] NF4 levels from a [ROWS, COLS // 2] tile of packed-byte pointers: each byte is loaded once
+        for its two values (high nibble first)."""
+        byte = tl.load(byte_ptrs, mask=mask, other=0).to(tl.int32)
+        hi = tl.load(table_ptr + (byte >> 4))
+        lo = tl.load(table_ptr + (byte & 0xF))
+        return tl.reshape(tl.join(hi, lo), (ROWS, COLS))
+
+    @triton.jit
+    def _dot(acc, a, b, IEEE: tl.constexpr, DOT_FP32: tl.constexpr):
+        if DOT_FP32:  # the interpreter's tl.dot mishandles bf16 operands: same products, in fp32
+            return acc + tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee")
+        elif IEEE:  # fp32 inputs: no TF32 rounding
+            return acc + tl.dot(a, b, input_precision="ieee")
+        else:
+            return acc + tl.dot(a, b)
+
+    @triton.jit
     def _fused_kernel(a_ptr, data_ptr, absmax_ptr, absmax2_ptr, code2_ptr, offset_ptr, table_ptr, bias_ptr, out_ptr,
-                      M, P, R, stride_am, stride_om, w_stride_r, w_stride_p,
+                      M, N, K, stride_am, stride_om, m_bucket,
                       BLOCKSIZE: tl.constexpr, DOUBLE: tl.constexpr, HAS_BIAS: tl.constexpr, IEEE: tl.constexpr,
-                      DOT_FP32: tl.constexpr, TRANS: tl.constexpr, PER_LINE: tl.constexpr,
+                      DOT_FP32: tl.constexpr, TRANS: tl.constexpr, K_ALIGNED: tl.constexpr,
                       BLOCK_M: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_R: tl.constexpr):
-        """out[M, P] = a[M, R] · B[R, P] with B[r, p] = W_flat[r * w_stride_r + p * w_stride_p] decoded in-loop.
-        Forward (TRANS=0): R = K, P = N, strides (1, K). Input gradient (TRANS=1): R = N, P = K, strides (K, 1).
-        Either way the tile is decoded with W's contiguous axis as the fast one, so the packed-byte loads coalesce.
-        PER_LINE: K % BLOCKSIZE == 0 and the tile's K extent divides BLOCKSIZE, so each W row of the tile lies in
-        one quantisation block and the absmax is decoded once per row instead of once per element."""
+        """out[M, P] = a[M, R] · B[R, P], B decoded from the NF4 weight W [N, K] inside the R loop.
+        Forward (TRANS=0): a = x, R = K, P = N, B = Wᵀ. Input gradient (TRANS=1): a = dy, R = N, P = K, B = W.
+        The W tile is decoded as [W rows, K] (K, contiguous in memory, fast) and transposed in registers when B = Wᵀ.
+        Aligned path (K_ALIGNED: K % BLOCKSIZE == 0, and the tile's K extent divides BLOCKSIZE): each tile row lies
+        in one quantisation block, so one absmax per row; each packed byte is loaded once for its two values; the
+        pointers advance by a constant per step. Otherwise every element is addressed on its own (odd K, blocks
+        straddling rows). ``m_bucket`` is unused here: the autotuner's key."""
         pid_m = tl.program_id(0)
         pid_p = tl.program_id(1)
         rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-        rp = pid_p * BLOCK_P + tl.arange(0, BLOCK_P)
+        m_ok = rm < M
         acc = tl.zeros((BLOCK_M, BLOCK_P), dtype=tl.float32)
-        for r0 in range(0, R, BLOCK_R):
-            rr = r0 + tl.arange(0, BLOCK_R)
-            a_mask = (rm[:, None] < M) & (rr[None, :] < R)
-            a = tl.load(a_ptr + rm[:, None].to(tl.int64) * stride_am + rr[None, :], mask=a_mask, other=0.0)
-            if TRANS:  # B[r, p] = W[r, p]: p runs along W's rows in memory, as the tile's fast axis does
-                w_mask = (rr[:, None] < R) & (rp[None, :] < P)
-                flat = rr[:, None].to(tl.int64) * w_stride_r + rp[None, :].to(tl.int64) * w_stride_p
+        P = K if TRANS else N
+        R = N if TRANS else K
+        dtype = a_ptr.dtype.element_ty
+        KT: tl.constexpr = BLOCK_P if TRANS else BLOCK_R  # the tile's extent along K
+        if K_ALIGNED and BLOCKSIZE % KT == 0:
+            half = tl.arange(0, KT // 2)
+            if TRANS:  # fixed K columns [k0, k0 + BLOCK_P), W rows advance with r
+                k0 = pid_p * BLOCK_P
+                rr = tl.arange(0, BLOCK_R)
+                a_ptrs = a_ptr + rm[:, None].to(tl.int64) * stride_am + rr[None, :]
+                byte_ptrs = data_ptr + rr[:, None].to(tl.int64) * (K // 2) + (k0 // 2 + half)[None, :]
+                for r0 in range(0, R, BLOCK_R):
+                    n_ok = r0 + rr < R
+                    a = tl.load(a_ptrs, mask=m_ok[:, None] & n_ok[None, :], other=0.0)
+                    blk = (r0 + rr).to(tl.int64) * (K // BLOCKSIZE) + k0 // BLOCKSIZE
+                    scale = _scales(absmax_ptr, absmax2_ptr, code2_ptr, offset_ptr, blk, n_ok, DOUBLE)
+                    level = _pair_levels(byte_ptrs, table_ptr, n_ok[:, None], BLOCK_R, BLOCK_P)
+                    acc = _dot(acc, a, cast_rne(level * scale[:, None], dtype), IEEE, DOT_FP32)
+                    a_ptrs += BLOCK_R
+                    byte_ptrs += BLOCK_R * (K // 2)
+            else:  # fixed W rows [n0, n0 + BLOCK_P), K advances with r
+                rn = pid_p * BLOCK_P + tl.arange(0, BLOCK_P)
+                n_ok = rn < N
+                rk = tl.arange(0, BLOCK_R)
+                a_ptrs = a_ptr + rm[:, None].to(tl.int64) * stride_am + rk[None, :]
+                byte_ptrs = data_ptr + rn[:, None].to(tl.int64) * (K // 2) + half[None, :]
+                blk0 = rn.to(tl.int64) * (K // BLOCKSIZE)
+                for r0 in range(0, R, BLOCK_R):
+                    a = tl.load(a_ptrs, mask=m_ok[:, None], other=0.0)
+                    scale = _scales(absmax_ptr, absmax2_ptr, code2_ptr, offset_ptr, blk0 + r0 // BLOCKSIZE, n_ok,
+                                    DOUBLE)
+                    level = _pair_levels(byte_ptrs, table_ptr, n_ok[:, None], BLOCK_P, BLOCK_R)
+                    acc = _dot(acc, a, tl.trans(cast_rne(level * scale[:, None], dtype)), IEEE, DOT_FP32)
+                    a_ptrs += BLOCK_R
+                    byte_ptrs += BLOCK_R // 2
+        else:
+            rp = pid_p * BLOCK_P + tl.arange(0, BLOCK_P)
+            for r0 in range(0, R, BLOCK_R):
+                rr = r0 + tl.arange(0, BLOCK_R)
+                a = tl.load(a_ptr + rm[:, None].to(tl.int64) * stride_am + rr[None, :],
+                            mask=m_ok[:, None] & (rr[None, :] < R), other=0.0)
+                if TRANS:  # B[r, p] = W[r, p]
+                    w_mask = (rr[:, None] < R) & (rp[None, :] < P)
+                    flat = rr[:, None].to(tl.int64) * K + rp[None, :]
+                else:  # B[r, p] = W[p, r]
+                    w_mask = (rr[:, None] < R) & (rp[None, :] < P)
+                    flat = rp[None, :].to(tl.int64) * K + rr[:, None]
                 level = _levels(data_ptr, table_ptr, flat, w_mask)
-                if PER_LINE:
-                    blk = (rr.to(tl.int64) * w_stride_r + pid_p * BLOCK_P) // BLOCKSIZE
-                    scale = _scales(absmax_ptr, absmax2_ptr, code2_ptr, offset_ptr, blk, rr < R, DOUBLE)[:, None]
-                else:
-                    scale = _scales(absmax_ptr, absmax2_ptr, code2_ptr, offset_ptr, flat // BLOCKSIZE, w_mask, DOUBLE)
-                w = cast_rne(level * scale, a_ptr.dtype.element_ty)
-            else:  # B = W^T: decode the [P, R] tile of W with r (= k, contiguous) fast, then transpose in registers
-                w_mask = (rp[:, None] < P) & (rr[None, :] < R)
-                flat = rp[:, None].to(tl.int64) * w_stride_p + rr[None, :].to(tl.int64) * w_stride_r
-                level = _levels(data_ptr, table_ptr, flat, w_mask)
-                if PER_LINE:
-                    blk = (rp.to(tl.int64) * w_stride_p + r0) // BLOCKSIZE
-                    scale = _scales(absmax_ptr, absmax2_ptr, code2_ptr, offset_ptr, blk, rp < P, DOUBLE)[:, None]
-                else:
-                    scale = _scales(absmax_ptr, absmax2_ptr, code2_ptr, offset_ptr, flat // BLOCKSIZE, w_mask, DOUBLE)
-                w = tl.trans(cast_rne(level * scale, a_ptr.dtype.element_ty))
-            if DOT_FP32:  # the interpreter's tl.dot mishandles bf16 operands: same products, in fp32
-                acc += tl.dot(a.to(tl.float32), w.to(tl.float32), input_precision="ieee")
-            elif IEEE:  # fp32 inputs: no TF32 rounding
-                acc += tl.dot(a, w, input_precision="ieee")
-            else:
-                acc += tl.dot(a, w)
+                scale = _scales(absmax_ptr, absmax2_ptr, code2_ptr, offset_ptr, flat // BLOCKSIZE, w_mask, DOUBLE)
+                acc = _dot(acc, a, cast_rne(level * scale, dtype), IEEE, DOT_FP32)
+        rp = pid_p * BLOCK_P + tl.arange(0, BLOCK_P)
         if HAS_BIAS:
             acc += tl.load(bias_ptr + rp, mask=rp < P, other=0.0).to(tl.float32)[None, :]
-        o_mask = (rm[:, None] < M) & (rp[None, :] < P)
         tl.store(out_ptr + rm[:, None].to(tl.int64) * stride_om + rp[None, :],
-                 cast_rne(acc, out_ptr.dtype.element_ty), mask=o_mask)
+                 cast_rne(acc, out_ptr.dtype.element_ty), mask=m_ok[:, None] & (rp[None, :] < P))
 
     @triton.jit
     def _gemv_kernel(x_ptr, data_ptr, absmax_ptr, absmax2_ptr, code2_ptr, offset_ptr, table_ptr, part_ptr,
@@ -123,36 +166,40 @@ if HAS_TRITON:
         """part[split, m, n] = sum over k in this split's range of x[m, k] · W[n, k], fp32, for M <= ROWS (a power
         of two <= 8). Programs cover (BLOCK_N features) x (one K range): a decode step's few output features still
         spread over every SM. Each W tile is decoded once for all rows; with K even (PAIRS) each packed byte is
-        read once for its two values."""
+        read once for its two values. Products accumulate elementwise in a [ROWS, BLOCK_N, BLOCK_K] tile (one FMA
+        each) and are summed over K once, after the loop."""
         rn = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
         split = tl.program_id(1)
         rm = tl.arange(0, ROWS)
+        rk = tl.arange(0, BLOCK_K)
+        half = tl.arange(0, BLOCK_K // 2)
         n_ok = rn < N
         k_lo = split * k_per_split
         k_hi = tl.minimum(k_lo + k_per_split, K)
-        acc = tl.zeros((ROWS, BLOCK_N), dtype=tl.float32)
+        x_ptrs = x_ptr + rm[:, None] * stride_xm + (k_lo + rk)[None, :]
+        byte_ptrs = data_ptr + rn[:, None].to(tl.int64) * (K // 2) + (k_lo // 2 + half)[None, :]
+        acc = tl.zeros((ROWS, BLOCK_N, BLOCK_K), dtype=tl.float32)
         for k0 in range(k_lo, k_hi, BLOCK_K):
-            rk = k0 + tl.arange(0, BLOCK_K)
-            flat = rn[:, None].to(tl.int64) * K + rk[None, :]
-            w_mask = n_ok[:, None] & (rk[None, :] < k_hi)
+            k_ok = k0 + rk < k_hi
             if PAIRS:
-                rb = k0 // 2 + tl.arange(0, BLOCK_K // 2)
-                byte = tl.load(data_ptr + rn[:, None].to(tl.int64) * (K // 2) + rb[None, :],
-                               mask=n_ok[:, None] & (rb[None, :] * 2 < k_hi), other=0).to(tl.int32)
-                level = tl.reshape(tl.join(tl.load(table_ptr + (byte >> 4)), tl.load(table_ptr + (byte & 0xF))),
-                                   (BLOCK_N, BLOCK_K))
+                level = _pair_levels(byte_ptrs, table_ptr, n_ok[:, None] & (k0 + 2 * half < k_hi)[None, :],
+                                     BLOCK_N, BLOCK_K)
+                byte_ptrs += BLOCK_K // 2
             else:
-                level = _levels(data_ptr, table_ptr, flat, w_mask)
+                flat = rn[:, None].to(tl.int64) * K + (k0 + rk)[None, :]
+                level = _levels(data_ptr, table_ptr, flat, n_ok[:, None] & k_ok[None, :])
             if PER_LINE:
-                blk = (rn.to(tl.int64) * K + k0) // BLOCKSIZE
+                blk = rn.to(tl.int64) * (K // BLOCKSIZE) + k0 // BLOCKSIZE
                 scale = _scales(absmax_ptr, absmax2_ptr, code2_ptr, offset_ptr, blk, n_ok, DOUBLE)[:, None]
             else:
-                scale = _scales(absmax_ptr, absmax2_ptr, code2_ptr, offset_ptr, flat // BLOCKSIZE, w_mask, DOUBLE)
+                flat = rn[:, None].to(tl.int64) * K + (k0 + rk)[None, :]
+                scale = _scales(absmax_ptr, absmax2_ptr, code2_ptr, offset_ptr, flat // BLOCKSIZE,
+                                n_ok[:, None] & k_ok[None, :], DOUBLE)
             w = cast_rne(level * scale, x_ptr.dtype.element_ty).to(tl.float32)
-            x = tl.load(x_ptr + rm[:, None] * stride_xm + rk[None, :], mask=(rm[:, None] < M) & (rk[None, :] < k_hi),
-                        other=0.0).to(tl.float32)
-            acc += tl.sum(x[:, None, :] * w[None, :, :], axis=2)  # masked k: x is 0 there
-        tl.store(part_ptr + (split * M + rm[:, None]).to(tl.int64) * N + rn[None, :], acc,
+            x = tl.load(x_ptrs, mask=(rm[:, None] < M) & k_ok[None, :], other=0.0).to(tl.float32)
+            x_ptrs += BLOCK_K
+            acc = tl.fma(x[:, None, :], w[None, :, :], acc)  # masked k: x is 0 there
+        tl.store(part_ptr + (split * M + rm[:, None]).to(tl.int64) * N + rn[None, :], tl.sum(acc, axis=2),
                  mask=(rm[:, None] < M) & n_ok[None, :])
 
 
@@ -162,24 +209,56 @@ def _q_args(q: NF4Tensor):
     return (q.data, a, q.absmax2 if dq else a, q.code2 if dq else a, q.offset if dq else a, NF4_TABLE.to(q.device))
 
 
-def _fused(a2d: torch.Tensor, q: NF4Tensor, bias, transpose_w: bool) -> torch.Tensor:
-    n_out, k_in = q.shape
-    M, R = a2d.shape
-    P = k_in if transpose_w else n_out
-    strides = (k_in, 1) if transpose_w else (1, k_in)
-    out = torch.empty(M, P, dtype=a2d.dtype, device=a2d.device)
-    if a2d.is_cuda:
-        bm, bp, br = (16 if M <= 16 else 64), 64, 64
+def _tile_configs(trans: bool) -> list:
+    """CUDA tile shapes the autotuner tries, (BLOCK_M, BLOCK_P, BLOCK_R, warps, stages). The tile's K extent
+    (BLOCK_R forward, BLOCK_P for the input gradient) stays <= 64 so a tile row lies in one quantisation block."""
+    if trans:
+        shapes = [(16, 32, 64, 4, 4), (16, 64, 64, 4, 3), (32, 64, 64, 4, 3), (64, 64, 64, 4, 3),
+                  (64, 64, 128, 4, 3), (128, 64, 64, 4, 3), (128, 64, 128, 8, 3)]
     else:
-        bm, bp, br = 16, 16, 32
-    grid = (triton.cdiv(M, bm), triton.cdiv(P, bp))
-    _fused_kernel[grid](
-        a2d, *_q_args(q), bias if bias is not None else a2d, out, M, P, R, a2d.stride(0), out.stride(0), *strides,
-        BLOCKSIZE=q.blocksize, DOUBLE=q.double_quant, HAS_BIAS=bias is not None,
-        IEEE=a2d.dtype == torch.float32, DOT_FP32=not a2d.is_cuda, TRANS=transpose_w,
-        PER_LINE=k_in % q.blocksize == 0 and q.blocksize % (bp if transpose_w else br) == 0,
-        BLOCK_M=bm, BLOCK_P=bp, BLOCK_R=br, enable_fp_fusion=False,
-    )
+        shapes = [(16, 32, 64, 4, 4), (16, 64, 64, 4, 3), (32, 64, 64, 4, 3), (64, 64, 64, 4, 3),
+                  (128, 64, 64, 4, 3), (64, 128, 64, 4, 3), (128, 128, 64, 8, 3), (128, 128, 32, 8, 4)]
+    return [triton.Config(dict(BLOCK_M=m, BLOCK_P=p, BLOCK_R=r), num_warps=w, num_stages=s)
+            for m, p, r, w, s in shapes]
+
+
+def _prune_by_rows(configs, named_args, **kwargs):
+    """Row tiles no taller than the rows (rounded up to a power of two, at least 16)."""
+    rows = named_args["m_bucket"]
+    kept = [c for c in configs if c.kwargs["BLOCK_M"] <= rows and (rows > 32 or c.kwargs["BLOCK_M"] <= 32)]
+    return kept or configs[:1]
+
+
+if HAS_TRITON:
+    # one autotuner per direction, keyed on (rows bucket, N, K) and the dtypes: a new token count in the same
+    # power-of-two bucket reuses the tuned tile
+    _fused_tuned = {trans: triton.autotune(_tile_configs(trans), key=["m_bucket", "N", "K"],
+                                           prune_configs_by={"early_config_prune": _prune_by_rows})(_fused_kernel)
+                    for trans in (False, True)}
+
+
+def _fused(a2d: torch.Tensor, q: NF4Tensor, bias, transpose_w: bool, tile=None) -> torch.Tensor:
+    """Launch the fused kernel: the autotuned tile on CUDA when K is aligned, else ``tile`` (a triton.Config) or a
+    fixed one (64-wide, two stages, ~72 KB of shared memory, on CUDA; small tiles in the interpreter)."""
+    n_out, k_in = q.shape
+    M = a2d.shape[0]
+    P = k_in if transpose_w else n_out
+    out = torch.empty(M, P, dtype=a2d.dtype, device=a2d.device)
+    args = (a2d, *_q_args(q), bias if bias is not None else a2d, out, M, n_out, k_in, a2d.stride(0), out.stride(0),
+            max(16, min(4096, triton.next_power_of_2(M))))
+    flags = dict(BLOCKSIZE=q.blocksize, DOUBLE=q.double_quant, HAS_BIAS=bias is not None,
+                 IEEE=a2d.dtype == torch.float32, DOT_FP32=not a2d.is_cuda, TRANS=transpose_w,
+                 K_ALIGNED=k_in % q.blocksize == 0, enable_fp_fusion=False)
+    if tile is None and a2d.is_cuda and flags["K_ALIGNED"]:
+        grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]), triton.cdiv(P, meta["BLOCK_P"]))  # noqa: E731
+        _fused_tuned[transpose_w][grid](*args, **flags)
+        return out
+    if tile is None:
+        tile = (triton.Config(dict(BLOCK_M=64, BLOCK_P=64, BLOCK_R=64), num_warps=4, num_stages=2) if a2d.is_cuda
+                else triton.Config(dict(BLOCK_M=16, BLOCK_P=16, BLOCK_R=32)))
+    launch = dict(num_warps=tile.num_warps, num_stages=tile.num_stages) if a2d.is_cuda else {}
+    grid = (triton.cdiv(M, tile.kwargs["BLOCK_M"]), triton.cdiv(P, tile.kwargs["BLOCK_P"]))
+    _fused_kernel[grid](*args, **flags, **tile.kwargs, **launch)
     return out
 
 
