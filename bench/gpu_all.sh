@@ -7,7 +7,8 @@
 # Every stage runs under `timeout` (GPU_STAGE_S seconds each, default 280; GPU_TESTS_S for the tests, default 240)
 # so one slow stage cannot eat a device call's 600 s: the stages after it still run and the summary still prints.
 # The 2026-11-26 H200 call took 268 s for the tests + the kernels benchmark alone; split a full run over two calls
-# (GPU_BENCH="kernels", then GPU_BENCH="sampler train" with GPU_TESTS_S=0 to skip the tests).
+# (GPU_BENCH="kernels", then GPU_BENCH="sampler train" with GPU_TESTS_S=0 to skip the tests). Since then the fused
+# NF4 matmul autotunes its tile once per (row bucket, shape, direction): expect ~30-60 s more in the kernels stage.
 #
 # Optional wheels (bitsandbytes, liger-kernel) placed in ./wheels are installed into /tmp/site first, so every
 # side-by-side column of the benchmarks is filled (see ../shared/docs/gpu.md for the recipe).

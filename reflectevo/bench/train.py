@@ -191,9 +191,9 @@ def _random_linear(out_f, in_f, device):
 
 
 def _llama8b_ours(device):  # pragma: no cover - CUDA only
-    from reflectevo.bench.sampler import _random_llama
+    from reflectevo.bench.sampler import _random_llama, _to_nf4
 
-    return _random_llama(device, "nf4").train()
+    return _to_nf4(_random_llama(device)).train()
 
 
 def _llama8b_hf(device):  # pragma: no cover - CUDA only
@@ -207,7 +207,7 @@ def _llama8b_hf(device):  # pragma: no cover - CUDA only
 
     hf_cfg = LlamaConfig(**{k: v for k, v in ModelConfig(**LLAMA3_8B).to_hf().items()
                             if k not in ("architectures", "model_type")})
-    hf_cfg.torch_dtype = torch.bfloat16
+    hf_cfg.dtype = torch.bfloat16
     with torch.device("meta"):
         hf = LlamaForCausalLM(hf_cfg)
     for layer in hf.model.layers:
@@ -228,7 +228,7 @@ def _llama8b_hf(device):  # pragma: no cover - CUDA only
                 fresh = torch.empty(p.shape, device=device, dtype=torch.bfloat16)
                 fresh.normal_(0.0, 0.02) if p.dim() > 1 else fresh.fill_(1.0)
                 setattr(mod, pname, torch.nn.Parameter(fresh, requires_grad=False))
-    hf.model.rotary_emb = LlamaRotaryEmbedding(hf_cfg, device=device)
+    hf.model.rotary_emb = LlamaRotaryEmbedding(hf_cfg).to(device)
     torch.cuda.empty_cache()
     return hf
 

@@ -1,0 +1,41 @@
+"""The GPU benchmarks' model builders and step code, run on the CPU at a tiny Llama shape.
+
+`reflectevo bench train` / `bench sampler` build Llama-3-8B-shaped models (ours in NF4, transformers with
+bitsandbytes Linear4bit) only on CUDA, where a device session is short and rare: a broken builder would waste it.
+Here the same code runs end to end with the shape shrunk; bitsandbytes' 4-bit layers run on the CPU too."""
+import math
+
+import pytest
+
+pytest.importorskip("peft")
+pytest.importorskip("bitsandbytes")
+
+import reflectevo.bench.sampler as sampler  # noqa: E402
+import reflectevo.bench.train as train  # noqa: E402
+
+TINY = dict(vocab_size=512, hidden_size=128, intermediate_size=256, num_layers=2, num_heads=4, num_kv_heads=2,
+            head_dim=32, eos_token_ids=[1])
+
+
+@pytest.fixture
+def tiny_llama(monkeypatch):
+    monkeypatch.setattr(sampler, "LLAMA3_8B", dict(sampler.LLAMA3_8B, **TINY))
+
+
+def test_train_bench_builders_take_sft_and_dpo_steps(tiny_llama):
+    pairs = train.make_pairs(TINY["vocab_size"], 1, 96)
+    ours = train.Ours(train._llama8b_ours("cpu"), pairs, 96, 8, "cpu", 2)
+    ref = train.Reference(train._llama8b_hf("cpu"), pairs, 8, "cpu", 2)
+    losses = [ours.sft(), ours.dpo(), ours.dpo(True), ref.sft(), ref.dpo()]
+    assert all(math.isfinite(x) for x in losses), losses
+    # a random 512-token vocabulary: the SFT loss starts near ln(512), DPO near ln(2)
+    assert abs(losses[0] - math.log(512)) < 1.0 and abs(losses[3] - math.log(512)) < 1.0
+    assert abs(losses[1] - math.log(2)) < 0.1 and abs(losses[4] - math.log(2)) < 0.1
+
+
+@pytest.mark.parametrize("quantize", [None, "nf4"])
+def test_sampler_decode_floor_runs_both_stacks(quantize):
+    row = sampler.decode_floor("cpu", quantize, batch=3, prompt_tokens=24, max_tokens=4,
+                               config=dict(sampler.LLAMA3_8B, **TINY))
+    assert row["quantize"] == (quantize or "bf16") and row["decode_step_ms"] > 0 and row["hf_decode_step_ms"] > 0
+    assert 0 < row["fraction_of_floor"] and row["weight_bytes"] > 0
