@@ -190,13 +190,13 @@ def _random_linear(out_f, in_f, device):
     return lin
 
 
-def _llama8b_ours(device):  # pragma: no cover - CUDA only
+def _llama8b_ours(device):
     from reflectevo.bench.sampler import _random_llama, _to_nf4
 
     return _to_nf4(_random_llama(device)).train()
 
 
-def _llama8b_hf(device):  # pragma: no cover - CUDA only
+def _llama8b_hf(device):
     """transformers Llama-3-8B shapes, random weights, every decoder linear a bitsandbytes NF4 Linear4bit."""
     import bitsandbytes as bnb
     from transformers import LlamaConfig, LlamaForCausalLM
