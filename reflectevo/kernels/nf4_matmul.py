@@ -143,11 +143,10 @@ if HAS_TRITON:
                 rr = r0 + tl.arange(0, BLOCK_R)
                 a = tl.load(a_ptr + rm[:, None].to(tl.int64) * stride_am + rr[None, :],
                             mask=m_ok[:, None] & (rr[None, :] < R), other=0.0)
+                w_mask = (rr[:, None] < R) & (rp[None, :] < P)
                 if TRANS:  # B[r, p] = W[r, p]
-                    w_mask = (rr[:, None] < R) & (rp[None, :] < P)
                     flat = rr[:, None].to(tl.int64) * K + rp[None, :]
                 else:  # B[r, p] = W[p, r]
-                    w_mask = (rr[:, None] < R) & (rp[None, :] < P)
                     flat = rp[None, :].to(tl.int64) * K + rr[:, None]
                 level = _levels(data_ptr, table_ptr, flat, w_mask)
                 scale = _scales(absmax_ptr, absmax2_ptr, code2_ptr, offset_ptr, flat // BLOCKSIZE, w_mask, DOUBLE)
