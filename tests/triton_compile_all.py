@@ -84,8 +84,7 @@ def _variants():
     # every autotuner tile (aligned K, the real models) for bf16 in both directions, fp32 and fp16 once per direction
     # (their dots differ: ieee fp32, fp16 operands); the fixed tile of the unaligned path
     nm = k["nf4_matmul"]
-    import triton
-    unaligned = triton.Config(dict(BLOCK_M=64, BLOCK_P=64, BLOCK_R=64), num_warps=4, num_stages=2)
+    unaligned = nm._unaligned_tile()
     fused = [("bf16", trans, True, cfg) for trans in (False, True) for cfg in nm._tile_configs(trans)]
     fused += [(dt, trans, True, nm._tile_configs(trans)[3]) for dt in ("fp32", "fp16") for trans in (False, True)]
     fused += [(dt, trans, False, unaligned) for dt in ("bf16", "fp32") for trans in (False, True)]

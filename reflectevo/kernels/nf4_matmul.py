@@ -221,6 +221,11 @@ def _tile_configs(trans: bool) -> list:
             for m, p, r, w, s in shapes]
 
 
+def _unaligned_tile():
+    """The fixed CUDA tile of the element-wise path (64-wide, two stages: ~72 KB of shared memory at sm_90)."""
+    return triton.Config(dict(BLOCK_M=64, BLOCK_P=64, BLOCK_R=64), num_warps=4, num_stages=2)
+
+
 def _prune_by_rows(configs, named_args, **kwargs):
     """Row tiles no taller than the rows (rounded up to a power of two, at least 16)."""
     rows = named_args["m_bucket"]
@@ -237,8 +242,9 @@ if HAS_TRITON:
 
 
 def _fused(a2d: torch.Tensor, q: NF4Tensor, bias, transpose_w: bool, tile=None) -> torch.Tensor:
-    """Launch the fused kernel: the autotuned tile on CUDA when K is aligned, else ``tile`` (a triton.Config) or a
-    fixed one (64-wide, two stages, ~72 KB of shared memory, on CUDA; small tiles in the interpreter)."""
+    """Launch the fused kernel: on CUDA the autotuned tile when K is a multiple of the block size and the block
+    size of 64, else ``tile`` (a triton.Config) or a fixed one (``_unaligned_tile`` on CUDA; small tiles in the
+    interpreter)."""
     n_out, k_in = q.shape
     M = a2d.shape[0]
     P = k_in if transpose_w else n_out
@@ -248,12 +254,13 @@ def _fused(a2d: torch.Tensor, q: NF4Tensor, bias, transpose_w: bool, tile=None) 
     flags = dict(BLOCKSIZE=q.blocksize, DOUBLE=q.double_quant, HAS_BIAS=bias is not None,
                  IEEE=a2d.dtype == torch.float32, DOT_FP32=not a2d.is_cuda, TRANS=transpose_w,
                  K_ALIGNED=k_in % q.blocksize == 0, enable_fp_fusion=False)
-    if tile is None and a2d.is_cuda and flags["K_ALIGNED"]:
+    # every autotuner tile's K extent (<= 64) divides a block size that is a multiple of 64: the aligned path
+    if tile is None and a2d.is_cuda and flags["K_ALIGNED"] and q.blocksize % 64 == 0:
         grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]), triton.cdiv(P, meta["BLOCK_P"]))  # noqa: E731
         _fused_tuned[transpose_w][grid](*args, **flags)
         return out
     if tile is None:
-        tile = (triton.Config(dict(BLOCK_M=64, BLOCK_P=64, BLOCK_R=64), num_warps=4, num_stages=2) if a2d.is_cuda
+        tile = (_unaligned_tile() if a2d.is_cuda
                 else triton.Config(dict(BLOCK_M=16, BLOCK_P=16, BLOCK_R=32)))
     launch = dict(num_warps=tile.num_warps, num_stages=tile.num_stages) if a2d.is_cuda else {}
     grid = (triton.cdiv(M, tile.kwargs["BLOCK_M"]), triton.cdiv(P, tile.kwargs["BLOCK_P"]))
