@@ -162,6 +162,7 @@ MATMUL_CASES = [
     (32, 128, 3, torch.float32, "gemv"),  # K % 64 == 0: one absmax per tile row
     (24, 33, 1, torch.float32, "gemv"),  # K odd: values of one byte straddle two rows
     (16, 256, 2, torch.bfloat16, "gemv"),  # K split over four programs, fp32 partial sums
+    (40, 192, 2, torch.float32, "gemv"),  # whole K tiles (no K mask) in two splits, features ragged
     (40, 128, 24, torch.float32, "fused"),
     (48, 96, 20, torch.float32, "fused"),
     (33, 64, 17, torch.bfloat16, "fused"),

@@ -180,7 +180,10 @@ if HAS_TRITON:
         acc = tl.zeros((ROWS, BLOCK_N, BLOCK_K), dtype=tl.float32)
         for k0 in range(k_lo, k_hi, BLOCK_K):
             k_ok = k0 + rk < k_hi
-            if PAIRS:
+            if PER_LINE:  # whole K tiles: masks along K would hide the runs of bytes from the vectoriser
+                level = _pair_levels(byte_ptrs, table_ptr, n_ok[:, None], BLOCK_N, BLOCK_K)
+                byte_ptrs += BLOCK_K // 2
+            elif PAIRS:
                 level = _pair_levels(byte_ptrs, table_ptr, n_ok[:, None] & (k0 + 2 * half < k_hi)[None, :],
                                      BLOCK_N, BLOCK_K)
                 byte_ptrs += BLOCK_K // 2
@@ -195,7 +198,10 @@ if HAS_TRITON:
                 scale = _scales(absmax_ptr, absmax2_ptr, code2_ptr, offset_ptr, flat // BLOCKSIZE,
                                 n_ok[:, None] & k_ok[None, :], DOUBLE)
             w = cast_rne(level * scale, x_ptr.dtype.element_ty).to(tl.float32)
-            x = tl.load(x_ptrs, mask=(rm[:, None] < M) & k_ok[None, :], other=0.0).to(tl.float32)
+            if PER_LINE:
+                x = tl.load(x_ptrs, mask=rm[:, None] < M, other=0.0).to(tl.float32)
+            else:
+                x = tl.load(x_ptrs, mask=(rm[:, None] < M) & k_ok[None, :], other=0.0).to(tl.float32)
             x_ptrs += BLOCK_K
             acc = tl.fma(x[:, None, :], w[None, :, :], acc)  # masked k: x is 0 there
         tl.store(part_ptr + (split * M + rm[:, None]).to(tl.int64) * N + rn[None, :], tl.sum(acc, axis=2),
@@ -293,7 +299,7 @@ def _gemv(x2d: torch.Tensor, q: NF4Tensor, bias) -> torch.Tensor:
     _gemv_kernel[(triton.cdiv(n_out, bn), splits)](
         x2d, *_q_args(q), part, M, n_out, k_in, x2d.stride(0), k_per_split,
         BLOCKSIZE=q.blocksize, DOUBLE=q.double_quant, PAIRS=k_in % 2 == 0,
-        PER_LINE=k_in % q.blocksize == 0 and q.blocksize % bk == 0, ROWS=rows, BLOCK_N=bn, BLOCK_K=bk,
+        PER_LINE=k_in % q.blocksize == 0 and q.blocksize % bk == 0 and k_in % 2 == 0, ROWS=rows, BLOCK_N=bn, BLOCK_K=bk,
         enable_fp_fusion=False,
     )
     out = part[0] if splits == 1 else part.sum(0)
