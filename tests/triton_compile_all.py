@@ -78,7 +78,8 @@ def _variants():
             out.append((k["nf4"]._nf4_dequant_kernel, sig, dict(BLOCKSIZE=64, DOUBLE=double, ROWS=64),
                         dict(enable_fp_fusion=False, num_warps=8)))
     for blocksize in (32, 4096):  # the extremes of bitsandbytes' block sizes: many rows, one row per program
-        out.append((k["nf4"]._nf4_dequant_kernel, dict(nf4_ptrs, absmax_ptr="*u8", out_ptr="*bf16", n="i64", n_bytes="i64"),
+        out.append((k["nf4"]._nf4_dequant_kernel,
+                    dict(nf4_ptrs, absmax_ptr="*u8", out_ptr="*bf16", n="i64", n_bytes="i64"),
                     dict(BLOCKSIZE=blocksize, DOUBLE=True, ROWS=max(1, 4096 // blocksize)),
                     dict(enable_fp_fusion=False, num_warps=8)))
     # every autotuner tile (aligned K, the real models) for bf16 in both directions, fp32 and fp16 once per direction
