@@ -272,8 +272,10 @@ def run_training(model, tokenizer, cfg: TrainConfig, out_dir, objective, train: 
 def save_all(model, out: Path, params, optimizer, position, fingerprint, cfg) -> None:
     from reflectevo.model.peft_io import save_adapter
 
-    st.save_checkpoint(out / "state", params, optimizer, position, fingerprint)
+    # adapter first: a crash in between leaves the checkpoint at the previous save, so --resume redoes this step
+    # and writes adapter/ again (the other order would let a finished run resume to "nothing to do" without it)
     save_adapter(model, out / "adapter", base_model_name_or_path=cfg.base_model_name or model.config.name_or_path)
+    st.save_checkpoint(out / "state", params, optimizer, position, fingerprint)
 
 
 @torch.no_grad()

@@ -1,0 +1,36 @@
+"""Run-directory edge cases of the trainer: crashes during a save, resume (tiny model and tokenizer of
+test_trainer)."""
+from __future__ import annotations
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import reflectevo.model.peft_io as peft_io
+from reflectevo.trainer import train_sft
+from test_trainer import cfg, d_plus, read_metrics, tiny_model, tiny_tokenizer
+
+
+def test_crash_during_the_final_save_resumes_to_a_complete_adapter(tmp_path, monkeypatch):
+    tok = tiny_tokenizer()
+    c = dict(max_steps=3, save_every=2, lr=1e-2)
+    train_sft(tiny_model(), tok, d_plus(4), cfg(**c), tmp_path / "full")
+
+    real, calls = peft_io.save_adapter, []
+
+    def killed_in_final_save(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt   # stands for a SIGKILL while the step-3 adapter is being written
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(peft_io, "save_adapter", killed_in_final_save)
+    with pytest.raises(KeyboardInterrupt):
+        train_sft(tiny_model(), tok, d_plus(4), cfg(**c), tmp_path / "run")
+    monkeypatch.setattr(peft_io, "save_adapter", real)
+    train_sft(tiny_model(), tok, d_plus(4), cfg(**c, resume=True), tmp_path / "run")
+
+    assert [m["step"] for m in read_metrics(tmp_path / "run")] == [1, 2, 3]
+    want = load_file(str(tmp_path / "full" / "adapter" / "adapter_model.safetensors"))
+    got = load_file(str(tmp_path / "run" / "adapter" / "adapter_model.safetensors"))
+    assert sorted(got) == sorted(want) and all(torch.equal(got[k], want[k]) for k in want)
