@@ -32,15 +32,17 @@ _STEP_DELAY = float(os.environ.get("REFLECTEVO_TRAIN_STEP_DELAY", "0") or 0)
 # ------------------------------------------------------------------------------------------------------------
 def prepare_model(model, cfg: TrainConfig, device: torch.device) -> dict[str, torch.nn.Parameter]:
     """Attach LoRA (unless the model already has adapters), freeze the rest; {name: trainable parameter}."""
-    from reflectevo.model.lora import attach_lora, has_lora
+    from reflectevo.model.lora import attach_lora, has_lora, lora_modules, lora_parameters
 
     for p in model.parameters():
         p.requires_grad_(False)
-    if not has_lora(model):
+    attached = has_lora(model)
+    if "lm_head" in (lora_modules(model) if attached else cfg.target_modules):
+        raise TrainError(("--adapter: has a LoRA on lm_head" if attached else "--target-modules: lm_head") +
+                         ", which this trainer cannot train (its fused loss reads the plain head weight)")
+    if not attached:
         attach_lora(model, r=cfg.lora_r, alpha=cfg.alpha, dropout=cfg.lora_dropout,
                     target_modules=tuple(cfg.target_modules), use_rslora=cfg.use_rslora, dtype=torch.float32)
-    from reflectevo.model.lora import lora_parameters
-
     wanted = {id(p) for p in lora_parameters(model)}
     params = {n: p for n, p in model.named_parameters() if id(p) in wanted}
     if not params:
