@@ -48,3 +48,52 @@ def test_lora_on_lm_head_is_refused_before_the_first_step(tmp_path):
     with pytest.raises(TrainError, match="--adapter: has a LoRA on lm_head"):
         train_dpo(with_head, tok, d_pm(2), cfg(max_steps=2), tmp_path / "run", init_adapter="peft-adapter")
     assert not (tmp_path / "run").exists()
+
+
+class Killed(BaseException):
+    pass
+
+
+def test_dpo_from_an_adapter_resumes_when_its_path_is_spelled_differently(tmp_path, monkeypatch):
+    import reflectevo.trainer.state as st
+    from reflectevo.model.lora import attach_lora, lora_parameters
+    from reflectevo.model.peft_io import save_adapter
+    from reflectevo.trainer.cli_args import load_adapter_checked
+
+    tok = tiny_tokenizer()
+    sft = tiny_model()
+    attach_lora(sft, r=4, alpha=8)
+    with torch.no_grad():
+        for p in lora_parameters(sft):
+            p.normal_(0, 0.2)
+    save_adapter(sft, tmp_path / "sft" / "adapter")
+    monkeypatch.chdir(tmp_path)
+    c = dict(max_steps=4, batch_size=2, save_every=2, lr=1e-2)
+
+    def run(adapter, out, **kw):
+        model = tiny_model()
+        load_adapter_checked(model, adapter)
+        return train_dpo(model, tok, d_pm(4), cfg(**c, **kw), out, init_adapter=adapter)
+
+    run("sft/adapter", tmp_path / "full")
+    real = st.append_line
+
+    def killed_after_step_3(path, obj):
+        real(path, obj)
+        if path.name == "metrics.jsonl" and obj["step"] == 3:
+            raise Killed
+
+    monkeypatch.setattr(st, "append_line", killed_after_step_3)
+    with pytest.raises(Killed):
+        run("sft/adapter", tmp_path / "run")
+    monkeypatch.setattr(st, "append_line", real)
+    with torch.no_grad():
+        lora_parameters(sft)[0].add_(1.0)
+    save_adapter(sft, tmp_path / "other")
+    with pytest.raises(TrainError, match="no reference log-probs for this --adapter"):
+        run("other", tmp_path / "run", resume=True)                       # another initial policy is refused
+    run(str(tmp_path / "sft" / "adapter"), tmp_path / "run", resume=True)   # same adapter, absolute path
+    full, resumed = read_metrics(tmp_path / "full"), read_metrics(tmp_path / "run")
+    for m in full + resumed:
+        m.pop("tokens_per_s")
+    assert resumed == full

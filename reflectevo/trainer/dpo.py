@@ -13,6 +13,7 @@ batch with ``ref_on_the_fly`` (adapters off only). A step's loss is the mean ove
 from __future__ import annotations
 
 import contextlib
+import hashlib
 from pathlib import Path
 
 import torch
@@ -93,6 +94,18 @@ def compute_reference(model, examples: list[Example], cfg: TrainConfig, pad_id, 
     return out
 
 
+def adapter_digest(model) -> str:
+    """Identifies the adapter the model carries by its weights and scaling (not by the path it came from)."""
+    from reflectevo.model.lora import lora_modules
+
+    h = hashlib.sha256()
+    for name, m in sorted(lora_modules(model).items()):
+        h.update(f"{name} {m.scaling!r}".encode())
+        for t in (m.lora_A.weight, m.lora_B.weight):
+            h.update(t.detach().float().cpu().numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
 def train_dpo(model, tokenizer, records, cfg: TrainConfig, out_dir, init_adapter: str | None = None) -> dict:
     """DPO on D± / Dpref records; writes out_dir/{metrics.jsonl, adapter/, state/, summary.json}.
 
@@ -116,14 +129,15 @@ def train_dpo(model, tokenizer, records, cfg: TrainConfig, out_dir, init_adapter
         out = Path(out_dir)
         digest = "|".join([data_digest(train + evals), model_fingerprint(model), str(cfg.max_length),
                            str(cfg.prompt_budget()), "init-adapter" if use_adapters else "base",
-                           str(init_adapter or "")])
+                           adapter_digest(model) if use_adapters else ""])
         cache = out / "state" / "ref_logps.json"
         ref = st.load_ref_cache(cache, digest)
         missing = [ex for ex in train + evals if ex.key not in ref]
         if missing:
             if use_adapters and cfg.resume and (out / "state" / st.CHECKPOINT).exists():
-                raise TrainError(f"{cache}: reference log-probs missing for a resumed run from --adapter "
-                                 f"(the initial policy is gone); start a new --out")
+                raise TrainError(f"{cache}: no reference log-probs for this --adapter, data and --max-length "
+                                 f"(the run started from another adapter or settings, or the cache was removed); "
+                                 f"resume with those or start a new --out")
             rng = st.rng_state()
             ref.update(compute_reference(model, missing, cfg, tokenizer.pad_token_id, use_adapters))
             st.set_rng_state(rng)
