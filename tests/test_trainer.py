@@ -320,6 +320,19 @@ def test_non_finite_loss_names_step_and_examples(tmp_path):
         train_sft(model, tok, d_plus(2), cfg(max_steps=2), tmp_path / "run")
 
 
+def test_non_finite_gradient_with_finite_loss_stops_before_stepping(tmp_path):
+    tok, model = tiny_tokenizer(), tiny_model()
+
+    def poison_gradient(module, inputs, out):
+        out.register_hook(lambda g: g * float("nan"))
+
+    model.layers[0].mlp.register_forward_hook(poison_gradient)
+    with pytest.raises(TrainError, match=r"step 1: non-finite gradient norm \(nan\) with a finite loss .* examples \d"):
+        train_sft(model, tok, d_plus(2), cfg(max_steps=2), tmp_path / "run")
+    assert not (tmp_path / "run" / "adapter").exists()
+    assert not (tmp_path / "run" / "metrics.jsonl").exists() or read_metrics(tmp_path / "run") == []
+
+
 # ------------------------------------------------------------------------------------------------------------
 # training behaviour
 # ------------------------------------------------------------------------------------------------------------

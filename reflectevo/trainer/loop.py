@@ -212,15 +212,18 @@ def run_training(model, tokenizer, cfg: TrainConfig, out_dir, objective, train: 
                 sums[k] = sums.get(k, 0.0) + v.detach().float()
         loss_value = float(sums["loss"])
         if not math.isfinite(loss_value):
-            keys = [ex.key for m in micro for ex in m]
-            shown = ", ".join(keys[:8]) + (f" (+{len(keys) - 8} more)" if len(keys) > 8 else "")
-            raise TrainError(f"step {step + 1}: non-finite loss ({loss_value}) on the batch of examples {shown}")
+            raise TrainError(f"step {step + 1}: non-finite loss ({loss_value}) on the batch of examples "
+                             f"{_example_keys(micro)}")
         plist = list(params.values())
         if cfg.max_grad_norm and cfg.max_grad_norm > 0:
             grad_norm = float(torch.nn.utils.clip_grad_norm_(plist, cfg.max_grad_norm))
         else:
             grad_norm = float(torch.linalg.vector_norm(torch.stack([p.grad.float().norm() for p in plist
                                                                     if p.grad is not None])))
+        if not math.isfinite(grad_norm):
+            raise TrainError(f"step {step + 1}: non-finite gradient norm ({grad_norm}) with a finite loss "
+                             f"({loss_value:.4g}) on the batch of examples {_example_keys(micro)}; nothing was "
+                             f"stepped, the last save in {out} is intact")
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         n_tok = sum(b.num_tokens for b in batches)
@@ -269,6 +272,11 @@ def run_training(model, tokenizer, cfg: TrainConfig, out_dir, objective, train: 
     print(f"[reflectevo] {summary['kind']} done: {total} steps, final loss {fin.get('loss', float('nan')):.4f}, "
           f"{summary['tokens_per_s']:,.0f} tok/s, adapter in {summary['adapter']}", file=sys.stderr, flush=True)
     return summary
+
+
+def _example_keys(micro) -> str:
+    keys = [ex.key for m in micro for ex in m]
+    return ", ".join(keys[:8]) + (f" (+{len(keys) - 8} more)" if len(keys) > 8 else "")
 
 
 def save_all(model, out: Path, params, optimizer, position, fingerprint, cfg) -> None:
