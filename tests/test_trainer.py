@@ -320,6 +320,15 @@ def test_non_finite_loss_names_step_and_examples(tmp_path):
         train_sft(model, tok, d_plus(2), cfg(max_steps=2), tmp_path / "run")
 
 
+def test_eval_every_without_held_out_data_is_refused(tmp_path):
+    tok, model = tiny_tokenizer(), tiny_model()
+    with pytest.raises(TrainError, match=r"^--eval-every: has no held-out data .*--eval-data FILE or --eval-fraction"):
+        train_sft(model, tok, d_plus(4), cfg(max_steps=2, eval_every=1), tmp_path / "run")
+    assert not (tmp_path / "run").exists()
+    train_sft(model, tok, d_plus(4), cfg(max_steps=2, eval_every=1, eval_fraction=0.25), tmp_path / "ok")
+    assert [json.loads(x)["step"] for x in (tmp_path / "ok" / "eval.jsonl").read_text().splitlines()] == [1, 2]
+
+
 def test_non_finite_gradient_with_finite_loss_stops_before_stepping(tmp_path):
     tok, model = tiny_tokenizer(), tiny_model()
 
@@ -351,7 +360,7 @@ def test_sft_overfits_four_examples(tmp_path):
 
 def test_dpo_raises_margins_and_accuracy(tmp_path):
     tok, model = tiny_tokenizer(), tiny_model()
-    train_dpo(model, tok, d_pm(4), cfg(max_steps=25, lr=1e-2, beta=0.5, eval_every=25, eval_fraction=0.0),
+    train_dpo(model, tok, d_pm(4), cfg(max_steps=25, lr=1e-2, beta=0.5),
               tmp_path / "run")
     ms = read_metrics(tmp_path / "run")
     assert ms[0]["rewards/margins"] == pytest.approx(0.0, abs=1e-5)   # fresh adapter == reference
