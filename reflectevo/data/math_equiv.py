@@ -93,6 +93,7 @@ def _fix_short_commands(s: str) -> str:
         args = []
         rest = part
         for _ in range(2):
+            rest = rest.lstrip()  # LaTeX skips spaces before an argument: "\\frac 9{20}"
             if rest.startswith("{"):
                 group = _braced(rest, 0)
                 if group is None:
