@@ -43,12 +43,15 @@ MATH_EQUIV = [
     ("\\{1, 2\\}", "\\{1,2\\}"), ("10^{\\circ}", "10"), ("y = 2x + 3", "2x+3"),
     # LaTeX skips spaces before a command's arguments (the MATH test set has a gold "\\frac 9{20}")
     ("\\frac 9{20}", "\\frac{9}{20}"), ("\\frac 12", "0.5"), ("\\dfrac {3} {4}", "0.75"),
+    ("\\begin{pmatrix} 6 \\\\ 3 \\\\ 0 \\end{pmatrix}", "\\begin{pmatrix}6\\\\3\\\\0\\end{pmatrix}"),
 ]
 MATH_DIFFERENT = [
     ("5", "6"), ("\\frac{1}{2}", "\\frac{1}{3}"), ("(1,2)", "(2,1)"), ("", "5"), (None, "5"), ("\\sqrt{2}", "2"),
     ("x^2", "x^3"), ("-5", "5"), ("1,000", "100"), ("0.333", "\\frac13"), ("5 \\text{ cm}", "6"),
     ("2\\frac{1}{2}", "2"), ("\\boxed{4}", "5"), ("12", "1,2"), ("[0,3]", "(0,3)"), ("\\frac{1}{0}", "1"),
     ("\\pi", "3.14"),
+    # a matrix row separator is not LaTeX spacing: the entries stay apart
+    ("\\begin{pmatrix} 1 \\\\ 23 \\end{pmatrix}", "\\begin{pmatrix} 12 \\\\ 3 \\end{pmatrix}"),
 ]
 
 

@@ -115,7 +115,8 @@ def normalize_answer(answer: str | None) -> str | None:
     if last_boxed(s) is not None:
         s = last_boxed(s)
     s = s.replace("\n", "").replace("\\!", "")
-    s = s.replace("\\\\", "\\")
+    # one pass, so that a matrix row separator \\ before a space is not taken for the spacing command "\ "
+    s = re.sub(r"\\\\|\\[,;:> ]", lambda m: "\\" if m.group() == "\\\\" else " ", s)
     s = s.replace("tfrac", "frac").replace("dfrac", "frac")
     s = s.replace("\\left", "").replace("\\right", "")
     s = re.sub(r"\^\s*\{\s*\\circ\s*\}", "", s)
@@ -127,7 +128,6 @@ def normalize_answer(answer: str | None) -> str | None:
         s = s[:unit]
     s = _replace_text_wrappers(s)
     s = s.replace("\\%", "").replace("%", "")
-    s = re.sub(r"\\[,;:> ]", " ", s)
     s = s.replace("{,}", ",")
     s = re.sub(r"^\s*\.", "0.", s)
     s = s.replace(" .", " 0.").replace("{.", "{0.")
