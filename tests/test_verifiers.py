@@ -1,8 +1,9 @@
 """Answer checkers: multiple choice, MATH equivalence, free text, numbers, and answer extraction."""
 import pytest
 
+from reflectevo.data import get_task
 from reflectevo.data.math_equiv import is_equiv, last_boxed, normalize_answer, numeric_value
-from reflectevo.data.prompts import extract_answer
+from reflectevo.data.prompts import DEFAULT as P, extract_answer
 from reflectevo.data.verifiers import (check_choice, check_number, exact_match, f1_score, parse_choice,
                                        parse_options, squad_normalize)
 
@@ -124,3 +125,13 @@ def test_extract_answer_formats():
     assert extract_answer("mbpp", "```python\nprint(1)\n```") == "print(1)"
     assert extract_answer("mbpp", "no code") is None
     assert extract_answer("arithmetic", "Action: Finish[12]") == "12"
+
+
+def test_math_action_with_a_short_closer():
+    # SmolLM2 often closes the MATH action with two angles; the rest of the line must not keep them
+    assert extract_answer("math", "Action: Finish<<<15>>\n") == "15"
+    assert extract_answer("math", "Finish<<<\\frac{1}{2}>") == "\\frac{1}{2}"
+    assert extract_answer("math", "Finish<<<x>3>>") == "x>3"
+    assert extract_answer("math", "Finish<<<x>3>>>") == "x>3"
+    trial = P.parse_trial(get_task("math"), " so it is 15.\nAction: Finish<<<15>>\n")
+    assert trial.answer == "15" and trial.action == "Finish<<<15>>>"

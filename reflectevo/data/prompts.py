@@ -159,7 +159,8 @@ def extract_answer(task, action_text: str | None) -> str | None:
     """The answer inside an action, or None when the action has none.
 
     The first action counts (text after it is the model running on): brackets: the first ``Finish[...]``
-    (nested brackets kept, unclosed -> rest of the line); angles: the first ``Finish<<<...>>>``, else a
+    (nested brackets kept, unclosed -> rest of the line); angles: the first ``Finish<<<...>>>`` (unclosed ->
+    the rest of the line without a short closer ">>" or ">"), else a
     ``Finish[...]``, else the last ``\\boxed{...}``; code: the text after the last ``[BEGIN]`` up to ``[END]``
     (which may be missing when generation stopped on it), markdown fences removed, else a fenced block.
     """
@@ -173,7 +174,9 @@ def extract_answer(task, action_text: str | None) -> str | None:
         if m:
             rest = action_text[m.end():]
             end = rest.find(">>>")
-            return (rest[:end] if end >= 0 else rest.split("\n", 1)[0]).strip()
+            if end >= 0:
+                return rest[:end].strip()
+            return re.sub(r">{1,2}\s*$", "", rest.split("\n", 1)[0]).strip()  # a short closer: "Finish<<<15>>"
         found = _finish_brackets(action_text)
         return found if found is not None else last_boxed(action_text)
     begin = action_text.rfind("[BEGIN]")
