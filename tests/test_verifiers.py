@@ -45,6 +45,9 @@ MATH_EQUIV = [
     # LaTeX skips spaces before a command's arguments (the MATH test set has a gold "\\frac 9{20}")
     ("\\frac 9{20}", "\\frac{9}{20}"), ("\\frac 12", "0.5"), ("\\dfrac {3} {4}", "0.75"),
     ("\\begin{pmatrix} 6 \\\\ 3 \\\\ 0 \\end{pmatrix}", "\\begin{pmatrix}6\\\\3\\\\0\\end{pmatrix}"),
+    # units are a trailing \\text{ ...} or \\mbox{ ...} group (both spellings are MATH test-set golds)
+    ("864 \\mbox{ inches}^2", "864"), ("864 \\mbox{ inches}^2", "864 \\text{ inches}^2"),
+    ("19 \\text{ and }43", "19 \\text{ and } 43"),
 ]
 MATH_DIFFERENT = [
     ("5", "6"), ("\\frac{1}{2}", "\\frac{1}{3}"), ("(1,2)", "(2,1)"), ("", "5"), (None, "5"), ("\\sqrt{2}", "2"),
@@ -53,6 +56,8 @@ MATH_DIFFERENT = [
     ("\\pi", "3.14"),
     # a matrix row separator is not LaTeX spacing: the entries stay apart
     ("\\begin{pmatrix} 1 \\\\ 23 \\end{pmatrix}", "\\begin{pmatrix} 12 \\\\ 3 \\end{pmatrix}"),
+    # "\\text{ and }" between two numbers is not a unit: the second number counts
+    ("19", "19 \\text{ and }43"), ("43", "19 \\text{ and }43"),
 ]
 
 

@@ -9,9 +9,10 @@ No computer-algebra dependency. Two answers are equivalent when, after :func:`no
    equivalent in order.
 
 The normalisation drops presentation noise: ``\\left``/``\\right``, degrees (``^\\circ``), dollar signs, trailing
-units written as ``\\text{ ...}``, ``\\text{X}`` wrappers, percent signs, LaTeX spacing, spaces and a trailing
-period; ``dfrac``/``tfrac`` become ``frac``; ``\\frac12`` -> ``\\frac{1}{2}``; ``\\sqrt2`` -> ``\\sqrt{2}``;
-``0.5`` -> ``\\frac{1}{2}``; ``a/b`` (integers) -> ``\\frac{a}{b}``; a short ``x =`` prefix is dropped.
+units written as ``\\text{ ...}`` or ``\\mbox{ ...}`` (at the end only), ``\\text{X}`` wrappers, percent
+signs, LaTeX spacing, spaces and a trailing period; ``dfrac``/``tfrac`` become ``frac``; ``\\frac12`` ->
+``\\frac{1}{2}``; ``\\sqrt2`` -> ``\\sqrt{2}``; ``0.5`` -> ``\\frac{1}{2}``; ``a/b`` (integers) -> ``\\frac{a}{b}``;
+a short ``x =`` prefix is dropped.
 """
 from __future__ import annotations
 
@@ -122,10 +123,13 @@ def normalize_answer(answer: str | None) -> str | None:
     s = re.sub(r"\^\s*\{\s*\\circ\s*\}", "", s)
     s = s.replace("^\\circ", "").replace("\\circ", "").replace("\\degree", "")
     s = s.replace("\\$", "").replace("$", "")
-    # trailing units: "5 \text{ cm}" (text group starting with a space) is dropped
-    unit = s.find("\\text{ ")
-    if unit > 0:
-        s = s[:unit]
+    # a trailing unit (a text group starting with a space) is dropped: "5 \text{ cm}", "864 \mbox{ inches}^2";
+    # one followed by more of the answer ("19 \text{ and }43") is not a unit
+    unit = re.search(r"\\(?:text|mbox)\{ ", s)
+    if unit is not None and unit.start() > 0:
+        group = _braced(s, unit.end() - 2)
+        if group is not None and re.fullmatch(r"\s*(?:\^\s*\{?\s*\d\s*\}?)?\s*\.?\s*", s[group[1]:]):
+            s = s[:unit.start()]
     s = _replace_text_wrappers(s)
     s = s.replace("\\%", "").replace("%", "")
     s = s.replace("{,}", ",")
