@@ -295,6 +295,28 @@ def test_error_mid_generation_leaves_engine_usable(tiny):
     assert out[0][0].token_ids == plain_greedy(model, prompts_mixed(13)[0], 3)
 
 
+def test_error_in_prefill_leaves_no_uncomputed_prefix_hits(tiny):
+    """A prefill step that fails inside the model (out of memory, interrupt) never wrote the blocks it registered
+    for prefix caching: a retry of the same prompt must compute them, not read what they held before."""
+    model, tok = tiny
+    eng = Engine(model, tok, kv_cache_gib=0.01)
+    eng.runner.k_cache.fill_(float("nan"))  # what a block holds before it is written is arbitrary
+    eng.runner.v_cache.fill_(float("nan"))
+    prompt = prompts_mixed(16)[3]  # three full blocks + 12
+
+    def fail(module, args):
+        raise RuntimeError("out of memory")
+
+    hook = model.layers[1].register_forward_pre_hook(fail)
+    try:
+        with pytest.raises(RuntimeError, match="out of memory"):
+            eng.generate([prompt], SamplingParams(max_tokens=4))
+    finally:
+        hook.remove()
+    out = eng.generate([prompt], SamplingParams(max_tokens=4))
+    assert out[0][0].token_ids == plain_greedy(model, prompt, 4)
+
+
 def test_bad_input(tiny):
     model, tok = tiny
     eng = Engine(model, tok, kv_cache_gib=0.01)

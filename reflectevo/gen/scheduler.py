@@ -96,7 +96,9 @@ class Scheduler:
         self.running.remove(seq)
 
     def abort(self):
-        """Drop every sequence (after an error inside a step) so the next call starts clean."""
+        """Drop every sequence (after an error inside a step) so the next call starts clean. The prefix cache goes
+        too: a prefill step registers its full blocks when it allocates them, before the model has written them."""
         for seq in self.running:
             self.bm.deallocate(seq)
         self.running, self.waiting = [], deque()
+        self.bm.reset_prefix_cache()
