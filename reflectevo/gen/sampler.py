@@ -85,8 +85,8 @@ def apply_repetition_penalty(logits: torch.Tensor, seqs: list[Sequence]) -> torc
     pen = torch.tensor([seqs[i].params.repetition_penalty for i in rows], device=logits.device)[:, None]
     sub = logits[rows]
     sub = torch.where(seen, torch.where(sub > 0, sub / pen, sub * pen), sub)
-    logits[rows] = sub
-    return logits
+    # out of place: the runner's logits are inference tensors, which cannot be written outside inference mode
+    return logits.index_put((torch.tensor(rows, device=logits.device),), sub)
 
 
 TOP_P_CANDIDATES = 512  # top-p looks for its cut among this many best tokens before sorting a whole row
