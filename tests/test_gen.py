@@ -324,6 +324,10 @@ def test_bad_input(tiny):
         eng.generate([[1, 2], []], SamplingParams())
     with pytest.raises(ValueError, match=r"prompts\[0\] has 300 tokens"):
         eng.generate([[1] * 300], SamplingParams())
+    with pytest.raises(TypeError, match=r"prompts\[0\] must be a string or a list of token ids"):
+        eng.generate([1, 2, 3], SamplingParams())  # one tokenized prompt, not a list of them
+    with pytest.raises(ValueError, match="stop_token_ids"):
+        SamplingParams(stop_token_ids=2)
     with pytest.raises(ValueError, match="max_tokens"):
         SamplingParams(max_tokens=0)
     with pytest.raises(TypeError, match="top_q"):

@@ -108,7 +108,13 @@ class Engine:
             raise TypeError("prompts must be a list of strings or a list of token-id lists")
         out = []
         for i, p in enumerate(prompts):
-            ids = self.tokenizer.encode(p, add_special_tokens=False) if isinstance(p, str) else [int(t) for t in p]
+            if isinstance(p, str):
+                ids = self.tokenizer.encode(p, add_special_tokens=False)
+            else:
+                try:
+                    ids = [int(t) for t in p]
+                except (TypeError, ValueError):
+                    raise TypeError(f"prompts[{i}] must be a string or a list of token ids, got {p!r}") from None
             if not ids:
                 raise ValueError(f"prompts[{i}] is empty")
             limit = min(self.max_model_len - 1, self.num_blocks * self.block_size)

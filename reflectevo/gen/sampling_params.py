@@ -29,7 +29,11 @@ class SamplingParams:
         if isinstance(self.stop, str):
             self.stop = [self.stop]
         self.stop = list(self.stop or [])
-        self.stop_token_ids = [int(t) for t in (self.stop_token_ids or [])]
+        try:
+            self.stop_token_ids = [int(t) for t in (self.stop_token_ids or [])]
+        except (TypeError, ValueError):
+            raise ValueError(f"SamplingParams.stop_token_ids must be None or a list of ints, "
+                             f"got {self.stop_token_ids!r}") from None
         checks = [
             (isinstance(self.n, int) and self.n >= 1, "n", "an int >= 1"),
             (self.temperature >= 0.0, "temperature", ">= 0"),
