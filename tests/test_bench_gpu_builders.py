@@ -39,3 +39,14 @@ def test_sampler_decode_floor_runs_both_stacks(quantize):
                                config=dict(sampler.LLAMA3_8B, **TINY))
     assert row["quantize"] == (quantize or "bf16") and row["decode_step_ms"] > 0 and row["hf_decode_step_ms"] > 0
     assert 0 < row["fraction_of_floor"] and row["weight_bytes"] > 0
+
+
+def test_nf4_bench_reads_the_fused_autotuners():
+    """The CUDA rows of `bench kernels` name the fused kernel's chosen tiles from its autotuners; on 2026-11-30 that
+    line failed on the H200 because `nm` was bound to the function `nf4_matmul`, not its module."""
+    from reflectevo.bench import nf4_kernels
+
+    tuned = nf4_kernels.nm._fused_tuned
+    assert set(tuned) == {False, True}
+    names = [nf4_kernels._tile_name(c) for c in tuned[False].configs]
+    assert names and all(n.count("x") == 2 and " w" in n and " s" in n for n in names)

@@ -10,9 +10,10 @@
 """
 from __future__ import annotations
 
+import importlib
+
 import torch
 
-import reflectevo.kernels.nf4_matmul as nm
 from reflectevo.bench.common import copy_bandwidth_gbs, env_info, time_fn
 from reflectevo.kernels import kernel_backend
 from reflectevo.kernels.nf4 import nf4_dequantize, nf4_quantize
@@ -24,6 +25,9 @@ from reflectevo.kernels.nf4_matmul import (
     llama3_8b_nf4_bytes_per_param,
     nf4_matmul,
 )
+
+# the module, not the function of the same name that reflectevo.kernels exports
+nm = importlib.import_module("reflectevo.kernels.nf4_matmul")
 
 CUDA_SHAPES = [(4096, 4096), (1024, 4096), (14336, 4096), (4096, 14336)]
 CUDA_TOKENS = [1, 16, 512, 4096]

@@ -209,6 +209,18 @@ def _absmax_fp32(q: NF4Tensor) -> torch.Tensor:
     return ((codes.view(groups, -1) * q.absmax2[:, None]).reshape(-1)[:nb]) + q.offset
 
 
+_TABLES: dict = {}
+
+
+def nf4_table(device) -> torch.Tensor:
+    """NF4_TABLE on ``device``, copied there once: a per-call ``.to(device)`` is a host-to-device copy that
+    synchronises with the host and costs more than a small kernel's launch."""
+    key = str(device)
+    if key not in _TABLES:
+        _TABLES[key] = NF4_TABLE.to(device)
+    return _TABLES[key]
+
+
 _BYTE_PAIRS: dict = {}
 
 
@@ -293,7 +305,7 @@ def _dequantize_triton(q: NF4Tensor, dtype: torch.dtype) -> torch.Tensor:
     dummy = q.absmax
     _nf4_dequant_kernel[(triton.cdiv(triton.cdiv(n, q.blocksize), rows),)](
         q.data, q.absmax, q.absmax2 if dq else dummy, q.code2 if dq else dummy, q.offset if dq else dummy,
-        NF4_TABLE.to(q.device), out, n, (n + 1) // 2, BLOCKSIZE=q.blocksize, DOUBLE=dq, ROWS=rows,
+        nf4_table(q.device), out, n, (n + 1) // 2, BLOCKSIZE=q.blocksize, DOUBLE=dq, ROWS=rows,
         num_warps=8 if q.device.type == "cuda" else 4,
         enable_fp_fusion=False,  # keep code2 * absmax2 + offset two roundings, as the reference does
     )

@@ -34,7 +34,7 @@ from __future__ import annotations
 import torch
 
 from reflectevo.kernels._dispatch import HAS_TRITON, use_triton
-from reflectevo.kernels.nf4 import DOUBLE_QUANT_BLOCKSIZE, NF4_TABLE, NF4Tensor, nf4_dequantize
+from reflectevo.kernels.nf4 import DOUBLE_QUANT_BLOCKSIZE, NF4Tensor, nf4_dequantize, nf4_table
 
 if HAS_TRITON:
     import triton
@@ -213,7 +213,7 @@ if HAS_TRITON:
 def _q_args(q: NF4Tensor):
     dq = q.double_quant
     a = q.absmax
-    return (q.data, a, q.absmax2 if dq else a, q.code2 if dq else a, q.offset if dq else a, NF4_TABLE.to(q.device))
+    return (q.data, a, q.absmax2 if dq else a, q.code2 if dq else a, q.offset if dq else a, nf4_table(q.device))
 
 
 def _tile_configs(trans: bool) -> list:
