@@ -91,6 +91,29 @@ def test_packed_rows_equal_separate_sequences(tmp_path, family):
                 start += x.shape[1]
 
 
+def test_packing_bounds_computed_once_per_forward(monkeypatch):
+    """Every layer gets the same seq_ids; their host-side bounds are computed once, and again after a change."""
+    import reflectevo.model.transformer as tr
+
+    calls = []
+    real = tr._segment_bounds
+    monkeypatch.setattr(tr, "_segment_bounds", lambda s: calls.append(1) or real(s))
+    cfg = ModelConfig(vocab_size=64, hidden_size=32, intermediate_size=48, num_layers=3, num_heads=4, num_kv_heads=2)
+    torch.manual_seed(0)
+    model = Transformer(cfg).train()
+    model.gradient_checkpointing = True
+    ids = torch.randint(0, 64, (1, 10))
+    seq_ids = torch.tensor([[0] * 6 + [1] * 4])
+    positions = torch.tensor([list(range(6)) + list(range(4))])
+    model(ids, positions=positions, seq_ids=seq_ids).sum().backward()  # forward + checkpointed recompute
+    assert len(calls) == 1
+    seq_ids[0, 6:] = 0  # in place: one sequence of 10 now
+    with torch.no_grad():
+        out = model(ids, positions=torch.arange(10)[None], seq_ids=seq_ids)
+        torch.testing.assert_close(out, model(ids), atol=1e-5, rtol=1e-5)
+    assert len(calls) == 2
+
+
 def test_gradient_checkpointing_same_grads():
     cfg = ModelConfig(vocab_size=64, hidden_size=32, intermediate_size=48, num_layers=2, num_heads=4, num_kv_heads=2)
     torch.manual_seed(0)

@@ -68,12 +68,40 @@ def causal_attention(q, k, v, window: int | None = None, seq_ids: torch.Tensor |
     return out.transpose(1, 2)
 
 
-def _segments(seq_ids: torch.Tensor) -> list[list[int]]:
-    """Boundaries [0, ..., T] of the runs of equal ids in each row of seq_ids [B, T]."""
+_PACKING_MEMO: dict = {}
+
+
+def _per_packing(kind: str, seq_ids: torch.Tensor, compute):
+    """``compute(seq_ids)``, computed once per seq_ids tensor (and in-place version) rather than once per layer:
+    every layer of a forward (and of its checkpointed recompute) gets the same tensor, and each computation copies
+    to the host, which on a GPU waits for all queued work and stops the host from running ahead of it."""
+    key = (kind, id(seq_ids), seq_ids._version)
+    hit = _PACKING_MEMO.get(kind)
+    if hit is not None and hit[0] == key and hit[1] is seq_ids:
+        return hit[2]
+    value = compute(seq_ids)
+    _PACKING_MEMO[kind] = (key, seq_ids, value)
+    return value
+
+
+def _segment_bounds(seq_ids: torch.Tensor) -> list[list[int]]:
     T = seq_ids.shape[1]
     change = torch.ones_like(seq_ids, dtype=torch.bool)
     change[:, 1:] = seq_ids[:, 1:] != seq_ids[:, :-1]
     return [torch.nonzero(row).flatten().tolist() + [T] for row in change.cpu()]
+
+
+def _segments(seq_ids: torch.Tensor) -> list[list[int]]:
+    """Boundaries [0, ..., T] of the runs of equal ids in each row of seq_ids [B, T]."""
+    return _per_packing("segments", seq_ids, _segment_bounds)
+
+
+def _varlen_bounds(seq_ids: torch.Tensor):
+    B, T = seq_ids.shape
+    flat = seq_ids.reshape(-1) + torch.arange(B, device=seq_ids.device).repeat_interleave(T) * (int(seq_ids.max()) + 1)
+    starts = torch.nonzero(torch.diff(flat, prepend=flat[:1] - 1)).flatten()
+    cu = torch.cat([starts, torch.tensor([B * T], device=seq_ids.device)]).to(torch.int32)
+    return cu, int((cu[1:] - cu[:-1]).max())
 
 
 def _flash_attention(q, k, v, window, seq_ids):  # pragma: no cover - needs CUDA + flash-attn
@@ -81,10 +109,7 @@ def _flash_attention(q, k, v, window, seq_ids):  # pragma: no cover - needs CUDA
     if seq_ids is None:
         return flash_attn_func(q, k, v, causal=True, window_size=win)
     B, T = seq_ids.shape
-    flat = seq_ids.reshape(-1) + torch.arange(B, device=q.device).repeat_interleave(T) * (int(seq_ids.max()) + 1)
-    starts = torch.nonzero(torch.diff(flat, prepend=flat[:1] - 1)).flatten()
-    cu = torch.cat([starts, torch.tensor([B * T], device=q.device)]).to(torch.int32)
-    max_len = int((cu[1:] - cu[:-1]).max())
+    cu, max_len = _per_packing("varlen", seq_ids, _varlen_bounds)
     out = flash_attn_varlen_func(
         q.reshape(B * T, *q.shape[2:]), k.reshape(B * T, *k.shape[2:]), v.reshape(B * T, *v.shape[2:]),
         cu, cu, max_len, max_len, causal=True, window_size=win,
