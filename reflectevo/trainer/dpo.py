@@ -2,6 +2,7 @@
 
     token log-probs = linear_logprobs(hidden at labelled positions, lm_head.weight, labels)   (no [N, V] logits)
     per-sequence sums = sequence_logps(token log-probs, sequence index, 2P)  -> chosen [P], rejected [P]
+                        (IPO: per-token means, average=True, for the policy and the reference, as TRL)
     loss, TRL metrics = dpo_loss(chosen, rejected, ref chosen, ref rejected, beta, loss_type, label_smoothing)
 
 Reference log-probs come from the same model (no second copy of the weights): with the adapters switched off
@@ -23,14 +24,20 @@ from reflectevo.trainer.data import IGNORE, Batch, Example, data_digest, make_ba
 from reflectevo.trainer.sft import labelled_hidden, prepare_examples
 
 
-def policy_logps(model, batch: Batch) -> torch.Tensor:
-    """[2P] summed response log-probs of the packed batch (chosen first, then rejected)."""
+def policy_logps(model, batch: Batch, average: bool = False) -> torch.Tensor:
+    """[2P] summed (``average``: per-token mean) response log-probs of the packed batch (chosen first, then
+    rejected)."""
     from reflectevo.kernels.dpo_loss import sequence_logps
     from reflectevo.kernels.linear_logprobs import linear_logprobs
 
     h, labels, sidx = labelled_hidden(model, batch)
     logp = linear_logprobs(h, model.lm_head.weight, labels, ignore_index=IGNORE)
-    return sequence_logps(logp, sidx, batch.num_seqs)
+    return sequence_logps(logp, sidx, batch.num_seqs, average=average)
+
+
+def mean_logps(cfg: TrainConfig) -> bool:
+    """IPO compares per-token mean log-probs of the answers (as TRL does), the other losses their sums."""
+    return cfg.loss_type == "ipo"
 
 
 def _reference_context(model, use_adapters: bool):
@@ -52,7 +59,7 @@ class DPOObjective:
         p = batch.num_seqs // 2
         if self.ref is None:
             with torch.no_grad(), _reference_context(model, self.ref_with_adapters):
-                seq = policy_logps(model, batch).detach()
+                seq = policy_logps(model, batch, mean_logps(self.cfg)).detach()
             return seq[:p], seq[p:]
         device = batch.input_ids.device
         vals = torch.tensor([self.ref[k] for k in batch.keys], dtype=torch.float32, device=device)
@@ -63,7 +70,7 @@ class DPOObjective:
 
         p = batch.num_seqs // 2
         ref_c, ref_r = self.reference(model, batch)
-        seq = policy_logps(model, batch)
+        seq = policy_logps(model, batch, mean_logps(self.cfg))
         loss, metrics = dpo_loss(seq[:p], seq[p:], ref_c, ref_r, beta=self.cfg.beta, loss_type=self.cfg.loss_type,
                                  label_smoothing=self.cfg.label_smoothing)
         w = p / norm
@@ -86,7 +93,7 @@ def compute_reference(model, examples: list[Example], cfg: TrainConfig, pad_id, 
             chunk = examples[k:k + cfg.batch_size]
             batch = make_batch(chunk, cfg, True, pad_id).to(device)
             with _autocast(device, cfg):
-                seq = policy_logps(model, batch).float().cpu()
+                seq = policy_logps(model, batch, mean_logps(cfg)).float().cpu()
             p = len(chunk)
             for i, ex in enumerate(chunk):
                 out[ex.key] = [float(seq[i]), float(seq[p + i])]
@@ -129,7 +136,8 @@ def train_dpo(model, tokenizer, records, cfg: TrainConfig, out_dir, init_adapter
         out = Path(out_dir)
         digest = "|".join([data_digest(train + evals), model_fingerprint(model), str(cfg.max_length),
                            str(cfg.prompt_budget()), "init-adapter" if use_adapters else "base",
-                           adapter_digest(model) if use_adapters else ""])
+                           adapter_digest(model) if use_adapters else ""]
+                          + (["token-mean"] if mean_logps(cfg) else []))
         cache = out / "state" / "ref_logps.json"
         ref = st.load_ref_cache(cache, digest)
         missing = [ex for ex in train + evals if ex.key not in ref]
