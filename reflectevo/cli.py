@@ -53,7 +53,11 @@ def _add_bench_args(p: argparse.ArgumentParser):
 
 def _cmd_bench(args) -> int:
     from reflectevo.bench.runner import failed, run_bench
+    from reflectevo.cli_loop import check_out_path
 
+    if args.out is not None:  # before the first benchmark runs, not when its result is saved
+        check_out_path(args.out, "--out")
+        check_out_path(args.out.with_suffix(".md"), "--out")
     printed = [0]
 
     def save(results, table):  # after each benchmark: print its table, rewrite the files with all done so far

@@ -118,6 +118,21 @@ def load_task_items(args):
     return task, items
 
 
+def check_out_path(path, option: str, directory: bool = False) -> None:
+    """Refuse an output path that cannot be written (before any model is loaded): a file where a folder is needed
+    or the other way round, or a parent that is a file."""
+    path = Path(path)
+    if directory and path.exists() and not path.is_dir():
+        raise LoopArgError(f"{option} {path}: exists and is not a directory")
+    if not directory and path.is_dir():
+        raise LoopArgError(f"{option} {path}: is a directory, not a file")
+    parent = path.parent
+    while not parent.exists() and parent != parent.parent:
+        parent = parent.parent
+    if parent.exists() and not parent.is_dir():
+        raise LoopArgError(f"{option} {path}: {parent} is not a directory")
+
+
 def load_prompts(args):
     from reflectevo.data.prompts import DEFAULT, load_prompt_overrides
 
@@ -182,6 +197,7 @@ def cmd_generate(args) -> int:
     task, items = load_task_items(args)
     prompts = load_prompts(args)
     cfg = loop_config(args, test_time=False)
+    check_out_path(args.out, "--out")
     out = Path(args.out)
     _log(f"generate: {len(items)} {task.name} questions, {cfg.n_reflections} reflections per failure -> {out}")
     t0 = time.perf_counter()
@@ -206,6 +222,7 @@ def cmd_curate(args) -> int:
         raise LoopArgError(f"{raw}: file not found")
     if not 0.0 <= args.eval_fraction < 1.0:
         raise LoopArgError(f"--eval-fraction must be in [0, 1), got {args.eval_fraction}")
+    check_out_path(args.out, "--out", directory=True)
     kwargs = {"eval_fraction": args.eval_fraction, "pair_prompt": args.pair_prompt}
     if args.judge:
         from reflectevo.data.judge import BatchedJudge, curate_with_judge
@@ -227,12 +244,15 @@ def cmd_curate(args) -> int:
 
 
 def cmd_eval(args) -> int:
-    from reflectevo.data.eval_run import format_table, run_eval
+    from reflectevo.data.eval_run import format_table, raw_path_for, run_eval
 
     task, items = load_task_items(args)
     prompts = load_prompts(args)
     cfg = loop_config(args, test_time=True)
+    check_out_path(args.out, "--out")
+    check_out_path(raw_path_for(args.out), "--out")
     if args.trial1_cache:
+        check_out_path(args.trial1_cache, "--trial1-cache")
         Path(args.trial1_cache).parent.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
     model, tok = load_generation_model(args, args.adapter)

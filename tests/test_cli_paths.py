@@ -1,0 +1,58 @@
+"""Output paths and option errors of the command line: refused up front, in one line, without touching earlier
+results; and the shell scripts' install step."""
+from pathlib import Path
+
+import pytest
+
+from reflectevo.cli import main
+
+NO_MODEL = "/nonexistent/model"  # loading it would fail: an --out error must come before the model is loaded
+
+
+def _one_line_error(capsys, code):
+    err = [ln for ln in capsys.readouterr().err.splitlines() if ln.strip()]
+    assert code == 2 and len(err) == 1, err
+    return err[0]
+
+
+@pytest.fixture
+def places(tmp_path):
+    (tmp_path / "adir").mkdir()
+    (tmp_path / "afile").write_text("x\n")
+    return tmp_path
+
+
+@pytest.mark.parametrize("command, out, option", [
+    ("generate", "adir", "--out"),
+    ("generate", "afile/raw.jsonl", "--out"),
+    ("eval", "adir", "--out"),
+    ("eval", "afile/sub/result.json", "--out"),
+    ("eval", "--trial1-cache afile/t1.jsonl", "--trial1-cache"),
+])
+def test_unwritable_output_is_refused_before_the_model_loads(places, capsys, command, out, option):
+    if out.startswith("--"):
+        extra = [out.split()[0], str(places / out.split()[1]), "--out", str(places / "result.json")]
+    else:
+        extra = ["--out", str(places / out)]
+    code = main([command, "--task", "arithmetic", "--limit", "1", "--model", NO_MODEL, *extra])
+    line = _one_line_error(capsys, code)
+    assert option in line and NO_MODEL not in line
+
+
+def test_curate_out_that_is_a_file(places, capsys):
+    raw = places / "raw.jsonl"
+    raw.write_text("")
+    line = _one_line_error(capsys, main(["curate", str(raw), "--out", str(places / "afile")]))
+    assert "--out" in line and (places / "afile").read_text() == "x\n"
+
+
+@pytest.mark.parametrize("out", ["adir", "afile/kernels.json"])
+def test_bench_out_checked_before_any_benchmark_runs(places, capsys, monkeypatch, out):
+    from reflectevo.bench import runner
+
+    def must_not_run(*a, **k):
+        raise AssertionError("a benchmark ran before --out was checked")
+
+    monkeypatch.setattr(runner, "run_bench", must_not_run)
+    line = _one_line_error(capsys, main(["bench", "kernels", "--out", str(places / out)]))
+    assert "--out" in line
