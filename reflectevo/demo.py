@@ -61,18 +61,19 @@ class _Clock:
 
 
 def _split_items(args):
+    from reflectevo.cli_loop import LoopArgError
     from reflectevo.data import get_task
 
     options = {"difficulty": args.difficulty} if str(args.task).lower() == "arithmetic" else {}
     task = get_task(args.task, **options)
     if args.n_train < 1 or args.n_eval < 1:
-        raise ValueError("--n-train and --n-eval must be >= 1")
+        raise LoopArgError(f"--n-train and --n-eval must be >= 1, got {args.n_train} and {args.n_eval}")
     items = task.load(args.data, limit=args.n_train + 4 * args.n_eval)
     train = items[:args.n_train]
     seen = {it["question"] for it in train}
     held = [it for it in items[args.n_train:] if it["question"] not in seen][:args.n_eval]
     if len(train) < args.n_train or not held:
-        raise ValueError(f"--data: {len(items)} questions are not enough for --n-train {args.n_train} "
+        raise LoopArgError(f"--data {args.data}: {len(items)} questions are not enough for --n-train {args.n_train} "
                          f"and --n-eval {args.n_eval}")
     return task, train, held
 
@@ -80,7 +81,7 @@ def _split_items(args):
 def run_demo(args) -> dict:
     import torch
 
-    from reflectevo.cli_loop import build_engines, default_device
+    from reflectevo.cli_loop import build_engines, check_out_path, default_device
     from reflectevo.data.curate import curate_file
     from reflectevo.data.eval_run import run_eval, write_json_atomic
     from reflectevo.data.evaluate import format_table
@@ -90,7 +91,11 @@ def run_demo(args) -> dict:
 
     log = _Clock()
     out = Path(args.out)
-    # a rerun resumes the expensive generation (raw.jsonl) and redoes everything derived from it
+    check_out_path(out, "--out", directory=True)
+    device = default_device(args.device)
+    task, train, held = _split_items(args)
+    model, tok = load_model(args.model, device=device)
+    # the options are good: a rerun resumes the expensive generation (raw.jsonl) and redoes everything after it
     for name in OWNED:
         if name != "raw.jsonl" or args.fresh:
             path = out / name
@@ -99,12 +104,8 @@ def run_demo(args) -> dict:
             elif path.exists():
                 path.unlink()
     out.mkdir(parents=True, exist_ok=True)
-    device = default_device(args.device)
-    task, train, held = _split_items(args)
     log(f"reflectevo demo: {args.model} on {task.name} ({len(train)} questions to learn from, {len(held)} held "
         f"out), {device}, {torch.get_num_threads()} threads -> {out}/")
-
-    model, tok = load_model(args.model, device=device)
     name = str(args.model)
     log(f"[1/6] model loaded: {sum(p.numel() for p in model.parameters()) / 1e6:.0f}M parameters")
     base_engine, _ = build_engines(model, tok, adapter=False, kv_cache_gib=args.kv_cache_gib, progress=True)

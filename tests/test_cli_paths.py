@@ -56,3 +56,23 @@ def test_bench_out_checked_before_any_benchmark_runs(places, capsys, monkeypatch
     monkeypatch.setattr(runner, "run_bench", must_not_run)
     line = _one_line_error(capsys, main(["bench", "kernels", "--out", str(places / out)]))
     assert "--out" in line
+
+
+@pytest.mark.parametrize("bad", [["--n-train", "0"], ["--n-eval", "-1"], ["--model", NO_MODEL],
+                                 ["--task", "logiqa"]])
+def test_demo_bad_option_keeps_the_earlier_results(tmp_path, capsys, bad):
+    out = tmp_path / "demo_out"
+    (out / "sft" / "adapter").mkdir(parents=True)
+    kept = {out / "raw.jsonl": '{"id": 1}\n', out / "eval_base.json": '{"acc_t1": 12.5}\n',
+            out / "sft" / "adapter" / "adapter_config.json": "{}\n"}
+    for path, text in kept.items():
+        path.write_text(text)
+    line = _one_line_error(capsys, main(["demo", "--out", str(out), "--n-train", "2", "--n-eval", "1", *bad]))
+    assert bad[0] in line or bad[1] in line
+    for path, text in kept.items():
+        assert path.read_text() == text
+
+
+def test_demo_out_that_is_a_file(places, capsys):
+    line = _one_line_error(capsys, main(["demo", "--out", str(places / "afile"), "--model", NO_MODEL]))
+    assert "--out" in line
