@@ -1,11 +1,14 @@
 """Output paths and option errors of the command line: refused up front, in one line, without touching earlier
 results; and the shell scripts' install step."""
+import os
+import subprocess
 from pathlib import Path
 
 import pytest
 
 from reflectevo.cli import main
 
+ROOT = Path(__file__).resolve().parents[1]
 NO_MODEL = "/nonexistent/model"  # loading it would fail: an --out error must come before the model is loaded
 
 
@@ -76,3 +79,30 @@ def test_demo_bad_option_keeps_the_earlier_results(tmp_path, capsys, bad):
 def test_demo_out_that_is_a_file(places, capsys):
     line = _one_line_error(capsys, main(["demo", "--out", str(places / "afile"), "--model", NO_MODEL]))
     assert "--out" in line
+
+
+def _fake_venv(tmp_path):
+    """A venv whose python logs its arguments; it has torch but not reflectevo, so _venv.sh installs the package."""
+    log = tmp_path / "calls.log"
+    py = tmp_path / "venv" / "bin" / "python"
+    py.parent.mkdir(parents=True)
+    py.write_text(f"""#!/usr/bin/env bash
+printf '%s\\n' "$*" >> {log}
+if [ "$1" = "-c" ] && [ "$2" != "import torch" ]; then exit 1; fi
+exit 0
+""")
+    py.chmod(0o755)
+    return log
+
+
+@pytest.mark.parametrize("script, args, extra", [("demo.sh", ["--out", "somewhere"], ""),
+                                                  ("test.sh", ["-k", "nf4"], "[dev]")])
+def test_scripts_install_the_package_with_the_right_extra(tmp_path, script, args, extra):
+    log = _fake_venv(tmp_path)
+    env = dict(os.environ, REFLECTEVO_VENV=str(tmp_path / "venv"))
+    r = subprocess.run(["bash", str(ROOT / "scripts" / script), *args], env=env, capture_output=True, text=True,
+                       timeout=60)
+    assert r.returncode == 0, r.stderr
+    calls = log.read_text().splitlines()
+    assert f"-m pip install -q -e {ROOT}{extra}" in calls
+    assert calls[-1].endswith(" ".join(args))  # the script's own arguments reach reflectevo demo / pytest
