@@ -244,7 +244,7 @@ def cmd_curate(args) -> int:
 
 
 def cmd_eval(args) -> int:
-    from reflectevo.data.eval_run import format_table, raw_path_for, run_eval
+    from reflectevo.data.eval_run import check_trial1_cache, format_table, raw_path_for, run_eval
 
     task, items = load_task_items(args)
     prompts = load_prompts(args)
@@ -253,6 +253,7 @@ def cmd_eval(args) -> int:
     check_out_path(raw_path_for(args.out), "--out")
     if args.trial1_cache:
         check_out_path(args.trial1_cache, "--trial1-cache")
+        check_trial1_cache(args.out, args.trial1_cache)
         Path(args.trial1_cache).parent.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
     model, tok = load_generation_model(args, args.adapter)

@@ -42,6 +42,13 @@ def test_unwritable_output_is_refused_before_the_model_loads(places, capsys, com
     assert option in line and NO_MODEL not in line
 
 
+def test_eval_own_raw_file_as_trial1_cache_refused_before_the_model_loads(tmp_path, capsys):
+    out = tmp_path / "base.json"
+    code = main(["eval", "--task", "arithmetic", "--limit", "1", "--model", NO_MODEL, "--out", str(out),
+                 "--trial1-cache", str(tmp_path / "base.raw.jsonl")])
+    assert "--trial1-cache" in _one_line_error(capsys, code)
+
+
 def test_curate_out_that_is_a_file(places, capsys):
     raw = places / "raw.jsonl"
     raw.write_text("")

@@ -243,6 +243,19 @@ def test_eval_counts_and_trial1_cache(tmp_path):
                  trial1_cache=cache, log=None)
 
 
+def test_eval_refuses_its_own_raw_file_as_trial1_cache(tmp_path):
+    task = get_task("arithmetic")
+    out = tmp_path / "base.json"
+    run_eval(task, ITEMS, ScriptedEngine(script_a), ScriptedEngine(script_a), FakeTokenizer(), out, LoopConfig(),
+             log=None)
+    raw = tmp_path / "base.raw.jsonl"
+    before = raw.read_text()
+    eng = ScriptedEngine(script_a)
+    with pytest.raises(DataError, match="--trial1-cache"):
+        run_eval(task, ITEMS, eng, eng, FakeTokenizer(), out, LoopConfig(), trial1_cache=raw, log=None)
+    assert eng.calls == [] and raw.read_text() == before and len(read_jsonl(raw)) == len(ITEMS)
+
+
 def _cli(*args, timeout=120):
     env = dict(os.environ, REFLECTEVO_CACHE=os.environ.get("REFLECTEVO_CACHE", "/tmp/rcache"))
     return subprocess.run([sys.executable, "-m", "reflectevo", *args], capture_output=True, text=True,

@@ -27,13 +27,22 @@ from .evaluate import evaluate_records, format_table
 from .jsonl import DataError, append_jsonl, iter_jsonl, read_jsonl
 from .loop import LoopConfig, ReflectLoop
 
-__all__ = ["run_eval", "load_trial1_cache", "raw_path_for", "write_json_atomic", "format_table"]
+__all__ = ["run_eval", "load_trial1_cache", "raw_path_for", "check_trial1_cache", "write_json_atomic",
+           "format_table"]
 
 
 def raw_path_for(out_json) -> Path:
     out_json = Path(out_json)
     name = out_json.name[:-5] if out_json.name.endswith(".json") else out_json.name
     return out_json.with_name(name + ".raw.jsonl")
+
+
+def check_trial1_cache(out_json, trial1_cache) -> None:
+    """Refuse a trial-1 cache that is this run's own raw file (the run would rewrite it, then append
+    trial-1-only duplicates of every record to it)."""
+    if trial1_cache is not None and Path(trial1_cache).resolve() == raw_path_for(out_json).resolve():
+        raise DataError(f"--trial1-cache {trial1_cache}: is the raw file of this run's own --out {out_json}; "
+                        "pass another file (e.g. an earlier run's raw file, copied)")
 
 
 def write_json_atomic(path, obj) -> None:
@@ -77,6 +86,7 @@ def run_eval(task, items: list[dict], trial_engine, reflect_engine, tokenizer, o
     cfg.test_time = True
     cfg.n_reflections = 1
     out_json = Path(out_json)
+    check_trial1_cache(out_json, trial1_cache)
     raw = raw_path_for(out_json)
     if raw.exists() and not resume:
         raw.unlink()
