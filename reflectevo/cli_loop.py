@@ -140,11 +140,25 @@ def load_prompts(args):
 
 
 def default_device(device: str | None) -> str:
-    if device:
-        return device
     import torch
 
-    return "cuda" if torch.cuda.is_available() else "cpu"
+    if not device:
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        kind = torch.device(device).type
+    except RuntimeError:
+        raise LoopArgError(f"--device {device}: not a device (cpu, cuda, cuda:N)") from None
+    if kind == "cuda" and not torch.cuda.is_available():
+        raise LoopArgError(f"--device {device}: CUDA is not available here")
+    return device
+
+
+def check_engine_options(kv_cache_gib, max_num_seqs: int = 1, device: str | None = None) -> None:
+    default_device(device)
+    if kv_cache_gib is not None and not kv_cache_gib > 0:
+        raise LoopArgError(f"--kv-cache-gib must be > 0, got {kv_cache_gib}")
+    if max_num_seqs < 1:
+        raise LoopArgError(f"--max-num-seqs must be >= 1, got {max_num_seqs}")
 
 
 def load_generation_model(args, adapter: str | None = None):
@@ -186,6 +200,7 @@ def loop_config(args, test_time: bool):
         raise LoopArgError(f"--reflection-temperature must be >= 0, got {cfg.reflection_temperature}")
     if not 0 < cfg.reflection_top_p <= 1:
         raise LoopArgError(f"--reflection-top-p must be in (0, 1], got {cfg.reflection_top_p}")
+    check_engine_options(args.kv_cache_gib, args.max_num_seqs, args.device)
     cfg.validate()
     return cfg
 

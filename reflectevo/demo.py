@@ -102,7 +102,7 @@ def _curate_train(raw: Path, train: list[dict], cur: Path) -> dict:
 def run_demo(args) -> dict:
     import torch
 
-    from reflectevo.cli_loop import build_engines, check_out_path, default_device
+    from reflectevo.cli_loop import build_engines, check_engine_options, check_out_path, default_device
     from reflectevo.data.eval_run import run_eval, write_json_atomic
     from reflectevo.data.evaluate import format_table
     from reflectevo.data.jsonl import read_jsonl
@@ -112,6 +112,7 @@ def run_demo(args) -> dict:
     log = _Clock()
     out = Path(args.out)
     check_out_path(out, "--out", directory=True)
+    check_engine_options(args.kv_cache_gib)
     device = default_device(args.device)
     task, train, held = _split_items(args)
     model, tok = load_model(args.model, device=device)

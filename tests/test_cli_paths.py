@@ -49,6 +49,24 @@ def test_eval_own_raw_file_as_trial1_cache_refused_before_the_model_loads(tmp_pa
     assert "--trial1-cache" in _one_line_error(capsys, code)
 
 
+@pytest.mark.parametrize("command", ["generate", "eval"])
+@pytest.mark.parametrize("bad", [["--kv-cache-gib", "-1"], ["--max-num-seqs", "0"], ["--device", "tpu"]])
+def test_engine_options_checked_before_the_model_loads(tmp_path, capsys, command, bad):
+    code = main([command, "--task", "arithmetic", "--limit", "1", "--model", NO_MODEL,
+                 "--out", str(tmp_path / "out.json"), *bad])
+    assert bad[0] in _one_line_error(capsys, code)
+
+
+def test_cuda_device_without_cuda(tmp_path, capsys):
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("CUDA is available here")
+    code = main(["generate", "--task", "arithmetic", "--limit", "1", "--model", NO_MODEL, "--device", "cuda",
+                 "--out", str(tmp_path / "raw.jsonl")])
+    assert "--device cuda" in _one_line_error(capsys, code)
+
+
 def test_curate_out_that_is_a_file(places, capsys):
     raw = places / "raw.jsonl"
     raw.write_text("")
@@ -69,7 +87,7 @@ def test_bench_out_checked_before_any_benchmark_runs(places, capsys, monkeypatch
 
 
 @pytest.mark.parametrize("bad", [["--n-train", "0"], ["--n-eval", "-1"], ["--model", NO_MODEL],
-                                 ["--task", "logiqa"]])
+                                 ["--task", "logiqa"], ["--kv-cache-gib", "0"], ["--device", "tpu"]])
 def test_demo_bad_option_keeps_the_earlier_results(tmp_path, capsys, bad):
     out = tmp_path / "demo_out"
     (out / "sft" / "adapter").mkdir(parents=True)
