@@ -131,3 +131,24 @@ def test_scripts_install_the_package_with_the_right_extra(tmp_path, script, args
     calls = log.read_text().splitlines()
     assert f"-m pip install -q -e {ROOT}{extra}" in calls
     assert calls[-1].endswith(" ".join(args))  # the script's own arguments reach reflectevo demo / pytest
+
+
+def test_atomic_writes_get_the_usual_file_mode(tmp_path):
+    """Results written through a temp file + rename get the mode a plain open() gives (mkstemp alone: 0600)."""
+    import os
+    import stat
+
+    from reflectevo.atomic import atomic_write_json
+    from reflectevo.data.eval_run import write_json_atomic
+    from reflectevo.data.jsonl import write_jsonl_atomic
+
+    old = os.umask(0o022)
+    os.umask(old)
+    expected = 0o666 & ~old
+    write_json_atomic(tmp_path / "result.json", {"acc_t1": 1.0})
+    atomic_write_json(tmp_path / "state.json", {"step": 1})
+    write_jsonl_atomic(tmp_path / "d_plus.jsonl", [{"id": 1}])
+    with open(tmp_path / "plain.txt", "w"):
+        pass
+    for name in ("result.json", "state.json", "d_plus.jsonl", "plain.txt"):
+        assert stat.S_IMODE((tmp_path / name).stat().st_mode) == expected, name

@@ -18,11 +18,10 @@ result JSON is written atomically.
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 import time
 from pathlib import Path
 
+from ..atomic import atomic_write_bytes
 from .evaluate import evaluate_records, format_table
 from .jsonl import DataError, append_jsonl, iter_jsonl, read_jsonl
 from .loop import LoopConfig, ReflectLoop
@@ -46,18 +45,7 @@ def check_trial1_cache(out_json, trial1_cache) -> None:
 
 
 def write_json_atomic(path, obj) -> None:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            json.dump(obj, f, indent=2, ensure_ascii=False, default=str)
-            f.write("\n")
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    atomic_write_bytes(path, (json.dumps(obj, indent=2, ensure_ascii=False, default=str) + "\n").encode("utf-8"))
 
 
 def load_trial1_cache(path) -> dict:
