@@ -53,9 +53,11 @@ def _add_bench_args(p: argparse.ArgumentParser):
 
 def _cmd_bench(args) -> int:
     from reflectevo.bench.runner import failed, run_bench
-    from reflectevo.cli_loop import check_out_path
+    from reflectevo.cli_loop import LoopArgError, check_out_path
 
     if args.out is not None:  # before the first benchmark runs, not when its result is saved
+        if args.out.suffix == ".md":
+            raise LoopArgError(f"--out {args.out}: name the JSON file (FILE.json); the .md table goes beside it")
         check_out_path(args.out, "--out")
         check_out_path(args.out.with_suffix(".md"), "--out")
     printed = [0]

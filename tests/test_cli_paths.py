@@ -74,7 +74,7 @@ def test_curate_out_that_is_a_file(places, capsys):
     assert "--out" in line and (places / "afile").read_text() == "x\n"
 
 
-@pytest.mark.parametrize("out", ["adir", "afile/kernels.json"])
+@pytest.mark.parametrize("out", ["adir", "afile/kernels.json", "kernels.md"])
 def test_bench_out_checked_before_any_benchmark_runs(places, capsys, monkeypatch, out):
     from reflectevo.bench import runner
 
