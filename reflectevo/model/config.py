@@ -30,7 +30,8 @@ class ModelConfig:
     rope_scaling: dict | None = None
     max_position_embeddings: int = 4096
     tie_word_embeddings: bool = False
-    attention_bias: bool = False
+    attention_bias: bool = False  # q/k/v biases; Llama's attention_bias also gives o_proj one (Qwen2's o_proj has none)
+    mlp_bias: bool = False
     sliding_window: int | None = None
     max_window_layers: int = 0  # layers with index >= this use the sliding window (Qwen2); 0 = all
     architecture: str = "llama"
@@ -95,6 +96,7 @@ class ModelConfig:
                 max_position_embeddings=int(cfg.get("max_position_embeddings", 4096)),
                 tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
                 attention_bias=bool(cfg.get("attention_bias", arch == "qwen2")),
+                mlp_bias=bool(cfg.get("mlp_bias", False)) if arch == "llama" else False,
                 sliding_window=int(window) if window else None,
                 max_window_layers=int(cfg.get("max_window_layers", 0)) if arch == "qwen2" else 0,
                 architecture=arch,
@@ -132,7 +134,7 @@ class ModelConfig:
         }
         if self.architecture == "llama":
             cfg["attention_bias"] = self.attention_bias
-            cfg["mlp_bias"] = False
+            cfg["mlp_bias"] = self.mlp_bias
         if self.architecture == "mistral":
             cfg["sliding_window"] = self.sliding_window
         if self.architecture == "qwen2":
