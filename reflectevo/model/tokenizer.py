@@ -101,8 +101,9 @@ class Tokenizer:
             raise ValueError("this tokenizer has no chat template (tokenizer_config.json or GGUF metadata)")
         if self._template is None:
             self._template = _render_environment().from_string(self.chat_template)
-        return self._template.render(messages=messages, add_generation_prompt=add_generation_prompt,
-                                     **self.special_tokens, **kwargs)
+        # transformers always passes tools and documents (None when not given); templates test `tools is not none`
+        context = {"tools": None, "documents": None, **self.special_tokens, **kwargs}
+        return self._template.render(messages=messages, add_generation_prompt=add_generation_prompt, **context)
 
     # -- construction -----------------------------------------------------------------------------------
     @classmethod
@@ -121,8 +122,8 @@ class Tokenizer:
         template = cfg.get("chat_template")
         if isinstance(template, list):  # named templates: take "default"
             template = next((t["template"] for t in template if t.get("name") == "default"), None)
-        if template is None and (path / "chat_template.jinja").is_file():
-            template = (path / "chat_template.jinja").read_text()
+        if (path / "chat_template.jinja").is_file():  # takes priority over tokenizer_config, as in transformers
+            template = (path / "chat_template.jinja").read_text(encoding="utf-8")
         specials = {k: _token_text(cfg.get(k)) for k in ("bos_token", "eos_token", "unk_token", "pad_token")}
         eos_ids = []
         for src in (gen.get("eos_token_id"), model_cfg.get("eos_token_id")):
