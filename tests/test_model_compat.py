@@ -62,3 +62,76 @@ def test_chat_template_jinja_file_wins_over_tokenizer_config(tmp_path):
     ours = Tokenizer.from_dir(tmp_path)
     assert ours.apply_chat_template(MESSAGES) == hf.apply_chat_template(MESSAGES, tokenize=False,
                                                                           add_generation_prompt=True)
+
+
+def write_llama_gguf(path, hf, extra_tensors=()):
+    """A float32 llama-architecture GGUF of ``hf`` laid out as llama.cpp's converter writes it."""
+    gguf = pytest.importorskip("gguf")
+    cfg = hf.config
+    heads, kv_heads = cfg.num_attention_heads, cfg.num_key_value_heads
+    w = gguf.GGUFWriter(str(path), "llama")
+    w.add_block_count(cfg.num_hidden_layers)
+    w.add_context_length(cfg.max_position_embeddings)
+    w.add_embedding_length(cfg.hidden_size)
+    w.add_feed_forward_length(cfg.intermediate_size)
+    w.add_head_count(heads)
+    w.add_head_count_kv(kv_heads)
+    w.add_layer_norm_rms_eps(cfg.rms_norm_eps)
+    w.add_rope_freq_base(float(hf.config.rope_parameters["rope_theta"]))
+    w.add_tokenizer_model("gpt2")
+    w.add_token_list([f"t{i}" for i in range(cfg.vocab_size)])
+    w.add_token_types([1] * cfg.vocab_size)
+    w.add_token_merges([])
+    w.add_eos_token_id(0)
+
+    def permute(t, n):  # llama.cpp turns HF's rotate-half rows into adjacent pairs
+        return t.reshape(n, 2, t.shape[0] // n // 2, *t.shape[1:]).swapaxes(1, 2).reshape(t.shape)
+
+    names = {"self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k", "self_attn.v_proj": "attn_v",
+             "self_attn.o_proj": "attn_output", "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up",
+             "mlp.down_proj": "ffn_down", "input_layernorm": "attn_norm", "post_attention_layernorm": "ffn_norm"}
+    for key, t in hf.state_dict().items():
+        t = t.detach().float()
+        if key == "model.embed_tokens.weight":
+            name = "token_embd.weight"
+        elif key == "model.norm.weight":
+            name = "output_norm.weight"
+        elif key == "lm_head.weight":
+            name = "output.weight"
+        else:
+            _, _, layer, module = key.split(".", 3)
+            module, _, kind = module.rpartition(".")
+            name = f"blk.{layer}.{names[module]}.{kind}"
+            if module == "self_attn.q_proj":
+                t = permute(t, heads)
+            elif module == "self_attn.k_proj":
+                t = permute(t, kv_heads)
+        w.add_tensor(name, t.numpy())
+    for name, t in extra_tensors:
+        w.add_tensor(name, t.numpy())
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+
+
+def test_llama31_gguf_uses_its_rope_freqs_tensor(tmp_path):
+    """llama.cpp stores Llama-3.1 RoPE scaling as per-frequency divisors in a rope_freqs.weight tensor."""
+    scaling = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+               "original_max_position_embeddings": 16}
+    cfg = transformers.LlamaConfig(**TINY, rope_scaling=scaling)
+    cfg.rope_parameters.update(scaling)
+    torch.manual_seed(0)
+    hf = transformers.LlamaForCausalLM(cfg).float().eval()
+    inv_freq = hf.model.rotary_emb.inv_freq.float()
+    head_dim = cfg.hidden_size // cfg.num_attention_heads
+    plain = 1.0 / (cfg.rope_parameters["rope_theta"] ** (torch.arange(0, head_dim, 2).float() / head_dim))
+    factors = plain / inv_freq
+    assert not torch.allclose(factors, torch.ones_like(factors))  # the scaling changes some frequencies
+    write_llama_gguf(tmp_path / "tiny.gguf", hf, [("rope_freqs.weight", factors)])
+    ours, _ = load_model(tmp_path / "tiny.gguf", dtype="float32")
+    ids = torch.randint(0, 320, (1, 40), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        assert (ours(ids) - hf(ids).logits).abs().max().item() <= 1e-4
+    with pytest.raises(ValueError, match="rope_freqs"):  # no transformers config.json can carry the factors
+        ours.config.to_hf()

@@ -6,7 +6,10 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import torch
+
 from reflectevo.errors import ModelLoadError
+from reflectevo.kernels.rope import rope_inv_freq
 
 SUPPORTED_ARCHITECTURES = {
     "LlamaForCausalLM": "llama",
@@ -28,6 +31,7 @@ class ModelConfig:
     rms_norm_eps: float = 1e-5
     rope_theta: float = 10000.0
     rope_scaling: dict | None = None
+    rope_freq_factors: list[float] | None = None  # GGUF rope_freqs.weight (llama.cpp's Llama-3.1 scaling): divides inv_freq
     max_position_embeddings: int = 4096
     tie_word_embeddings: bool = False
     attention_bias: bool = False  # q/k/v biases; Llama's attention_bias also gives o_proj one (Qwen2's o_proj has none)
@@ -50,6 +54,16 @@ class ModelConfig:
                 raise ModelLoadError(f"rope_scaling type {kind!r} is not supported (supported: {KNOWN_ROPE_TYPES})")
             if kind == "default":
                 self.rope_scaling = None
+        if self.rope_freq_factors is not None and len(self.rope_freq_factors) != self.head_dim // 2:
+            raise ModelLoadError(f"rope_freqs has {len(self.rope_freq_factors)} factors, head_dim {self.head_dim} "
+                                 f"needs {self.head_dim // 2}")
+
+    def inv_freq(self) -> torch.Tensor:
+        """RoPE inverse frequencies [head_dim // 2] (fp32) with this model's scaling."""
+        inv_freq = rope_inv_freq(self.head_dim, self.rope_theta, self.rope_scaling)
+        if self.rope_freq_factors is not None:
+            inv_freq = inv_freq / torch.tensor(self.rope_freq_factors, dtype=torch.float32)
+        return inv_freq
 
     def window_for_layer(self, layer_idx: int) -> int | None:
         if self.sliding_window is None or layer_idx < self.max_window_layers:
@@ -111,6 +125,9 @@ class ModelConfig:
 
     def to_hf(self) -> dict:
         """A config.json that transformers reads back as the same model."""
+        if self.rope_freq_factors is not None:
+            raise ValueError("this model's RoPE uses per-frequency factors from a GGUF rope_freqs tensor, which a "
+                             "transformers config.json cannot express; export from the Hugging Face model instead")
         hf_arch = {v: k for k, v in SUPPORTED_ARCHITECTURES.items()}[self.architecture]
         cfg = {
             "architectures": [hf_arch],

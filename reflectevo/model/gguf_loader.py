@@ -65,6 +65,10 @@ def load_gguf(path: str | Path, dtype: torch.dtype = torch.float32):
         config.eos_token_ids = list(tokenizer.eos_token_ids)
     state = {}
     for t in reader.tensors:
+        if t.name == "rope_freqs.weight":
+            factors = gguf.quants.dequantize(t.data, t.tensor_type).reshape(-1).tolist()
+            config = config.replace(rope_freq_factors=[float(f) for f in factors])
+            continue
         name = our_name(t.name)
         if name is None:
             continue

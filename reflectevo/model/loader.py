@@ -16,7 +16,6 @@ from pathlib import Path
 import torch
 
 from reflectevo.errors import ModelLoadError
-from reflectevo.kernels.rope import rope_inv_freq
 from reflectevo.model.config import ModelConfig, read_config_json
 from reflectevo.model.safetensors_io import read_safetensors, write_safetensors
 from reflectevo.model.tokenizer import Tokenizer
@@ -105,7 +104,7 @@ def build_model(config: ModelConfig, state: dict, device, dtype, quantize=None, 
         loaded["lm_head.weight"] = loaded["embed_tokens.weight"]
     model.load_state_dict(loaded, strict=True, assign=True)
     model.tie_weights()
-    model.inv_freq = rope_inv_freq(config.head_dim, config.rope_theta, config.rope_scaling).to(device)
+    model.inv_freq = config.inv_freq().to(device)
     if quantize == "nf4":
         from reflectevo.model.lora import NF4Linear
 

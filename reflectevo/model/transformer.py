@@ -20,7 +20,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from reflectevo.kernels.rmsnorm import rms_norm
-from reflectevo.kernels.rope import apply_rope, rope_inv_freq
+from reflectevo.kernels.rope import apply_rope
 from reflectevo.kernels.swiglu import swiglu
 from reflectevo.model.config import ModelConfig
 
@@ -179,8 +179,7 @@ class Transformer(nn.Module):
         if config.tie_word_embeddings:
             self.lm_head.weight = self.embed_tokens.weight
         self.gradient_checkpointing = False
-        inv_freq = rope_inv_freq(config.head_dim, config.rope_theta, config.rope_scaling)
-        self.register_buffer("inv_freq", inv_freq, persistent=False)
+        self.register_buffer("inv_freq", config.inv_freq(), persistent=False)
 
     @property
     def device(self) -> torch.device:
