@@ -135,3 +135,15 @@ def test_llama31_gguf_uses_its_rope_freqs_tensor(tmp_path):
         assert (ours(ids) - hf(ids).logits).abs().max().item() <= 1e-4
     with pytest.raises(ValueError, match="rope_freqs"):  # no transformers config.json can carry the factors
         ours.config.to_hf()
+
+
+def test_unindexed_model_safetensors_ignores_other_safetensors_files(tmp_path):
+    """Mistral repositories ship consolidated.safetensors (another naming) next to the transformers weights."""
+    from safetensors.torch import save_file
+
+    hf = save_tiny(tmp_path, transformers.MistralConfig(**TINY))
+    save_file({"layers.0.attention.wq.weight": torch.zeros(64, 64)}, str(tmp_path / "consolidated.safetensors"))
+    ours, _ = load_model(tmp_path, dtype="float32")
+    ids = torch.randint(0, 320, (1, 10), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        assert (ours(ids) - hf(ids).logits).abs().max().item() <= 1e-4

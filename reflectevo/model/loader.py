@@ -134,6 +134,8 @@ def _read_hf_weights(path: Path) -> dict:
         except (json.JSONDecodeError, KeyError) as e:
             raise ModelLoadError(f"{index}: invalid safetensors index ({e})") from None
         files = sorted(set(weight_map.values()))
+    elif (path / "model.safetensors").is_file():  # as transformers: other *.safetensors (consolidated, adapters) aside
+        files = ["model.safetensors"]
     else:
         files = sorted(p.name for p in path.glob("*.safetensors"))
     if not files:
