@@ -24,6 +24,10 @@ except Exception:  # pragma: no cover - triton is optional off Linux x86_64
 _forced: list[str] = []
 
 
+class InterpreterRequired(RuntimeError):
+    """Triton was asked to run on CPU tensors, which only the interpreter can do."""
+
+
 def interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
@@ -46,7 +50,8 @@ def use_triton(t: torch.Tensor) -> bool:
         return True
     if forced == "triton" or interpreting():
         if not interpreting():
-            raise RuntimeError("Triton kernels on CPU tensors need TRITON_INTERPRET=1 set before reflectevo is imported")
+            raise InterpreterRequired("Triton kernels on CPU tensors need TRITON_INTERPRET=1 set before reflectevo "
+                                      "is imported")
         return True
     return False
 
