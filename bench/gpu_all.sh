@@ -4,6 +4,8 @@
 #
 #   bash bench/gpu_all.sh [OUTDIR]          (GPU_BENCH="kernels" runs a subset of the benchmarks)
 #
+# GPU_TEST_PATHS picks the tests (default tests/test_gpu.py; "tests" runs the whole suite: tests that need the CPU
+# interpreter skip themselves on a CUDA machine).
 # Every stage runs under `timeout` (GPU_STAGE_S seconds each, default 280; GPU_TESTS_S for the tests, default 240)
 # so one slow stage cannot eat a device call's 600 s: the stages after it still run and the summary still prints.
 # The 2026-11-26 H200 call took 268 s for the tests + the kernels benchmark alone; split a full run over two calls
@@ -30,7 +32,7 @@ export PYTHONPATH="$PWD:${PYTHONPATH:-}"
 status=()
 # the per-op files check the kernels under the CPU interpreter; on a GPU machine test_gpu.py runs them compiled
 if [ "${GPU_TESTS_S:-240}" != 0 ]; then
-    timeout -k 10 "${GPU_TESTS_S:-240}" python3 -m pytest -q -p no:cacheprovider tests/test_gpu.py 2>&1 \
+    timeout -k 10 "${GPU_TESTS_S:-240}" python3 -m pytest -q -p no:cacheprovider ${GPU_TEST_PATHS:-tests/test_gpu.py} 2>&1 \
         | tee "$out/pytest.txt" | tail -25
     status+=("tests: $(tail -1 "$out/pytest.txt")")
 fi
