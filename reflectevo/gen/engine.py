@@ -24,6 +24,7 @@ from reflectevo.gen.sampler import sample, seq_key
 from reflectevo.gen.sampling_params import SamplingParams
 from reflectevo.gen.scheduler import Scheduler
 from reflectevo.gen.sequence import CompletionOutput, Sequence, Status
+from reflectevo.model.lora import lora_modules
 
 
 CPU_KV_FRACTION = 0.2  # of MemAvailable: room for a second engine (adapter runs) and the training after it
@@ -78,8 +79,10 @@ class Engine:
         self._weights_seen = self._weights_signature()
 
     def _weights_signature(self):
-        """Changes when a parameter is modified in place (optimizer step) or added/removed (adapter swap)."""
-        return tuple((id(p), p._version) for p in self.model.parameters())
+        """Changes when a parameter is modified in place (optimizer step) or added/removed (adapter swap), or when
+        LoRA adapters are switched off or on (``adapters_disabled``): the same tokens then have other K/V."""
+        params = tuple((id(p), p._version) for p in self.model.parameters())
+        return params, tuple(m.disabled for m in lora_modules(self.model).values())
 
     def reset_prefix_cache(self):
         self.block_manager.reset_prefix_cache()
