@@ -40,3 +40,16 @@ def test_one_engine_with_adapters_switched_off_and_on(quantized):
     with adapters_disabled(model):
         assert [o[0].token_ids for o in eng.generate(prompts, SamplingParams(max_tokens=8))] == off
     assert [o[0].token_ids for o in eng.generate(prompts, SamplingParams(max_tokens=8))] == on
+
+
+def test_training_after_generate_reuses_the_merged_weight():
+    """The merged weight W + s·BA built while sampling (under inference mode) is reused by a training forward
+    with unchanged weights: its backward must work and give the same gradients as a model that never sampled."""
+    model, fresh = adapted_model(False), adapted_model(False)
+    Engine(model, CharTokenizer(), kv_cache_gib=0.01).generate(prompts_mixed(12)[:1], SamplingParams(max_tokens=3))
+    ids = torch.tensor([prompts_mixed(13)[1]])
+    for m in (model, fresh):
+        m.train()
+        m(ids).logsumexp(-1).mean().backward()
+    for p, q in zip(lora_parameters(model), lora_parameters(fresh)):
+        torch.testing.assert_close(p.grad, q.grad, rtol=0, atol=0)

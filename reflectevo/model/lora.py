@@ -151,7 +151,8 @@ class LoRALinear(nn.Module):
         a, b, w = self.lora_A.weight, self.lora_B.weight, self.base.weight
         key = tuple((id(t), t.data_ptr(), t._version) for t in (a, b, w)) + (self.scaling,)
         if self._merged_key != key:
-            with torch.no_grad():
+            # not an inference tensor even when built in the sampler: a training forward may reuse it
+            with torch.inference_mode(False), torch.no_grad():
                 self._merged = torch.addmm(w, b, a, alpha=self.scaling)
             self._merged_key = key
         return self._merged
