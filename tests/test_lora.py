@@ -387,3 +387,23 @@ def test_nf4_linear_follows_module_dtype_and_device():
     assert layer.compute_dtype == torch.float32 and layer(torch.randn(2, 64)).dtype == torch.float32
     layer.to("cpu")
     assert layer.compute_dtype == torch.float32
+
+
+def test_adapter_with_another_scale_is_refused_by_an_attached_model(tmp_path):
+    """Loading into adapters already attached keeps their modules: a file with the same r but another lora_alpha
+    (or rsLoRA) would run at the model's scale, not its own."""
+    hf, d = _tiny_hf(tmp_path)
+    src = _ours_from_hf_dir(d)
+    attach_lora(src, r=4, alpha=32, target_modules=("q_proj",))
+    _randomise_lora(src)
+    save_adapter(src, tmp_path / "a")
+    attached = _ours_from_hf_dir(d)
+    attach_lora(attached, r=4, alpha=8, target_modules=("q_proj",))
+    with pytest.raises(ValueError, match=r"lora_alpha=32.*layers\.0\.self_attn\.q_proj has scale 2") as e:
+        load_adapter(attached, tmp_path / "a")
+    assert "\n" not in str(e.value)
+    same = _ours_from_hf_dir(d)
+    attach_lora(same, r=4, alpha=32, target_modules=("q_proj",))
+    load_adapter(same, tmp_path / "a")
+    with torch.no_grad():
+        torch.testing.assert_close(same(IDS), src(IDS), rtol=0, atol=0)

@@ -7,6 +7,7 @@ with keys ``base_model.model.model.<module path>.lora_A.weight`` [r, in] / ``.lo
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
 from pathlib import Path
@@ -131,12 +132,14 @@ def _read_adapter(adapter_dir: Path) -> tuple[dict, dict]:
 
 @torch.no_grad()
 def load_adapter(model: torch.nn.Module, adapter_dir) -> torch.nn.Module:
-    """Attach LoRA as the adapter's config says (unless already attached with the same r) and load its weights.
-    Any key that names no module of ours, or has another shape, is an error naming the key."""
+    """Attach LoRA as the adapter's config says (unless already attached with the same r and scale) and load its
+    weights. Any key that names no module of ours, or has another shape, is an error naming the key."""
     adapter_dir = Path(adapter_dir)
     cfg, weights = _read_adapter(adapter_dir)
     wpath = adapter_dir / WEIGHTS_NAME
     r, alpha = int(cfg["r"]), float(cfg.get("lora_alpha", cfg["r"]))
+    rslora = bool(cfg.get("use_rslora", False))
+    scaling = alpha / (math.sqrt(r) if rslora else r)
     targets = cfg.get("target_modules")
     if isinstance(targets, list):
         targets = tuple(targets)
@@ -152,12 +155,15 @@ def load_adapter(model: torch.nn.Module, adapter_dir) -> torch.nn.Module:
             raise ModelLoadError(f"{wpath}: key {peft_key(unknown[0], 'lora_A')!r} names no linear layer of this model")
         attach_lora(model, r=r, alpha=alpha, dropout=float(cfg.get("lora_dropout", 0.0)),
                     target_modules="|".join(map(_re_escape, sorted(paths))),
-                    use_rslora=bool(cfg.get("use_rslora", False)))
+                    use_rslora=rslora)
         mods = lora_modules(model)
     expected = {}
     for name, m in mods.items():
         if m.r != r:
             raise ModelLoadError(f"{wpath}: r={r} but the model's adapter {name} has r={m.r}")
+        if not math.isclose(m.scaling, scaling):
+            raise ModelLoadError(f"{adapter_dir / CONFIG_NAME}: lora_alpha={alpha:g}, use_rslora={rslora} (scale "
+                                 f"{scaling:g}) but the model's adapter {name} has scale {m.scaling:g}")
         expected[peft_key(name, "lora_A")] = m.lora_A.weight
         expected[peft_key(name, "lora_B")] = m.lora_B.weight
     normalised = {}
