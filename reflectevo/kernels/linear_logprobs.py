@@ -165,6 +165,11 @@ def chunked_pass(x, w, labels, valid, row_weight, want_dx: bool, want_dw: bool, 
 
     G uses ``row_weight`` [N] fp32 (0 on ignored tokens); it may be None when neither gradient is wanted.
     """
+    with torch.autocast("cpu", enabled=False):  # CPU bf16 autocast would round the fp32 logits and G
+        return _chunked_pass(x, w, labels, valid, row_weight, want_dx, want_dw, triton_rows)
+
+
+def _chunked_pass(x, w, labels, valid, row_weight, want_dx, want_dw, triton_rows):
     n, v = x.shape[0], w.shape[0]
     cuda = x.is_cuda
     if not cuda:  # the CPU computes in fp32 (bf16 CPU matmuls are slow and inexact)
