@@ -12,8 +12,8 @@ takes dx = dy W' (again one matmul) and the adapter gradients from ``u = x A^T``
 dB = scaling · dy^T u, dA = scaling · (dy B)^T x. The price is one more copy of each adapted weight (fp32: 4 bytes a
 parameter). Measured on a 2-core CPU: an SFT step of SmolLM2-135M with LoRA on every linear layer 9-16 % shorter
 (interleaved runs).
-Skipped where it would lose precision or memory: 16-bit bases (the small B A would round away), NF4 bases, CUDA;
-``MERGED_COMPUTE = False`` turns it off.
+Skipped where it would lose precision or memory: 16-bit bases or autocast (the small B A would round away), NF4
+bases, CUDA; ``MERGED_COMPUTE = False`` turns it off.
 
 Dropout (training only) multiplies x by a keep-mask drawn from 16-bit uniform integers, four from each full-range
 64-bit draw, so P(drop) is p rounded to a multiple of 2^-16 (0.05 -> 0.0500031); the 1/P(keep) rescaling is
@@ -141,8 +141,8 @@ class LoRALinear(nn.Module):
         if not MERGED_COMPUTE or self.disabled or type(self.base) is not nn.Linear:
             return False
         w, bias = self.base.weight, self.base.bias
-        if w.requires_grad or (bias is not None and bias.requires_grad):
-            return False
+        if w.requires_grad or (bias is not None and bias.requires_grad) or torch.is_autocast_enabled("cpu"):
+            return False  # under autocast W' would be rounded to 16 bits, and its backward is not autocast
         return (w.device.type == "cpu" and w.dtype in (torch.float32, torch.float64) and x.dtype == w.dtype
                 and self.lora_A.weight.dtype == w.dtype and (self.dropout_p == 0 or not self.training))
 
