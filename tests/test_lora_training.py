@@ -1,4 +1,7 @@
 """LoRA / QLoRA training paths on the CPU: bf16 autocast (--bf16), merged compute, the fused losses under it."""
+import json
+import math
+
 import pytest
 import torch
 from torch import nn
@@ -65,3 +68,19 @@ def test_sft_with_bf16_on_the_cpu_runs(tmp_path, dropout):
 def test_dpo_with_bf16_on_the_cpu_runs(tmp_path):
     summary = train_dpo(tiny_model(), tiny_tokenizer(), d_pm(), cfg(max_steps=2, bf16=True), tmp_path / "run")
     assert summary["steps"] == 2 and torch.isfinite(torch.tensor(summary["final"]["loss"]))
+
+
+def test_training_from_an_adapter_uses_the_given_lora_dropout(tmp_path):
+    from reflectevo.model.lora import lora_modules
+    from reflectevo.trainer.cli_args import load_adapter_checked
+
+    train_sft(tiny_model(), tiny_tokenizer(), d_plus(), cfg(max_steps=1, lora_r=4, lora_dropout=0.2), tmp_path / "sft")
+    model = tiny_model()
+    load_adapter_checked(model, tmp_path / "sft" / "adapter")
+    train_dpo(model, tiny_tokenizer(), d_pm(), cfg(max_steps=1, lora_r=4, lora_dropout=0.0), tmp_path / "dpo",
+              init_adapter=str(tmp_path / "sft" / "adapter"))
+    assert {m.dropout_p for m in lora_modules(model).values()} == {0.0}
+    # without dropout the policy equals its reference (the initial adapter) at step 1: loss = log 2
+    assert read_metrics(tmp_path / "dpo")[0]["loss"] == pytest.approx(math.log(2), rel=1e-6)
+    saved = json.loads((tmp_path / "dpo" / "adapter" / "adapter_config.json").read_text())
+    assert saved["lora_dropout"] == 0.0

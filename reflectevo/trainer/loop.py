@@ -31,7 +31,8 @@ _STEP_DELAY = float(os.environ.get("REFLECTEVO_TRAIN_STEP_DELAY", "0") or 0)
 # model setup
 # ------------------------------------------------------------------------------------------------------------
 def prepare_model(model, cfg: TrainConfig, device: torch.device) -> dict[str, torch.nn.Parameter]:
-    """Attach LoRA (unless the model already has adapters), freeze the rest; {name: trainable parameter}."""
+    """Attach LoRA (unless the model already has adapters, which keep their r and alpha but take
+    cfg.lora_dropout), freeze the rest; {name: trainable parameter}."""
     from reflectevo.model.lora import attach_lora, has_lora, lora_modules, lora_parameters
 
     for p in model.parameters():
@@ -43,6 +44,9 @@ def prepare_model(model, cfg: TrainConfig, device: torch.device) -> dict[str, to
     if not attached:
         attach_lora(model, r=cfg.lora_r, alpha=cfg.alpha, dropout=cfg.lora_dropout,
                     target_modules=tuple(cfg.target_modules), use_rslora=cfg.use_rslora, dtype=torch.float32)
+    else:  # an --adapter fixes r, alpha and the layers; dropout is a training setting, --lora-dropout's
+        for m in lora_modules(model).values():
+            m.dropout_p = float(cfg.lora_dropout)
     wanted = {id(p) for p in lora_parameters(model)}
     params = {n: p for n, p in model.named_parameters() if id(p) in wanted}
     if not params:
