@@ -3,10 +3,10 @@ from __future__ import annotations
 
 import torch
 
-from reflectevo.model.lora import adapters_disabled, attach_lora, lora_parameters
+from reflectevo.model.lora import adapters_disabled
 from reflectevo.trainer.data import make_batch, tokenize_records
 from reflectevo.trainer.dpo import DPOObjective, compute_reference
-from test_trainer import cfg, d_pm, tiny_model, tiny_tokenizer
+from test_trainer import cfg, d_pm, tiny_model_with_random_lora, tiny_tokenizer
 
 
 def _mean_logps(model, exs):
@@ -24,12 +24,7 @@ def test_ipo_step_uses_per_token_mean_logps():
     c = cfg(beta=0.3, max_length=128, loss_type="ipo")
     exs, _ = tokenize_records(list(enumerate(d_pm(3), 1)), tiny_tokenizer(), c, True, "f")
     assert len({len(e.responses[0]) for e in exs} | {len(e.responses[1]) for e in exs}) > 1
-    model = tiny_model()
-    attach_lora(model, r=4, alpha=8)
-    with torch.no_grad():
-        for p in lora_parameters(model):
-            p.normal_(0, 0.2)
-    params = lora_parameters(model)
+    model, params = tiny_model_with_random_lora()
     ref = compute_reference(model, exs, c, 0, use_adapters=False)
     with torch.no_grad(), adapters_disabled(model):
         refs = _mean_logps(model, exs)

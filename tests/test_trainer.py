@@ -76,6 +76,18 @@ def cfg(**kw):
     return TrainConfig(**base)
 
 
+def tiny_model_with_random_lora(r=4, alpha=8, std=0.2):
+    """tiny_model with LoRA (r, alpha) whose A and B are random, so adapters on and off differ; (model, params)."""
+    from reflectevo.model.lora import attach_lora, lora_parameters
+
+    model = tiny_model()
+    attach_lora(model, r=r, alpha=alpha)
+    with torch.no_grad():
+        for p in lora_parameters(model):
+            p.normal_(0, std)
+    return model, lora_parameters(model)
+
+
 def read_metrics(run):
     return [json.loads(line) for line in (Path(run) / "metrics.jsonl").read_text().splitlines()]
 
@@ -371,18 +383,13 @@ def test_reference_logps_with_adapters_off_equal_base(tmp_path):
 
 
 def test_dpo_step_matches_naive_full_logits():
-    from reflectevo.model.lora import adapters_disabled, attach_lora, lora_parameters
+    from reflectevo.model.lora import adapters_disabled
     from reflectevo.trainer.dpo import DPOObjective, compute_reference
 
     tok = tiny_tokenizer()
     c = cfg(beta=0.3, max_length=128)
     exs, _ = tokenize_records(list(enumerate(d_pm(3), 1)), tok, c, True, "f")
-    model = tiny_model()
-    attach_lora(model, r=4, alpha=8)
-    with torch.no_grad():
-        for p in lora_parameters(model):
-            p.normal_(0, 0.2)
-    params = lora_parameters(model)
+    model, params = tiny_model_with_random_lora()
     ref = compute_reference(model, exs, c, 0, use_adapters=False)
     batch = make_batch(exs, c, True, 0)
     loss, stats = DPOObjective(c, ref).micro_step(model, batch, batch.num_seqs // 2)
