@@ -58,6 +58,7 @@ def _naive_logps(x, w, labels):
 def _build(method: str, n, h, v, device, dtype, train_head: bool):
     """A closure running one forward + backward, or raises ImportError / ValueError when not applicable."""
     x, w, labels = _inputs(n, h, v, device, dtype, train_head)
+    leaves = [x, w]  # every tensor whose .grad the call sets, cleared before each call
     count = (labels != -100).sum()
     pairs = max(1, n // (2 * DPO_SEQ_LEN))
     seq_len = n // (2 * pairs)
@@ -89,16 +90,27 @@ def _build(method: str, n, h, v, device, dtype, train_head: bool):
         loss_fn = LigerFusedLinearDPOLoss(use_ref_model=False)
         x3 = x.detach()[: 2 * pairs * seq_len].reshape(2 * pairs, seq_len, h).requires_grad_()
         t3 = labels[: 2 * pairs * seq_len].reshape(2 * pairs, seq_len)
+        leaves.append(x3)
         body = lambda: loss_fn(w, x3, t3)[0].backward()
     else:
         raise ValueError(f"method: unknown {method!r}")
 
     def run():
-        x.grad = None
-        w.grad = None
+        for t in leaves:
+            t.grad = None
         body()
 
+    run.inputs = leaves
     return run
+
+
+def _cuda_peak_bytes(fn, device) -> int:
+    """Peak extra memory of one fwd+bwd, its gradients included as on the CPU. After the timing the closure's inputs
+    still hold the last call's dX / dW; the call frees them first, so measured with them held the delta left the
+    gradients out (the naive trainable head read less than the frozen one by exactly dW)."""
+    for t in fn.inputs:
+        t.grad = None
+    return cuda_peak_extra_bytes(fn, device)
 
 
 def _cpu_memory_subprocess(method, n, h, v, train_head) -> int:
@@ -136,7 +148,7 @@ def run(device: str = "cpu", shapes=None, repeats: int | None = None, liger: boo
                 try:
                     fn = _build(method, n, h, v, device, dtype, train_head)
                     row["ms"] = time_fn(fn, device, warmup=warmup, repeats=repeats)
-                    peak_bytes = (cuda_peak_extra_bytes(fn, device) if cuda
+                    peak_bytes = (_cuda_peak_bytes(fn, device) if cuda
                                   else _cpu_memory_subprocess(method, n, h, v, train_head))
                     row["peak_extra_mb"] = peak_bytes / 2 ** 20
                     model_flops = (6 if train_head else 4) * n * h * v
@@ -161,10 +173,11 @@ def run(device: str = "cpu", shapes=None, repeats: int | None = None, liger: boo
 
 
 def _relative_to_naive(rows):
-    base = {(tuple(r["shape"]), r["head"], r["method"].endswith("dpo")): r for r in rows
+    """Each row against the naive path of its own loss: the DPO methods (fused_dpo_tiles too) against naive_dpo."""
+    base = {(tuple(r["shape"]), r["head"], "dpo" in r["method"]): r for r in rows
             if r["method"] in ("naive", "naive_dpo") and "ms" in r}
     for r in rows:
-        b = base.get((tuple(r["shape"]), r["head"], r["method"].endswith("dpo")))
+        b = base.get((tuple(r["shape"]), r["head"], "dpo" in r["method"]))
         if b is not None and "ms" in r:
             r["time_vs_naive"] = r["ms"] / b["ms"]
             r["mem_vs_naive"] = r["peak_extra_mb"] / b["peak_extra_mb"] if b["peak_extra_mb"] > 0 else None
