@@ -36,3 +36,39 @@ def test_cuda_memory_is_measured_without_the_previous_calls_gradients(monkeypatc
         assert all(t.grad is not None for t in fn.inputs)
         loss_kernels._cuda_peak_bytes(fn, torch.device("cpu"))
     assert held and not any(any(h) for h in held)
+
+
+TINY = dict(vocab_size=512, hidden_size=32, intermediate_size=64, num_layers=2, num_heads=4, num_kv_heads=2,
+            head_dim=8, eos_token_ids=[1])
+
+
+def test_decode_floor_reads_only_the_steps_rows_of_an_untied_embedding():
+    """A decode step gathers `batch` rows of the input embedding; the floor counted the whole table."""
+    from reflectevo.bench import sampler
+
+    model = sampler._random_llama("cpu", dict(sampler.LLAMA3_8B, **TINY))
+    every = sum(t.numel() * t.element_size() for t in list(model.parameters()) + list(model.buffers()))
+    table = model.embed_tokens.weight.numel() * 2
+    row = 32 * 2  # hidden 32, bf16
+    assert sampler._weight_bytes(model, rows=3) == every - table + 3 * row
+
+    tied = sampler._random_llama("cpu", dict(sampler.LLAMA3_8B, **TINY, tie_word_embeddings=True))
+    every = sum(t.numel() * t.element_size() for t in list(tied.parameters()) + list(tied.buffers()))
+    assert sampler._weight_bytes(tied, rows=3) == every  # the tied table is lm_head: read whole every step
+
+
+def test_transformers_decode_step_is_timed_after_a_warm_up(monkeypatch):
+    """The step is (t[64 tokens] - t[1 token]) / 63; a one-off first-call cost landing in t[1] made transformers'
+    step read shorter than it is. Our side's engine is warmed up before its timed calls."""
+    from reflectevo.bench import sampler
+
+    calls = []
+
+    def fake_time_hf(hf, prompts, n, max_tokens, device, *a, **k):
+        seconds = 0.5 + 0.01 * max_tokens + (3.0 if not calls else 0.0)  # first call in the process: +3 s
+        calls.append(max_tokens)
+        return {"seconds": seconds}, []
+
+    monkeypatch.setattr(sampler, "time_hf", fake_time_hf)
+    step_ms = sampler._hf_step_ms(object(), [[5] * 16], 64, "cpu")
+    assert abs(step_ms - 10.0) < 1e-9, step_ms
