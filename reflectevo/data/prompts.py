@@ -305,6 +305,8 @@ class Prompts:
             marker = {"code": r"\[BEGIN\]", "angles": r"Finish\s*<<<"}.get(answer_format(task), r"Finish\s*\[")
             m = re.search(marker, text, flags=re.I)
             thought, action = (text[: m.start()], text[m.start():]) if m else (text, "")
+            if m:  # "... so it is 9. Action: Finish[9]": that label belongs to the action, not the thought
+                thought = re.sub(r"\bAction\s*:\s*$", "", thought, flags=re.I)
         # whatever follows the action (an invented Observation, the next question) is not part of it
         action = re.split(r"\n\s*(?:Observation|Question|Thought)\s*:", action, maxsplit=1, flags=re.I)[0]
         thought = re.split(r"\n\s*Observation\s*:", thought, maxsplit=1, flags=re.I)[0]
