@@ -24,3 +24,18 @@ def test_inline_action_label_is_not_kept_in_the_thought(tmp_path):
         for out in rec["output"]:
             assert out["scratchpad"].count("Action:") == 1, out["scratchpad"]
             assert "Action:\nAction:" not in out["reason_prompt"] + out["reflection_prompt"]
+
+
+def test_generated_arithmetic_items_are_never_worked_examples():
+    """The worked examples of the trial prompt must not be questions of the run (with their answers)."""
+    from reflectevo.data.fewshot import EXAMPLES
+    from reflectevo.data.tasks import _NAMES
+
+    shown = {question for question, _, _ in EXAMPLES["arithmetic"]}
+    for difficulty in (1, 2):
+        task = get_task("arithmetic", difficulty=difficulty)
+        assert not [it["id"] for it in task.load(limit=400) if it["question"] in shown]
+        assert not [it["id"] for it in task.load(limit=400) if it["question"] in P.prefix(task)]
+    # and none can be generated at all: every generated question names its person from the generator's pool
+    for question in shown:
+        assert question.split()[0] not in _NAMES

@@ -86,11 +86,12 @@ EXAMPLES: dict[str, list[tuple[str, str, str]]] = {
          "The first clause says what she ordered; the salad was the waiter's mistake.",
          "the soup"),
     ],
+    # names the arithmetic generator never draws (tasks._NAMES): no generated question is a worked example
     "arithmetic": [
-        ("Finn has 6 shells. Finn finds 3 more. How many shells does Finn have now?",
-         "Finn starts with 6 and finds 3 more: 6 + 3 = 9.",
+        ("Omar has 6 shells. Omar finds 3 more. How many shells does Omar have now?",
+         "Omar starts with 6 and finds 3 more: 6 + 3 = 9.",
          "9"),
-        ("Gia has 12 cards. Then Gia gives away 5. A friend gives Gia 4 more cards. How many cards does Gia "
+        ("Pia has 12 cards. Then Pia gives away 5. A friend gives Pia 4 more cards. How many cards does Pia "
          "have now?",
          "Start with 12. Giving away 5 leaves 12 - 5 = 7. Getting 4 more gives 7 + 4 = 11.",
          "11"),
