@@ -73,6 +73,21 @@ def test_setup_code_runs_between_code_and_asserts(mode):
     assert not run_program(code, ["assert b.v == 7"], timeout=TIMEOUT).passed
 
 
+def test_multiprocessing_and_pickle(mode):
+    code = ("import multiprocessing, pickle\n"
+            "class Point:\n    def __init__(self, x):\n        self.x = x\n"
+            "def double(x):\n    return 2 * x\n"
+            "def put(q, x):\n    q.put(double(x))\n"
+            "def pooled(xs):\n    with multiprocessing.Pool(2) as pool:\n        return pool.map(double, xs)\n"
+            "def queued(x):\n    q = multiprocessing.Queue()\n"
+            "    p = multiprocessing.Process(target=put, args=(q, x))\n    p.start()\n    r = q.get()\n"
+            "    p.join()\n    return r\n")
+    tests = ["assert pooled([1, 2, 3]) == [2, 4, 6]", "assert queued(5) == 10",
+             "assert pickle.loads(pickle.dumps(Point(3))).x == 3"]
+    r = run_program(code, tests, timeout=TIMEOUT)
+    assert r.passed, r.stderr
+
+
 def _hostile(tmp_victim: str, escape_path: str, port: int) -> dict[str, str]:
     ok = GOOD
     return {

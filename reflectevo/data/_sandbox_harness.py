@@ -2,8 +2,8 @@
 
 argv: payload.json mode uid gid (stdlib only; must stay runnable by any Python >= 3.9)
   mode "ns": we are PID 1 of fresh pid/mount/net/ipc/uts namespaces; mount private read-only tmpfs over the
-  world-writable directories, make the interpreter's files reachable for the unprivileged uid, work in a
-  private size-limited tmpfs directory (TMPDIR points there).
+  world-writable directories (a writable one on /dev/shm), make the interpreter's files reachable for the
+  unprivileged uid, work in a private size-limited tmpfs directory (TMPDIR points there).
   mode "plain": no namespaces; work in the directory the payload names.
 stdin carries the nonce (one line) and is then replaced by /dev/null. We fork: the child sets the rlimits,
 drops to ``uid``/``gid`` and runs the candidate; it proves it reached the end with a token of its own on a
@@ -16,6 +16,7 @@ import os
 import resource
 import sys
 import traceback
+import types
 
 # modules that solutions commonly import, loaded while the interpreter's files are surely readable (in "plain"
 # mode an unprivileged uid may not be able to open the interpreter's library directory later)
@@ -37,14 +38,17 @@ def _mount(libc, source, target, fstype, flags, data):
 def _setup_namespace(uid, gid, work_mb, fallback_workdir):
     """Private mounts inside the new mount namespace; every step degrades gracefully if mounting fails."""
     libc = ctypes.CDLL(None, use_errno=True)
-    # world-writable places become private and empty (and read-only once the work dir exists)
+    # world-writable places become private and empty (and read-only once the work dir exists); /dev/shm stays
+    # writable, as multiprocessing's locks and queues need it (POSIX semaphores live there)
     private = []
     for d in ("/tmp", "/var/tmp", "/dev/shm", "/run/lock", "/var/lock"):
         if os.path.isdir(d) and not os.path.islink(d):
             try:
-                size = work_mb if d == "/tmp" else 1
-                _mount(libc, "tmpfs", d, "tmpfs", MS_NOSUID | MS_NODEV, f"size={size}m,mode=0755")
-                private.append(d)
+                size = work_mb if d in ("/tmp", "/dev/shm") else 1
+                mode = "1777" if d == "/dev/shm" else "0755"
+                _mount(libc, "tmpfs", d, "tmpfs", MS_NOSUID | MS_NODEV, f"size={size}m,mode={mode}")
+                if d != "/dev/shm":
+                    private.append(d)
             except OSError:
                 pass
     if "/tmp" in private:
@@ -156,7 +160,11 @@ def _run_candidate(payload, uid, gid, report_fd, token):
     _drop_privileges(uid, gid)
     os.environ["HOME"] = os.environ["TMPDIR"] = os.getcwd()
     sys.argv = ["solution.py"]
-    namespace = {"__name__": "__main__", "__builtins__": __builtins__}
+    # the program is the real __main__ module, so pickle (and multiprocessing) can find what it defines
+    main_module = types.ModuleType("__main__")
+    main_module.__builtins__ = __builtins__
+    sys.modules["__main__"] = main_module
+    namespace = main_module.__dict__
     code, setup, tests = payload["code"], payload["setup"], payload["tests"]
     exec(compile(code, "solution.py", "exec"), namespace)
     if setup.strip():

@@ -11,12 +11,13 @@ forces the fallback):
     ``unshare --pid --fork --kill-child --mount --mount-proc --net --ipc --uts``: the harness is PID 1 of a
     new PID namespace, so when it ends (or we SIGKILL ``unshare`` on timeout) the kernel kills every
     process of the run, including double-forked ``setsid`` daemons. No network (empty net namespace,
-    loopback down). /tmp, /var/tmp, /dev/shm and /run/lock are replaced by private, empty, read-only tmpfs
-    mounts; the code runs in a fresh size-limited tmpfs work directory (also ``TMPDIR``) that vanishes with
-    the namespace. As root the code runs under an unprivileged uid/gid (a per-run id, so parallel runs cannot
-    signal or touch each other; ``nobody`` if that id cannot be used): it cannot write or delete files
-    outside its directory, nor signal the harness. (Through a user namespace, i.e. when we are not root, the
-    id cannot change and the code can write wherever our own user can, outside the private mounts.)
+    loopback down). /tmp, /var/tmp and /run/lock are replaced by private, empty, read-only tmpfs mounts, /dev/shm
+    by a private, empty, writable one (size-limited; multiprocessing needs it); the code runs in a fresh
+    size-limited tmpfs work directory (also ``TMPDIR``) that vanishes with the namespace. As root the code runs
+    under an unprivileged uid/gid (a per-run id, so parallel runs cannot signal or touch each other; ``nobody``
+    if that id cannot be used): it cannot write or delete files outside its directory, nor signal the harness.
+    (Through a user namespace, i.e. when we are not root, the id cannot change and the code can write wherever
+    our own user can, outside the private mounts.)
 ``"plain"`` (fallback when namespaces are unavailable, e.g. a container without CAP_SYS_ADMIN)
     The child runs in its own session in a fresh temporary directory (deleted afterwards). As root it still
     drops to the unprivileged uid, so files outside the directory stay safe except in world-writable places
