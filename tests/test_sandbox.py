@@ -88,6 +88,13 @@ def test_multiprocessing_and_pickle(mode):
     assert r.passed, r.stderr
 
 
+def test_replaced_builtins_do_not_skip_the_asserts(mode):
+    wrong = "def add(a, b):\n    return 0\n"
+    for patch in ("builtins.exec = lambda *a, **k: None", "builtins.enumerate = lambda *a: iter(())"):
+        r = run_program(wrong + "import builtins\n" + patch + "\n", TESTS, timeout=TIMEOUT)
+        assert not r.passed and "AssertionError" in r.stderr, (patch, r)
+
+
 def _hostile(tmp_victim: str, escape_path: str, port: int) -> dict[str, str]:
     ok = GOOD
     return {

@@ -165,14 +165,16 @@ def _run_candidate(payload, uid, gid, report_fd, token):
     main_module.__builtins__ = __builtins__
     sys.modules["__main__"] = main_module
     namespace = main_module.__dict__
+    # bound before the program runs: replacing builtins.exec, compile or enumerate must not skip the asserts
+    run, build, numbered, write = exec, compile, enumerate, os.write
     code, setup, tests = payload["code"], payload["setup"], payload["tests"]
-    exec(compile(code, "solution.py", "exec"), namespace)
+    run(build(code, "solution.py", "exec"), namespace)
     if setup.strip():
-        exec(compile(setup, "test_setup.py", "exec"), namespace)
-    for i, test in enumerate(tests):
-        exec(compile(test, f"test_{i}.py", "exec"), namespace)
+        run(build(setup, "test_setup.py", "exec"), namespace)
+    for i, test in numbered(tests):
+        run(build(test, f"test_{i}.py", "exec"), namespace)
     sys.stdout.flush()
-    os.write(report_fd, token)
+    write(report_fd, token)
 
 
 def main():
