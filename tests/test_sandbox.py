@@ -172,8 +172,8 @@ def test_run_many_keeps_order_and_parallelism():
     assert time.monotonic() - start < 4 * 0.6
 
 
-def test_unprivileged_caller(tmp_path):
-    """As a non-root user: user namespaces when the kernel allows them, else the plain fallback."""
+def _as_nobody(script: str, forced: str):
+    """Run ``script`` (with the project importable) as uid 65534 and return its stdout."""
     import shutil
     import subprocess
 
@@ -184,8 +184,17 @@ def test_unprivileged_caller(tmp_path):
     root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(sandbox.__file__))))
     if not _others_can_read(os.path.join(root, "reflectevo", "data", "sandbox.py")):
         pytest.skip("the project is not readable by other users")
+    env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "REFLECTEVO_SANDBOX": forced, "HOME": "/"}
+    r = subprocess.run(["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", python, "-I", "-c",
+                        f"import sys; sys.path.insert(0, {root!r})\n" + script], capture_output=True, text=True,
+                       timeout=60, env=env, cwd="/")
+    assert r.returncode == 0, r.stderr
+    return r.stdout
+
+
+def test_unprivileged_caller():
+    """As a non-root user: user namespaces when the kernel allows them, else the plain fallback."""
     script = (
-        f"import sys; sys.path.insert(0, {root!r})\n"
         "from reflectevo.data.sandbox import run_program, sandbox_mode\n"
         "good = run_program('def f():\\n    return 1\\n', ['assert f() == 1'], timeout=2)\n"
         "loop = run_program('while True:\\n    pass\\n', [], timeout=1)\n"
@@ -193,13 +202,24 @@ def test_unprivileged_caller(tmp_path):
         " timeout=2)\n"
         "print(sandbox_mode(), good.passed, loop.status, daemon.passed)\n")
     for forced in ("", "plain"):
-        env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "REFLECTEVO_SANDBOX": forced, "HOME": "/"}
-        r = subprocess.run(["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", python, "-I", "-c",
-                            script], capture_output=True, text=True, timeout=60, env=env, cwd="/")
-        assert r.returncode == 0, r.stderr
-        mode, good, loop, daemon = r.stdout.split()
+        mode, good, loop, daemon = _as_nobody(script, forced).split()
         assert (good, loop, daemon) == ("True", "timeout", "False")
         if forced:
             assert mode == "plain"
     time.sleep(0.1)
     assert leftover_processes() == []
+
+
+def test_unprivileged_caller_with_many_threads():
+    """RLIMIT_NPROC counts every thread of the user: a caller's own threads must not stop the program's."""
+    script = (
+        "import threading\nfrom reflectevo.data.sandbox import run_program\n"
+        "stop = threading.Event()\nidle = [threading.Thread(target=stop.wait) for _ in range(100)]\n"
+        "for t in idle:\n    t.start()\n"
+        "code = 'import threading\\ndef f():\\n    out = []\\n'"
+        " '    t = threading.Thread(target=out.append, args=(1,))\\n'"
+        " '    t.start()\\n    t.join()\\n    return out[0]\\n'\n"
+        "r = run_program(code, ['assert f() == 1'], timeout=2)\nstop.set()\nprint(r.passed, r.stderr[-200:])\n")
+    for forced in ("", "plain"):
+        out = _as_nobody(script, forced)
+        assert out.startswith("True"), (forced, out)

@@ -33,8 +33,9 @@ with ``-I -S`` (standard library only, no site-packages; in "plain" mode as root
 cannot read our interpreter's standard library, e.g. a pyenv under /root, a system ``python3`` it can read is
 used). Hard wall-clock timeout for the whole run (default 5 s); rlimits on address space (``memory_mb``), CPU
 seconds, file size (so a stdout flood is cut off), number of processes (enforced per uid, hence the per-run
-uid), no core dumps; stdin is /dev/null; stdout/stderr are captured to files and truncated to ``max_output``
-bytes. ``run_many`` verifies candidates in parallel with a thread pool launching one subprocess each.
+uid; in "plain" mode without root, where the code keeps our uid, the limit is added to the threads our user
+already runs), no core dumps; stdin is /dev/null; stdout/stderr are captured to files and truncated to
+``max_output`` bytes. ``run_many`` verifies candidates in parallel with a thread pool launching one subprocess each.
 """
 from __future__ import annotations
 
@@ -140,6 +141,22 @@ def _run_uid() -> tuple[int, int]:
         n = next(_uid_counter)
     uid = 1_900_000_000 + (os.getpid() % 100_000) * 1000 + n % 1000
     return uid, uid
+
+
+def _tasks_of_our_user() -> int:
+    """Threads of all processes whose real uid is ours (what RLIMIT_NPROC counts against the limit)."""
+    uid, count = os.getuid(), 0
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/status") as f:
+                fields = dict(line.split(":", 1) for line in f if ":" in line)
+            if int(fields["Uid"].split()[0]) == uid:
+                count += int(fields["Threads"])
+        except (OSError, KeyError, ValueError, IndexError):
+            continue
+    return count
 
 
 def _proc_table() -> dict[int, tuple[int, bool]]:
@@ -267,6 +284,8 @@ def run_program(code: str, test_list: list[str] | tuple[str, ...] = (), test_set
     if os.geteuid() == 0:
         os.chown(workdir, uid, gid)
     done_r, done_w = os.pipe()
+    if mode == "plain" and os.geteuid() != 0:
+        max_procs += _tasks_of_our_user()  # the program keeps our uid: our own threads count against its limit
     limits = {"RLIMIT_AS": memory_mb << 20, "RLIMIT_CPU": int(timeout) + 1, "RLIMIT_FSIZE": max_file_mb << 20,
               "RLIMIT_NPROC": max_procs, "RLIMIT_CORE": 0}
     payload = {"code": code or "", "setup": test_setup_code or "", "tests": list(test_list), "done_fd": done_w,
