@@ -359,7 +359,8 @@ def _as_kwargs(program) -> dict:
 
 
 def run_many(programs, workers: int | None = None, **kwargs) -> list[SandboxResult]:
-    """Run many candidates in parallel (a thread pool launching one sandboxed subprocess each).
+    """Run many candidates in parallel (a thread pool launching one sandboxed subprocess each; by default one
+    worker per usable CPU core, at most 8).
 
     ``programs``: items that are dicts with ``code``, ``test_list`` [, ``test_setup_code``], or tuples
     ``(code, test_list[, test_setup_code])``, or bare code strings. ``kwargs`` go to :func:`run_program`.
@@ -368,7 +369,8 @@ def run_many(programs, workers: int | None = None, **kwargs) -> list[SandboxResu
     programs = list(programs)
     if not programs:
         return []
-    workers = workers or min(8, max(1, (os.cpu_count() or 1) * 2))
+    # one program per usable core: the timeout is wall-clock, so programs sharing a core could time out
+    workers = workers or min(8, len(os.sched_getaffinity(0)))
     sandbox_mode()  # probe once before the threads start
     with ThreadPoolExecutor(max_workers=workers) as pool:
         return list(pool.map(lambda p: run_program(**_as_kwargs(p), **kwargs), programs))
