@@ -270,13 +270,19 @@ def make_example(key, where, prompt, responses, max_length, prompt_budget, bos_i
 
 
 def example_keys(records_with_lines) -> list[str]:
-    seen: dict[str, int] = {}
+    """One key per record: its id, and "id#k" for the k-th repeat (k raised past any id spelled that way)."""
+    used: set[str] = set()
+    repeats: dict[str, int] = {}
     keys = []
     for _, rec in records_with_lines:
         base = str(rec.get("id", "")) or "_"
-        k = seen.get(base, 0)
-        seen[base] = k + 1
-        keys.append(base if k == 0 else f"{base}#{k}")
+        key, k = base, repeats.get(base, 0)
+        while key in used:
+            k += 1
+            key = f"{base}#{k}"
+        repeats[base] = k
+        used.add(key)
+        keys.append(key)
     return keys
 
 
