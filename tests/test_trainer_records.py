@@ -5,7 +5,7 @@ import torch
 
 from reflectevo.trainer.data import example_keys, tokenize_records
 from reflectevo.trainer.dpo import compute_reference
-from test_trainer import cfg, d_pm, tiny_model, tiny_tokenizer
+from test_trainer import cfg, d_plus, d_pm, tiny_model, tiny_tokenizer
 
 
 def test_keys_stay_unique_when_an_id_looks_like_a_repeat():
@@ -24,3 +24,18 @@ def test_reference_cache_keeps_one_entry_per_pair_with_look_alike_ids():
     assert len(ref) == 3
     alone = compute_reference(tiny_model(), exs[1:2], cfg(max_length=128), tok.pad_token_id, use_adapters=False)
     assert torch.allclose(torch.tensor(ref[exs[1].key]), torch.tensor(alone[exs[1].key]), atol=1e-5)
+
+
+def test_list_of_reflections_trains_on_the_one_trial_2_was_answered_with():
+    from reflectevo.data.curate import _reflection
+
+    tok = tiny_tokenizer()
+    rec = d_plus(1)[0]
+    old, new = "reflection : alpha beta gamma", "reflection : delta epsilon zeta"
+    rec["reflections"] = [old, new, " "]       # accumulated reflections, the latest last (and an empty tail)
+    assert _reflection({"reflections": [old, new]}) == new    # curation's reading of the same field
+    for mode, start in (("reflect", new), ("one-stage", new + "\n\n")):
+        ex = tokenize_records([(1, rec)], tok, cfg(mode=mode), False, "f")[0][0]
+        assert tok.decode(ex.responses[0], skip_special_tokens=True).startswith(tok.decode(
+            tok.encode(start, add_special_tokens=False)))
+        assert "alpha" not in tok.decode(ex.responses[0])

@@ -7,7 +7,8 @@ Prompts and targets per setting (docs/paper.md), taken from the official fields:
     correct    prompt = reason_prompt[1]          response = second_trial_reasoning*
     dpo        prompt = reflection_prompt         chosen / rejected = reflection_chosen / reflection_rejected
 
-(``reflections`` may be a string or a list: the first entry is used.) A record without a stored prompt gets one
+(``reflections`` may be a string or a list: its last non-empty entry is used, the reflection that trial 2 was
+answered with, as in :mod:`reflectevo.data.curate`.) A record without a stored prompt gets one
 from :mod:`reflectevo.data.prompts` when that module offers it, else a TrainError names the record. A stored
 trial-2 prompt that already contains the trial-2 answer (a defect of the official code, paper.md defect 2) has
 that text removed so the model never sees its own target. * A trial transcript used as a target loses the
@@ -86,7 +87,7 @@ def _field(record: dict, name: str, where: str, why: str):
 
 def _text(value, name: str, where: str) -> str:
     if isinstance(value, list):
-        value = next((v for v in value if isinstance(v, str) and v.strip()), None)
+        value = next((v for v in reversed(value) if isinstance(v, str) and v.strip()), None)
     if not isinstance(value, str) or not value.strip():
         raise TrainError(f"{where}: field {name!r} is empty or not text")
     return value
@@ -112,7 +113,7 @@ def _built_prompt(kind: str, record: dict, where: str, stored_names: tuple) -> s
             return prompts.test_time_reflection_prompt(record)
         if kind == "trial2" and prompts is not None and hasattr(prompts, "DEFAULT") and record.get("task"):
             reflection = record.get("reflections") or record.get("reflection_chosen") or ""
-            reflection = reflection[0] if isinstance(reflection, list) and reflection else reflection
+            reflection = _text(reflection, "reflections", where) if isinstance(reflection, list) else reflection
             return prompts.DEFAULT.trial2_prompt(record["task"], record, str(reflection),
                                                  record["first_trial_reasoning"])
     except Exception as e:  # the builder needs fields the record lacks
