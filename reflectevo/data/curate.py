@@ -11,11 +11,11 @@ last element of its ``reflections``.
   ``id, question, answer, first_trial_reasoning, first_trial_answer, second_trial_reasoning,
   second_trial_answer, reflections`` (the reflection text), ``reason_prompt`` ([trial-1 prompt, trial-2
   prompt]), ``reflect_prompt`` (the prompt the reflection was sampled with).
-* D± (``d_pm``): every (correct, wrong) pair of trial 2s of the same question: chosen = the reflection whose
-  trial 2 is correct, rejected = one whose trial 2 is still wrong.
-* Dpref (``d_pref``): every pair of reflections whose trial 2s are both correct, ordered by ``judge`` (or by
-  :func:`heuristic_preference` when no judge is given); pairs the judge declines (returns neither 0 nor 1)
-  are dropped.
+* D± (``d_pm``): every (correct, wrong) pair of distinct reflections of the same question: chosen = the
+  reflection whose trial 2 is correct, rejected = one whose trial 2 is still wrong.
+* Dpref (``d_pref``): every pair of distinct reflections whose trial 2s are both correct, ordered by ``judge``
+  (or by :func:`heuristic_preference` when no judge is given); pairs the judge declines (returns neither 0
+  nor 1) are dropped.
   Both pair sets use ``id, question, answer, first_trial_reasoning, first_trial_answer,
   second_trial_reasoning_{chosen,rejected}, second_trial_answer_{chosen,rejected},
   reflection_{chosen,rejected}, reason_prompt`` (trial-1 prompt) and ``reflection_prompt``: by default
@@ -153,6 +153,16 @@ def _check_record(rec: dict, where: str) -> None:
                 raise DataError(f"{where}: output[{i}] missing field {f!r}")
 
 
+def _distinct(trials: list[tuple]) -> list[tuple]:
+    """The (reflection, output) pairs with each reflection text kept once (its first trial 2)."""
+    seen, kept = set(), []
+    for refl, out in trials:
+        if refl not in seen:
+            seen.add(refl)
+            kept.append((refl, out))
+    return kept
+
+
 def _curate_one(rec: dict, judge: Judge | None, prompts: Prompts, pair_prompt: str) -> dict[str, list]:
     outputs = rec["output"]
     first = outputs[0]
@@ -169,13 +179,9 @@ def _curate_one(rec: dict, judge: Judge | None, prompts: Prompts, pair_prompt: s
     base = {"id": rec["id"], "question": rec["question"], "answer": rec["answer"],
             "first_trial_reasoning": _reasoning(first), "first_trial_answer": first["generated_answer"]}
     first_prompt = _field(first, "reason_prompt", default="") or ""
-    correct = [(r, o) for r, o in seconds if bool(o["is_correct"])]
-    wrong = [(r, o) for r, o in seconds if not bool(o["is_correct"])]
-    seen = set()
+    correct = _distinct([(r, o) for r, o in seconds if bool(o["is_correct"])])
+    wrong = _distinct([(r, o) for r, o in seconds if not bool(o["is_correct"])])
     for refl, out in correct:
-        if refl in seen:
-            continue
-        seen.add(refl)
         result["d_plus"].append({**base, "second_trial_reasoning": _reasoning(out),
                                  "second_trial_answer": out["generated_answer"], "reflections": refl,
                                  "reason_prompt": [first_prompt, _field(out, "reason_prompt", default="") or ""],
