@@ -78,31 +78,11 @@ def _split_items(args):
     return task, train, held
 
 
-def _curate_train(raw: Path, train: list[dict], cur: Path) -> dict:
-    """Curate the records of this run's training questions only: a raw.jsonl resumed from a run with other
-    options (a larger --n-train) holds more, some of them this run's held-out questions."""
-    from reflectevo.data.curate import curate_records
-    from reflectevo.data.jsonl import iter_jsonl, write_jsonl_atomic
-
-    wanted = {repr(it["id"]) for it in train}
-
-    def records():
-        for line_no, rec in iter_jsonl(raw):
-            if repr(rec.get("id")) in wanted:
-                rec["__where__"] = f"{raw}:{line_no}"
-                yield rec
-
-    sets, counts = curate_records(records(), eval_fraction=0.0, source=str(raw))
-    cur.mkdir(parents=True, exist_ok=True)
-    for name, rows in sets.items():
-        write_jsonl_atomic(cur / f"{name}.jsonl", rows)
-    return counts
-
-
 def run_demo(args) -> dict:
     import torch
 
     from reflectevo.cli_loop import build_engines, check_engine_options, check_out_path, default_device
+    from reflectevo.data.curate import curate_file
     from reflectevo.data.eval_run import run_eval, write_json_atomic
     from reflectevo.data.evaluate import format_table
     from reflectevo.data.jsonl import read_jsonl
@@ -144,7 +124,9 @@ def run_demo(args) -> dict:
 
     # 2. curate
     cur = out / "curated"
-    counts = _curate_train(raw, train, cur)
+    # only this run's training questions: a raw.jsonl resumed from a run with a larger --n-train holds more,
+    # some of them this run's held-out questions
+    counts = curate_file(raw, cur, eval_fraction=0.0, ids=[it["id"] for it in train])
     log(f"[3/6] curate: trial 1 wrong on {counts['trial1_wrong']}/{counts['records']} questions -> "
         f"D+ {counts['d_plus']}, D± {counts['d_pm']}, Dpref {counts['d_pref']} ({cur}/)")
 

@@ -2,8 +2,9 @@
 import argparse
 import json
 
+from reflectevo.data.curate import curate_file
 from reflectevo.data.jsonl import read_jsonl
-from reflectevo.demo import _curate_train, _split_items, add_demo_options
+from reflectevo.demo import _split_items, add_demo_options
 
 
 def _demo_split(n_train, n_eval):
@@ -28,7 +29,7 @@ def test_rerun_with_fewer_train_questions_does_not_train_on_held_out_ones(tmp_pa
     _, train, held = _demo_split(2, 2)
     assert {it["id"] for it in held} <= {it["id"] for it in earlier_train}  # what the rerun holds out was trained on
 
-    counts = _curate_train(raw, train, tmp_path / "curated")
+    counts = curate_file(raw, tmp_path / "curated", eval_fraction=0.0, ids=[it["id"] for it in train])  # as the demo
     d_plus_ids = [r["id"] for r in read_jsonl(tmp_path / "curated" / "d_plus.jsonl")]
     assert d_plus_ids == [it["id"] for it in train] and counts["records"] == len(train)
     assert len(read_jsonl(raw)) == len(earlier_train)  # the earlier records stay in raw.jsonl

@@ -249,12 +249,16 @@ def curate_records(records: Iterable[dict], eval_fraction: float = 0.1, judge: J
 
 
 def curate_file(raw_path, out_dir, eval_fraction: float = 0.1, judge: Judge | None = None,
-                prompts: Prompts | None = None, pair_prompt: str = "test") -> dict[str, int]:
-    """Curate a raw JSONL file into ``out_dir`` (see module docstring for the file names); returns counts."""
+                prompts: Prompts | None = None, pair_prompt: str = "test", ids=None) -> dict[str, int]:
+    """Curate a raw JSONL file into ``out_dir`` (see module docstring for the file names); returns counts.
+    ``ids``: curate only the records with these ids (others in the file are left out)."""
+    wanted = None if ids is None else {repr(i) for i in ids}
+
     def records():
         for line_no, rec in iter_jsonl(raw_path):
-            rec["__where__"] = f"{raw_path}:{line_no}"
-            yield rec
+            if wanted is None or repr(rec.get("id")) in wanted:
+                rec["__where__"] = f"{raw_path}:{line_no}"
+                yield rec
 
     sets, counts = curate_records(records(), eval_fraction, judge, prompts, pair_prompt, source=str(raw_path))
     out = Path(out_dir)
