@@ -75,12 +75,11 @@ def _per_packing(kind: str, seq_ids: torch.Tensor, compute):
     """``compute(seq_ids)``, computed once per seq_ids tensor (and in-place version) rather than once per layer:
     every layer of a forward (and of its checkpointed recompute) gets the same tensor, and each computation copies
     to the host, which on a GPU waits for all queued work and stops the host from running ahead of it."""
-    key = (kind, id(seq_ids), seq_ids._version)
     hit = _PACKING_MEMO.get(kind)
-    if hit is not None and hit[0] == key and hit[1] is seq_ids:
+    if hit is not None and hit[0] is seq_ids and hit[1] == seq_ids._version:
         return hit[2]
     value = compute(seq_ids)
-    _PACKING_MEMO[kind] = (key, seq_ids, value)
+    _PACKING_MEMO[kind] = (seq_ids, seq_ids._version, value)
     return value
 
 
