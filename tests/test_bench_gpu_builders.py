@@ -35,10 +35,18 @@ def test_train_bench_builders_take_sft_and_dpo_steps(tiny_llama):
 
 @pytest.mark.parametrize("quantize", [None, "nf4"])
 def test_sampler_decode_floor_runs_both_stacks(quantize):
+    shape = {"model": "tiny", "num_prompts": 3, "prefix_tokens": 32, "suffix_tokens": 6, "n": 2, "max_tokens": 5}
     row = sampler.decode_floor("cpu", quantize, batch=3, prompt_tokens=24, max_tokens=4,
-                               config=dict(sampler.LLAMA3_8B, **TINY))
+                               config=dict(sampler.LLAMA3_8B, **TINY), shape=shape, kv_cache_gib=0.01)
     assert row["quantize"] == (quantize or "bf16") and row["decode_step_ms"] > 0 and row["hf_decode_step_ms"] > 0
     assert 0 < row["fraction_of_floor"] and row["weight_bytes"] > 0
+    assert row["ours"]["generated_tokens"] == row["hf"]["generated_tokens"] == 3 * 2 * 5
+    assert row["rows"] == 6 and row["speedup"] > 0
+    # the shared 32-token prefix is computed once on our side, once per row (n x prompts) on transformers'
+    assert row["ours"]["prefill_tokens_computed"] < row["hf"]["prefill_tokens_computed"]
+    table = sampler.format_table({"env": {"device": "cpu"}, "reflectevo_shape": {"error": "no model"},
+                                  "llama3_8b_decode": [row, {"quantize": "nf4", "error": "boom"}]})
+    assert "tiny" in table and "FAILED: boom" in table and "FAILED (no model)" in table
 
 
 def test_nf4_bench_reads_the_fused_autotuners():
@@ -50,3 +58,21 @@ def test_nf4_bench_reads_the_fused_autotuners():
     assert set(tuned) == {False, True}
     names = [nf4_kernels._tile_name(c) for c in tuned[False].configs]
     assert names and all(n.count("x") == 2 and " w" in n and " s" in n for n in names)
+
+
+def test_train_bench_llama8b_run_end_to_end_and_keeps_our_rows_when_the_reference_fails(tiny_llama, monkeypatch):
+    """The CUDA flow of `bench train` (one stack at a time, total peaks, table) at the tiny shape on the CPU."""
+    res = train.run("cpu", quick=True, llama8b=True, seq=192)
+    r = res["results"]
+    assert res["seq"] == 192 and res["pairs"] == 1 and "bitsandbytes" in res["reference_stack"]
+    assert {"ours_sft", "ours_dpo", "ours_dpo_onthefly", "ref_sft", "ref_dpo"} <= set(r)
+    assert r["speedup_sft"] > 0 and r["ours_dpo"]["peak_extra_bytes"] is not None
+    assert "Speed-up" in train.format_table(res)
+
+    def broken(device):
+        raise RuntimeError("no bitsandbytes CUDA")
+
+    monkeypatch.setattr(train, "_llama8b_hf", broken)
+    res = train.run("cpu", quick=True, llama8b=True, seq=192)
+    assert "no bitsandbytes CUDA" in res["results"]["ref_error"] and "ours_dpo" in res["results"]
+    assert "Reference stack FAILED" in train.format_table(res)

@@ -174,6 +174,14 @@ class Reference:
 # ------------------------------------------------------------------------------------------------------------
 # models
 # ------------------------------------------------------------------------------------------------------------
+def _free(device):
+    import gc
+
+    gc.collect()
+    if torch.device(device).type == "cuda":
+        torch.cuda.empty_cache()
+
+
 def _cpu_models(source):
     from reflectevo.bench.sampler import hf_twin
     from reflectevo.model import load_model
@@ -258,13 +266,15 @@ def _peak(fn, device) -> int:
     return cpu_peak_extra_bytes(fn)
 
 
-def _bench_pair(ours_factory, ref_factory, pairs, seq, device, sft_seqs, warmup, repeats, r, memory_only=False):
+def _bench_pair(ours_factory, ref_factory, pairs, seq, device, sft_seqs, warmup, repeats, r, memory_only=False,
+                separate=False):
     """Build both stacks, time their steps interleaved; CUDA builds one stack at a time (memory)."""
     cuda = torch.device(device).type == "cuda"
+    separate = cuda or separate
     sft_tokens = sum(len(pairs[i % len(pairs)][0]) + len(pairs[i % len(pairs)][1]) for i in range(sft_seqs))
     dpo_tokens = sum(2 * len(p) + len(c) + len(rj) for p, c, rj in pairs)
-    rows = {}
-    if not cuda:
+    rows, totals = {}, {}
+    if not separate:
         model, hf = ours_factory(), ref_factory()
         ours = Ours(model, pairs, seq, r, device, sft_seqs)
         ref = Reference(hf, pairs, r, device, sft_seqs)
@@ -277,25 +287,37 @@ def _bench_pair(ours_factory, ref_factory, pairs, seq, device, sft_seqs, warmup,
         timed = _time_interleaved(fns, device, warmup, repeats)
         peaks = {k: None for k in fns}
         ref_s = ours.ref_seconds
-    else:  # pragma: no cover - CUDA only
+    else:  # one stack at a time (memory); the step's total peak is what a smaller card must hold
         timed, peaks = {}, {}
+
+        def measure(fns):
+            timed.update(_time_interleaved(fns, device, warmup, repeats))
+            for k, f in fns.items():
+                peaks[k] = _peak(f, device)
+                totals[k] = torch.cuda.max_memory_allocated(device) if cuda else None
+                print(f"[bench train] {k}: median {timed[k]['median_s']:.3f} s, peak extra "
+                      f"{peaks[k] / 2**30:.2f} GiB, total {(totals[k] or 0) / 2**30:.2f} GiB", flush=True)
+
         model = ours_factory()
         ours = Ours(model, pairs, seq, r, device, sft_seqs)
         ref_s = ours.ref_seconds
-        fns = {"ours_sft": ours.sft, "ours_dpo": ours.dpo, "ours_dpo_onthefly": lambda: ours.dpo(True)}
-        timed.update(_time_interleaved(fns, device, warmup, repeats))
-        peaks.update({k: _peak(f, device) for k, f in fns.items()})
-        del ours, model, fns
-        torch.cuda.empty_cache()
-        ref = Reference(ref_factory(), pairs, r, device, sft_seqs)
-        fns = {"ref_sft": ref.sft, "ref_dpo": ref.dpo}
-        timed.update(_time_interleaved(fns, device, warmup, repeats))
-        peaks.update({k: _peak(f, device) for k, f in fns.items()})
-        del ref, fns
-        torch.cuda.empty_cache()
+        measure({"ours_sft": ours.sft, "ours_dpo": ours.dpo, "ours_dpo_onthefly": lambda: ours.dpo(True)})
+        del ours, model
+        _free(device)
+        try:
+            ref = Reference(ref_factory(), pairs, r, device, sft_seqs)
+            measure({"ref_sft": ref.sft, "ref_dpo": ref.dpo})
+            del ref
+        except Exception as e:  # noqa: BLE001 - keep our rows when the reference stack fails
+            rows["ref_error"] = f"{type(e).__name__}: {e}"
+        _free(device)
     for name, t in timed.items():
         tokens = sft_tokens if name.endswith("sft") else dpo_tokens
         rows[name] = {**t, "tokens": tokens, "tokens_per_s": tokens / t["median_s"], "peak_extra_bytes": peaks[name]}
+        rows[name]["peak_total_bytes"] = totals.get(name)
+    if "ref_error" in rows:
+        rows["ours_reference_pass_s"] = ref_s
+        return rows
     rows["speedup_sft"] = rows["ref_sft"]["median_s"] / rows["ours_sft"]["median_s"]
     rows["speedup_dpo_cached_ref"] = rows["ref_dpo"]["median_s"] / rows["ours_dpo"]["median_s"]
     rows["speedup_dpo_ref_on_the_fly"] = rows["ref_dpo"]["median_s"] / rows["ours_dpo_onthefly"]["median_s"]
@@ -319,10 +341,12 @@ def _cpu_memory_subprocess(quick: bool) -> dict | None:
 
 
 def run(device="cpu", quick=False, warmup=1, repeats=2, source="smollm2-135m", memory=True,
-        memory_only=False) -> dict:
+        memory_only=False, llama8b: bool | None = None, seq: int | None = None) -> dict:
+    """CPU: ``source`` in fp32, both stacks side by side. CUDA (or ``llama8b=True``): Llama-3-8B shapes, QLoRA."""
     device = str(device)
-    cuda = torch.device(device).type == "cuda"
-    if cuda:  # pragma: no cover
+    cuda, seq_override = torch.device(device).type == "cuda", seq
+    llama8b = cuda if llama8b is None else llama8b
+    if llama8b:
         seq, n_pairs, sft_seqs, r = 2048, 1, 2, 16
         from reflectevo.bench.sampler import LLAMA3_8B
         vocab, ours_f, ref_f = LLAMA3_8B["vocab_size"], lambda: _llama8b_ours(device), lambda: _llama8b_hf(device)
@@ -344,18 +368,20 @@ def run(device="cpu", quick=False, warmup=1, repeats=2, source="smollm2-135m", m
         model_name = f"{source} (fp32)"
     if quick:
         warmup, repeats = 1, 1
+    seq = seq_override if seq_override else seq
     torch.manual_seed(0)
     pairs = make_pairs(vocab, n_pairs, seq)
-    rows = _bench_pair(ours_f, ref_f, pairs, seq, device, sft_seqs, warmup, repeats, r, memory_only=memory_only)
+    rows = _bench_pair(ours_f, ref_f, pairs, seq, device, sft_seqs, warmup, repeats, r, memory_only=memory_only,
+                       separate=llama8b)
     if memory_only:
         return rows
-    if not cuda and memory:
+    if not llama8b and memory:
         peaks = _cpu_memory_subprocess(quick)
         for k, v in (peaks or {}).items():
             rows[k]["peak_extra_bytes"] = v
     return {"env": env_info(device), "model": model_name, "lora_r": r, "seq": seq, "pairs": n_pairs,
             "sft_sequences": sft_seqs, "warmup": warmup, "repeats": repeats, "results": rows,
-            "reference_stack": "transformers + peft" + (" + bitsandbytes 4-bit" if cuda else "") +
+            "reference_stack": "transformers + peft" + (" + bitsandbytes 4-bit" if llama8b else "") +
                                " (DPO step by hand: full logits, log_softmax, gather, sigmoid loss)"}
 
 
@@ -367,20 +393,28 @@ def format_table(res: dict) -> str:
              f"(after {res['warmup']} warm-up); device {res['env']['device']}, torch threads "
              f"{res['env']['torch_threads']}",
              "",
-             "| step | stack | tokens | median s | tokens/s | peak extra MiB | first loss |",
-             "|---|---|---:|---:|---:|---:|---:|"]
+             "| step | stack | tokens | median s | tokens/s | peak extra MiB | peak total MiB | first loss |",
+             "|---|---|---:|---:|---:|---:|---:|---:|"]
     names = [("ours_sft", "SFT", "reflectevo"), ("ref_sft", "SFT", "transformers+peft"),
              ("ours_dpo", "DPO", "reflectevo (cached ref)"), ("ours_dpo_onthefly", "DPO", "reflectevo (ref on the fly)"),
              ("ref_dpo", "DPO", "transformers+peft (ref per step)")]
+
+    def mib(x):
+        return "n/a" if x is None else f"{x / 2**20:,.0f}"
+
     for key, step, stack in names:
+        if key not in r:
+            continue
         x = r[key]
-        mem = "n/a" if x["peak_extra_bytes"] is None else f"{x['peak_extra_bytes'] / 2**20:,.0f}"
         lines.append(f"| {step} | {stack} | {x['tokens']} | {x['median_s']:.3f} | {x['tokens_per_s']:,.0f} | "
-                     f"{mem} | {x['first_loss']:.4f} |")
-    lines += ["", f"Speed-up (reference time / ours): SFT {r['speedup_sft']:.2f}x, DPO with cached reference "
-                  f"{r['speedup_dpo_cached_ref']:.2f}x, DPO with reference on the fly "
-                  f"{r['speedup_dpo_ref_on_the_fly']:.2f}x. Our one-off reference pass over the pairs: "
-                  f"{r['ours_reference_pass_s']:.2f} s."]
+                     f"{mib(x['peak_extra_bytes'])} | {mib(x.get('peak_total_bytes'))} | {x['first_loss']:.4f} |")
+    if "ref_error" in r:
+        lines += ["", f"Reference stack FAILED: {r['ref_error'][:300]}"]
+    else:
+        lines += ["", f"Speed-up (reference time / ours): SFT {r['speedup_sft']:.2f}x, DPO with cached reference "
+                      f"{r['speedup_dpo_cached_ref']:.2f}x, DPO with reference on the fly "
+                      f"{r['speedup_dpo_ref_on_the_fly']:.2f}x."]
+    lines.append(f"Our one-off reference pass over the pairs: {r['ours_reference_pass_s']:.2f} s.")
     return "\n".join(lines)
 
 
