@@ -21,7 +21,7 @@ def _variants():
 
     k = {m: importlib.import_module(f"reflectevo.kernels.{m}")
          for m in ("rmsnorm", "rope", "swiglu", "linear_logprobs", "linear_logprobs_tiles", "nf4", "nf4_matmul",
-                   "paged_attention")}
+                   "nf4_bnb_cuda", "paged_attention")}
     out = []
     # RMSNorm / RoPE / SwiGLU: the training dtypes and the fp64 path the tests check
     for dt, compute, acc in (("bf16", tl.float32, "fp32"), ("fp16", tl.float32, "fp32"), ("fp64", tl.float64, "fp64")):
@@ -77,6 +77,8 @@ def _variants():
                 sig["absmax_ptr"] = "*u8"
             out.append((k["nf4"]._nf4_dequant_kernel, sig, dict(BLOCKSIZE=64, DOUBLE=double, ROWS=64),
                         dict(enable_fp_fusion=False, num_warps=8)))
+    out.append((k["nf4_bnb_cuda"]._rcp_approx_kernel, dict(x_ptr="*fp32", out_ptr="*fp32", n="i32"),
+                dict(BLOCK=1024), {}))
     for blocksize in (32, 4096):  # the extremes of bitsandbytes' block sizes: many rows, one row per program
         out.append((k["nf4"]._nf4_dequant_kernel,
                     dict(nf4_ptrs, absmax_ptr="*u8", out_ptr="*bf16", n="i64", n_bytes="i64"),

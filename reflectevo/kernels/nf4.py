@@ -13,12 +13,15 @@ blocks of 256, each scaled by its own fp32 ``absmax2`` and mapped to the 256-ent
 Memory: 0.5 byte per weight for the nibbles + 1 byte per 64 weights for ``qabsmax`` + 4 bytes per 64*256 weights
 for ``absmax2`` = 0.5159 bytes/parameter, against 2 for bf16 (3.9x less) and 0.5625 without double quantisation.
 
-Rounding of the 8-bit level follows bitsandbytes' CPU kernel, which is what
-``bitsandbytes.functional.quantize_4bit(..., compress_statistics=True)`` returns for CPU tensors: the scaled value
-``v`` goes to the nearest of 65536 grid points ``-1 + 2i/65535`` (``i = floor((v + 1) * 0.5 * 65535 + 0.5)``) and
-each grid point to its nearest code value. bitsandbytes' CUDA kernels search the code directly, so on a GPU their
-bytes may differ from ours in a few 8-bit absmax codes (and in 4-bit values that sit exactly on a threshold).
-Decoding is the same for every layout, so ``nf4_dequantize`` of a bitsandbytes CUDA tensor is exact too.
+Bytes follow bitsandbytes 0.50 on the tensor's device, and the two devices round differently, so a CPU and a CUDA
+quantisation of the same weight can differ in a few codes. CPU (``quantize_4bit``'s torch path,
+bitsandbytes/backends/default/ops.py, and its C++ ``quantize_blockwise``): IEEE ``1 / absmax`` (a division for the
+short last block); the 8-bit level rounds the scaled value ``v`` to the nearest of 65536 grid points
+``-1 + 2i/65535`` (``i = floor((v + 1) * 0.5 * 65535 + 0.5)``) and each grid point to its nearest code value.
+CUDA (``nf4_bnb_cuda``): the fast-math approximate reciprocal of absmax for every block, denormals flushed, and a
+binary search of the 8-bit code. So a 4-bit code can differ between the devices only where the scaled value is
+within an ulp or two of an NF4 threshold, or in an all-zero block (code 0 on CUDA, 7 on the CPU; both decode to 0).
+Decoding is the same for every layout.
 
 The Triton kernel decodes both levels (8-bit absmax and 4-bit values) in one launch.
 """
@@ -29,6 +32,7 @@ import math
 
 import torch
 
+from reflectevo.kernels import nf4_bnb_cuda as bnb_cuda
 from reflectevo.kernels._dispatch import HAS_TRITON, interpreting, use_triton
 
 if HAS_TRITON:
@@ -170,20 +174,26 @@ def nf4_quantize(weight: torch.Tensor, blocksize: int = 64, double_quant: bool =
     if weight.numel() == 0:
         raise ValueError("weight is empty")
     flat = weight.detach().reshape(-1).float()
-    blocks, absmax, full = _blockwise_absmax(flat, blocksize)
-    scaled = (blocks * (1.0 / absmax[: blocks.shape[0]].clamp(min=1e-38))[:, None]).clamp(-1, 1).reshape(-1)
-    if full < flat.numel():
-        tail = (flat[full:] / absmax[-1].clamp(min=1e-38)).clamp(-1, 1)
-        scaled = torch.cat([scaled, tail])
-    if scaled.numel() % 2:
-        scaled = torch.nn.functional.pad(scaled, (0, 1))
-    idx = torch.bucketize(scaled, NF4_BOUNDS.to(flat.device)).to(torch.uint8)
+    cuda_rules = flat.is_cuda
+    if cuda_rules:
+        idx, absmax = bnb_cuda.nf4_indices(flat, blocksize, NF4_BOUNDS.to(flat.device))
+    else:
+        blocks, absmax, full = _blockwise_absmax(flat, blocksize)
+        scaled = (blocks * (1.0 / absmax[: blocks.shape[0]].clamp(min=1e-38))[:, None]).clamp(-1, 1).reshape(-1)
+        if full < flat.numel():
+            tail = (flat[full:] / absmax[-1].clamp(min=1e-38)).clamp(-1, 1)
+            scaled = torch.cat([scaled, tail])
+        if scaled.numel() % 2:
+            scaled = torch.nn.functional.pad(scaled, (0, 1))
+        idx = torch.bucketize(scaled, NF4_BOUNDS.to(flat.device))
+    idx = idx.to(torch.uint8)
     data = (idx[0::2] << 4) | idx[1::2]
     q = NF4Tensor(data=data, absmax=absmax, shape=torch.Size(weight.shape), dtype=weight.dtype, blocksize=blocksize)
     if double_quant:
         offset = absmax.mean()
         code2 = _CODE2.to(flat.device)
-        q.absmax, q.absmax2 = _quantize_8bit_dynamic(absmax - offset, code2, DOUBLE_QUANT_BLOCKSIZE)
+        quantize_8bit = bnb_cuda.quantize_8bit_cuda_rules if cuda_rules else _quantize_8bit_dynamic
+        q.absmax, q.absmax2 = quantize_8bit(absmax - offset, code2, DOUBLE_QUANT_BLOCKSIZE)
         q.code2, q.offset = code2.clone(), offset
     return q
 
