@@ -182,7 +182,7 @@ def _warm_hf(hf, prompts, device):
 
 
 def _hf_step_ms(hf, prompts, max_tokens, device):
-    _warm_hf(hf, prompts, device)
+    time_hf(hf, prompts, 1, 2, device)  # warm-up at the timed batch shape
     t = {}
     for m in (1, max_tokens):
         t[m] = time_hf(hf, prompts, 1, m, device)[0]["seconds"]
@@ -283,7 +283,7 @@ def decode_floor(device, quantize, batch=64, prompt_tokens=512, max_tokens=64, h
             row["speedup"] = row["ours"]["tokens_per_s"] / row["hf"]["tokens_per_s"]
     weight_bytes = _weight_bytes(model, rows=batch)
     warm = Engine(model, _NoTok(), max_num_seqs=batch, kv_cache_gib=kv_cache_gib)
-    warm.generate([step_prompts[0][:8]], SamplingParams(max_tokens=2))
+    warm.generate(step_prompts, SamplingParams(max_tokens=3, ignore_eos=True))  # compiles at the timed shapes
     del warm
     step_ms, step_cpu_ms = _decode_step_ms(model, step_prompts, max_tokens, device, kv_cache_gib)
     cfg = model.config
