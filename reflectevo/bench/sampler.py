@@ -67,7 +67,11 @@ def hf_twin(model):
 
 def time_ours(model, tokenizer, prompts, n, max_tokens, device, **engine_kw):
     engine = Engine(model, tokenizer, **engine_kw)
-    engine.generate([prompts[0][:8]], SamplingParams(max_tokens=2))  # warm-up, cache-cold for the real prompts
+    if torch.device(device).type == "cuda":  # compile, autotune and capture the decode graphs the run will use
+        engine.generate(prompts, SamplingParams(n=n, max_tokens=8, ignore_eos=True))
+        engine.reset_prefix_cache()  # then cache-cold for the timed run
+    else:
+        engine.generate([prompts[0][:8]], SamplingParams(max_tokens=2))  # warm-up, cache-cold for the real prompts
     engine.stats.update(prefill_tokens_computed=0, prefix_cache_hit_tokens=0, preemptions=0)
     _sync(device)
     t0, c0, load0 = time.perf_counter(), time.process_time(), os.getloadavg()[0]
@@ -79,7 +83,13 @@ def time_ours(model, tokenizer, prompts, n, max_tokens, device, **engine_kw):
             "generated_tokens": generated, "tokens_per_s": generated / seconds,
             "prefill_tokens_computed": engine.stats["prefill_tokens_computed"],
             "prefix_cache_hit_tokens": engine.stats["prefix_cache_hit_tokens"],
-            "preemptions": engine.stats["preemptions"], "kv_cache_blocks": engine.num_blocks}, outs
+            "preemptions": engine.stats["preemptions"], "kv_cache_blocks": engine.num_blocks,
+            "cuda_graphs": _graph_state(engine)}, outs
+
+
+def _graph_state(engine) -> dict | None:
+    g = engine.runner.graphs
+    return None if g is None else {"captured_buckets": sorted(g.graphs), "failed": g.failed}
 
 
 def time_hf(hf, prompts, n, max_tokens, device, batch_size=None, pad_id=0):
@@ -220,18 +230,20 @@ class _NoTok:
         return ""
 
 
-def _decode_step_ms(model, prompts, max_tokens, device, kv_cache_gib):
-    """Our decode step at batch len(prompts): (t[max_tokens] - t[1]) / (max_tokens - 1), fresh engines; wall and
-    host CPU milliseconds (CPU close to wall: the step is bound by Python and kernel launches, not the device)."""
+def _decode_step_ms(model, prompts, max_tokens, device, kv_cache_gib, **engine_kw):
+    """Our decode step at batch len(prompts): (t[max_tokens] - t[1]) / (max_tokens - 1) on one warmed-up engine
+    whose prefix cache is emptied before each timed call (no hits); wall and host CPU milliseconds."""
+    eng = Engine(model, _NoTok(), max_num_seqs=len(prompts), kv_cache_gib=kv_cache_gib, **engine_kw)
+    eng.generate(prompts, SamplingParams(max_tokens=3, ignore_eos=True))  # compiles / captures at the timed shapes
     times, cpu = {}, {}
     for m in (1, max_tokens):
-        eng = Engine(model, _NoTok(), max_num_seqs=len(prompts), kv_cache_gib=kv_cache_gib)  # no prefix hits
+        eng.reset_prefix_cache()
         _sync(device)
         t0, c0 = time.perf_counter(), time.process_time()
         eng.generate(prompts, SamplingParams(max_tokens=m, ignore_eos=True))
         _sync(device)
         times[m], cpu[m] = time.perf_counter() - t0, time.process_time() - c0
-        del eng
+    del eng
     return ((times[max_tokens] - times[1]) / (max_tokens - 1) * 1e3,
             (cpu[max_tokens] - cpu[1]) / (max_tokens - 1) * 1e3)
 
@@ -282,10 +294,10 @@ def decode_floor(device, quantize, batch=64, prompt_tokens=512, max_tokens=64, h
             row["greedy_rows_identical"], row["rows"] = sum(a == b for a, b in zip(flat, hf_out)), len(flat)
             row["speedup"] = row["ours"]["tokens_per_s"] / row["hf"]["tokens_per_s"]
     weight_bytes = _weight_bytes(model, rows=batch)
-    warm = Engine(model, _NoTok(), max_num_seqs=batch, kv_cache_gib=kv_cache_gib)
-    warm.generate(step_prompts, SamplingParams(max_tokens=3, ignore_eos=True))  # compiles at the timed shapes
-    del warm
     step_ms, step_cpu_ms = _decode_step_ms(model, step_prompts, max_tokens, device, kv_cache_gib)
+    if torch.device(device).type == "cuda":
+        row["decode_step_ms_eager"] = _decode_step_ms(model, step_prompts, max_tokens, device, kv_cache_gib,
+                                                      cuda_graphs=False)[0]
     cfg = model.config
     kv_token = 2 * cfg.num_layers * cfg.num_kv_heads * cfg.head_dim * 2
     mean_ctx = sum(len(p) for p in step_prompts) / batch + max_tokens / 2
@@ -378,16 +390,18 @@ def format_table(result: dict) -> str:
             lines.append(f"| {d['quantize']} | {o['seconds']:.2f} | {o['tokens_per_s']:.1f} | "
                          f"{o['prefill_tokens_computed']} | {hf_cols} |")
     if rows:
-        lines += ["", "| Llama-3-8B random | batch | decode step ms | host CPU ms per step | floor ms "
-                      "| fraction of floor | transformers step ms |",
-                  "|---|---|---|---|---|---|---|"]
+        lines += ["", "| Llama-3-8B random | batch | decode step ms (CUDA graphs) | without graphs | host CPU ms "
+                      "per step | floor ms | fraction of floor | transformers step ms |",
+                  "|---|---|---|---|---|---|---|---|"]
         for d in rows:
             if "error" in d:
-                lines.append(f"| {d['quantize']} | FAILED: {d['error'][:200]} | | | | | |")
+                lines.append(f"| {d['quantize']} | FAILED: {d['error'][:200]} | | | | | | |")
                 continue
             hf = f"{d['hf_decode_step_ms']:.2f}" if d.get("hf_decode_step_ms") else "-"
             cpu_ms = f"{d['decode_step_cpu_ms']:.2f}" if d.get("decode_step_cpu_ms") is not None else "-"
-            lines.append(f"| {d['quantize']} | {d['batch']} | {d['decode_step_ms']:.2f} | {cpu_ms} | {d['floor_ms']:.2f} | "
+            eager = f"{d['decode_step_ms_eager']:.2f}" if d.get("decode_step_ms_eager") else "-"
+            lines.append(f"| {d['quantize']} | {d['batch']} | {d['decode_step_ms']:.2f} | {eager} | {cpu_ms} | "
+                         f"{d['floor_ms']:.2f} | "
                          f"{d['fraction_of_floor']:.2f} | {hf} |")
     return "\n".join(lines)
 

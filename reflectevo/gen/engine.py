@@ -49,7 +49,7 @@ def available_memory_bytes() -> int | None:
 class Engine:
     def __init__(self, model, tokenizer, *, block_size: int = 16, kv_cache_gib: float | None = None,
                  gpu_memory_utilization: float = 0.85, max_num_seqs: int = 256, max_num_batched_tokens: int = 16384,
-                 max_model_len: int | None = None, progress: bool | None = None):
+                 max_model_len: int | None = None, progress: bool | None = None, cuda_graphs: bool | None = None):
         if block_size < 16 or block_size & (block_size - 1):
             raise ValueError(f"block_size must be a power of two >= 16, got {block_size}")
         if max_num_seqs < 1 or max_num_batched_tokens < 1:
@@ -69,6 +69,8 @@ class Engine:
         if num_blocks < 1:
             raise ValueError(f"KV cache budget holds no block of {per_block} bytes; raise kv_cache_gib")
         self.runner = ModelRunner(model, num_blocks, block_size)
+        if model.device.type == "cuda" and cuda_graphs is not False:
+            self.runner.enable_graphs(max_num_seqs, self.max_model_len)
         self.block_manager = BlockManager(num_blocks, block_size)
         self.stats = {"prefill_tokens_computed": 0, "prefix_cache_hit_tokens": 0, "preemptions": 0,
                       "decode_tokens": 0, "steps": 0}
@@ -140,8 +142,10 @@ class Engine:
             raise ValueError(f"params must be one SamplingParams or a list of {len(prompts)} of them")
         prompt_ids = self._encode(prompts)
         signature = self._weights_signature()
-        if signature != self._weights_seen:  # cached K/V came from other weights
+        if signature != self._weights_seen:  # cached K/V (and captured graphs) came from other weights
             self.reset_prefix_cache()
+            if self.runner.graphs is not None:
+                self.runner.graphs.invalidate()
             self._weights_seen = signature
         seqs: list[list[Sequence]] = []
         for i, (ids, sp) in enumerate(zip(prompt_ids, params)):

@@ -11,11 +11,13 @@ per step here, not once per layer; gather scratch buffers live as long as the ru
 """
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 
+from reflectevo.gen.cuda_graphs import DecodeGraphs
 from reflectevo.gen.sequence import Sequence
 from reflectevo.kernels._dispatch import use_triton
 from reflectevo.kernels.paged_attention import (
@@ -108,6 +110,28 @@ class ModelRunner:
         self.v_cache = torch.empty(shape, dtype=self.dtype, device=self.device)
         self.attn = PagedAttention(self.k_cache, self.v_cache, cfg.head_dim ** -0.5)
         self._last_common: list[int] = []  # the block ids the last decode step's rows all started with
+        self.graphs: DecodeGraphs | None = None
+
+    def enable_graphs(self, max_batch: int, max_model_len: int, emulate: bool = False):
+        """Decode steps of up to ``max_batch`` sequences through CUDA graphs (``emulate``: eager, for tests)."""
+        max_blocks = -(-max_model_len // self.block_size)
+        self.graphs = DecodeGraphs(self, max_batch, max_blocks, emulate=emulate)
+
+    def _graph_step(self, seqs, ids, pos, slots, lens) -> torch.Tensor | None:
+        """Logits from a graph replay, or None when the step runs eagerly (no graphs, batch too large, or a
+        capture failed before: then graphs stay off for this runner, with one warning)."""
+        g = self.graphs
+        if g is None or g.failed is not None or g.bucket(len(seqs)) is None:
+            return None
+        try:
+            return g.run(ids, pos, slots, self._tables(seqs), lens)
+        except Exception as e:  # noqa: BLE001 - eager decode still works
+            if g.emulate:
+                raise
+            g.failed = f"{type(e).__name__}: {e}"
+            g.invalidate()
+            warnings.warn(f"CUDA graphs off for this engine, decode runs eagerly: {g.failed}", stacklevel=2)
+            return None
 
     @staticmethod
     def bytes_per_block(cfg, block_size: int, dtype: torch.dtype) -> int:
@@ -148,6 +172,10 @@ class ModelRunner:
             starts.append(len(ids))
         dev = self.device
         lens = [len(s) for s in seqs]
+        if not is_prefill:
+            logits = self._graph_step(seqs, ids, pos, slots, lens)
+            if logits is not None:
+                return logits
         attn = self.attn
         attn.is_prefill = is_prefill
         attn.slot_mapping = torch.tensor(slots, dtype=torch.int64, device=dev)
