@@ -43,6 +43,23 @@ def time_fn(fn, device, warmup: int = 3, repeats: int = 10) -> float:
     return statistics.median(times)
 
 
+def time_fn_graph(fn, device, repeats: int = 20) -> float | None:
+    """Median device milliseconds per call of ``fn()`` replayed from a CUDA graph (triton.testing.do_bench_cudagraph):
+    the kernels' own time without the host's launch cost, which is what a graph-captured decode step pays. None on
+    the CPU, or when ``fn`` cannot be captured (the reason is not kept: the eager time still stands)."""
+    if torch.device(device).type != "cuda":
+        return None
+    import triton.testing
+
+    try:
+        fn()  # compile / autotune outside the capture
+        torch.cuda.synchronize(device)
+        return float(triton.testing.do_bench_cudagraph(fn, rep=max(10, repeats), return_mode="median"))
+    except Exception:  # noqa: BLE001
+        torch.cuda.synchronize(device)
+        return None
+
+
 def matmul_peak_tflops(device, dtype: torch.dtype | None = None, size: int | None = None,
                        repeats: int = 10) -> float:
     """Measured dense matmul throughput (TFLOP/s) of a square ``size`` matmul: bf16 8192^3 on CUDA, fp32 2048^3 on

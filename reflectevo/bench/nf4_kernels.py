@@ -14,7 +14,7 @@ import importlib
 
 import torch
 
-from reflectevo.bench.common import copy_bandwidth_gbs, env_info, time_fn
+from reflectevo.bench.common import copy_bandwidth_gbs, env_info, time_fn, time_fn_graph
 from reflectevo.kernels import kernel_backend
 from reflectevo.kernels.nf4 import nf4_dequantize, nf4_quantize
 from reflectevo.kernels.nf4_matmul import (
@@ -30,7 +30,8 @@ from reflectevo.kernels.nf4_matmul import (
 nm = importlib.import_module("reflectevo.kernels.nf4_matmul")
 
 CUDA_SHAPES = [(4096, 4096), (1024, 4096), (14336, 4096), (4096, 14336)]
-CUDA_TOKENS = [1, 16, 512, 4096]
+CUDA_TOKENS = [1, 16, 64, 512, 4096]
+GRAPH_MAX_TOKENS = 64  # decode batches: also timed replayed from a CUDA graph (device time, no launch cost)
 CPU_SHAPES = [(1024, 1024)]
 CPU_TOKENS = [1, 16]
 
@@ -53,10 +54,12 @@ def _dequant_row(device, n, k, dtype, repeats):
     row = {"shape": [n, k], "bytes_moved": nbytes}
     ms = time_fn(lambda: nf4_dequantize(q, dtype), device, repeats=repeats)
     row["ours_ms"], row["ours_gbs"] = ms, nbytes / ms / 1e6
+    row["ours_graph_ms"] = time_fn_graph(lambda: nf4_dequantize(q, dtype), device)
     if bnbf is not None:
         packed, state = bnbf.quantize_4bit(w, blocksize=64, compress_statistics=True, quant_type="nf4")
         ms = time_fn(lambda: bnbf.dequantize_4bit(packed, state), device, repeats=repeats)
         row["bnb_ms"], row["bnb_gbs"] = ms, nbytes / ms / 1e6
+        row["bnb_graph_ms"] = time_fn_graph(lambda: bnbf.dequantize_4bit(packed, state), device)
     return row
 
 
@@ -85,6 +88,8 @@ def _matmul_rows(device, n, k, tokens, dtype, repeats):
         for path in paths:
             with torch.no_grad():
                 row[f"{path}_ms"] = time_fn(lambda: nf4_matmul(x, q, path=path), device, repeats=repeats)
+                if m <= GRAPH_MAX_TOKENS:
+                    row[f"{path}_graph_ms"] = time_fn_graph(lambda: nf4_matmul(x, q, path=path), device)
         if device.type == "cuda" and m > GEMV_MAX_ROWS:
             row["fused_tile"] = _tile_name(nm._fused_tuned[False].best_config)
             dy = torch.randn(m, n, device=device, dtype=dtype)
@@ -95,6 +100,8 @@ def _matmul_rows(device, n, k, tokens, dtype, repeats):
         if bnb is not None:
             with torch.no_grad():
                 row["bnb_ms"] = time_fn(lambda: bnb.matmul_4bit(x, packed.t(), state), device, repeats=repeats)
+                if m <= GRAPH_MAX_TOKENS:
+                    row["bnb_graph_ms"] = time_fn_graph(lambda: bnb.matmul_4bit(x, packed.t(), state), device)
         row["flops"] = 2 * m * n * k
         rows.append(row)
     return rows
@@ -135,11 +142,15 @@ def format_table(result: dict) -> str:
              f"written (a small CPU shape stays in cache, so it can beat the copy).", "",
              f"Llama-3-8B NF4 base: {mem['nf4_bytes'] / 2**30:.2f} GiB for {mem['linear_params'] / 1e9:.2f} B linear "
              f"parameters = {mem['bytes_per_param']:.4f} bytes/parameter.", "",
-             "| dequant [out, in] | ours ms | ours GB/s | bnb ms | bnb GB/s | copy GB/s |",
-             "|---|---|---|---|---|---|"]
+             "Columns marked *graph* replay the call from a CUDA graph (device time only, no host launch cost: what a "
+             "graph-captured decode step pays); the others time eager calls, whose small shapes are bound by the "
+             "host's launch cost.", "",
+             "| dequant [out, in] | ours ms | ours GB/s | ours graph ms | bnb ms | bnb GB/s | bnb graph ms | copy GB/s |",
+             "|---|---|---|---|---|---|---|---|"]
     for r in result["dequant"]:
         lines.append(f"| {r['shape'][0]}x{r['shape'][1]} | {_f(r['ours_ms'])} | {_f(r['ours_gbs'], '{:.1f}')} | "
-                     f"{_f(r.get('bnb_ms'))} | {_f(r.get('bnb_gbs'), '{:.1f}')} | {result['copy_gbs']:.1f} |")
+                     f"{_f(r.get('ours_graph_ms'))} | {_f(r.get('bnb_ms'))} | {_f(r.get('bnb_gbs'), '{:.1f}')} | "
+                     f"{_f(r.get('bnb_graph_ms'))} | {result['copy_gbs']:.1f} |")
     lines += ["", "| matmul [out, in] | tokens | gemv ms | fused ms | dequant+mm ms | bnb matmul_4bit ms | auto | "
               "fused dx ms | dequant dx ms | fused tile (fwd / dx) |", "|---|---|---|---|---|---|---|---|---|---|"]
     for r in result["matmul"]:
@@ -147,6 +158,16 @@ def format_table(result: dict) -> str:
         lines.append(f"| {r['shape'][0]}x{r['shape'][1]} | {r['tokens']} | {_f(r.get('gemv_ms'))} | "
                      f"{_f(r.get('fused_ms'))} | {_f(r.get('dequant_ms'))} | {_f(r.get('bnb_ms'))} | {r['auto_path']} | "
                      f"{_f(r.get('fused_dx_ms'))} | {_f(r.get('dequant_dx_ms'))} | {tiles} |")
+    graphed = [r for r in result["matmul"] if any(v for k, v in r.items() if k.endswith("_graph_ms"))]
+    if graphed:
+        lines += ["", "| matmul [out, in] | tokens | gemv graph ms | fused graph ms | dequant+mm graph ms "
+                      "| bnb graph ms | weight GB/s of the best (0.52 B/param) |", "|---|---|---|---|---|---|---|"]
+        for r in graphed:
+            ours = [r.get(f"{p}_graph_ms") for p in ("gemv", "fused", "dequant")]
+            best = min((t for t in ours if t), default=None)
+            gbs = r["shape"][0] * r["shape"][1] * 0.5159 / best / 1e6 if best else None
+            lines.append(f"| {r['shape'][0]}x{r['shape'][1]} | {r['tokens']} | {_f(ours[0])} | {_f(ours[1])} | "
+                         f"{_f(ours[2])} | {_f(r.get('bnb_graph_ms'))} | {_f(gbs, '{:.0f}')} |")
     return "\n".join(lines)
 
 
