@@ -126,13 +126,17 @@ class LoRALinear(nn.Module):
         if self.disabled:
             return y
         a, b = self.lora_A.weight, self.lora_B.weight
-        xa, scale = x.to(a.dtype), self.scaling
+        autocast = torch.is_autocast_enabled(x.device.type)
+        # under autocast F.linear casts x to the autocast dtype itself: an fp32 copy of x first would be a wasted
+        # round trip (and two more [tokens, in] conversions in backward)
+        xa, scale = (x if autocast else x.to(a.dtype)), self.scaling
         if self.training and self.dropout_p > 0:
             keep, inv_keep = dropout_keep_mask(xa.shape, self.dropout_p, xa.device)
             xa, scale = xa * keep, scale * inv_keep
         u = F.linear(xa, a)
-        if y.dtype == u.dtype == b.dtype and not torch.is_autocast_enabled(y.device.type):
+        if autocast or y.dtype == u.dtype == b.dtype:
             # y + scale · u B^T in one BLAS call: no [tokens, out] temporaries for the product, scale and sum
+            # (autocast runs addmm in its dtype, as it would the F.linear, the scale and the add)
             return torch.addmm(y.reshape(-1, y.shape[-1]), u.reshape(-1, u.shape[-1]), b.T,
                                alpha=scale).view(y.shape)
         return y + (F.linear(u, b) * scale).to(y.dtype)
