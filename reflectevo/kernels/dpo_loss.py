@@ -28,13 +28,15 @@ LOSS_TYPES = ("sigmoid", "ipo", "hinge", "robust")
 
 
 def sequence_logps(token_logps: torch.Tensor, seq_ids: torch.Tensor, num_seqs: int, average: bool = False,
-                   valid: torch.Tensor | None = None) -> torch.Tensor:
+                   valid: torch.Tensor | None = None, check: bool = True) -> torch.Tensor:
     """Per-sequence sums (or means over valid tokens) of per-token log-probs.
 
     token_logps [N] float, seq_ids [N] int in [0, num_seqs) or -1 for tokens that belong to no sequence (prompt,
     padding, ignored labels). A token counts when seq_id >= 0 and ``valid`` (optional bool [N], e.g.
     ``labels != ignore_index``) is true. average=True divides by the number of counted tokens; a sequence with no
     counted token gets 0 (never NaN). Returns [num_seqs] float32, differentiable w.r.t. token_logps.
+    ``check=False`` skips the range check of seq_ids (two reads back to the host, which wait for the device) for
+    callers whose ids are valid by construction.
     """
     if token_logps.dim() != 1 or seq_ids.shape != token_logps.shape:
         raise ValueError(f"token_logps/seq_ids: expected two [N] tensors, got {tuple(token_logps.shape)} and "
@@ -43,7 +45,7 @@ def sequence_logps(token_logps: torch.Tensor, seq_ids: torch.Tensor, num_seqs: i
         raise ValueError(f"seq_ids: expected an integer tensor, got {seq_ids.dtype}")
     if num_seqs < 0:
         raise ValueError(f"num_seqs: must be >= 0, got {num_seqs}")
-    if seq_ids.numel() and (int(seq_ids.max()) >= num_seqs or int(seq_ids.min()) < -1):
+    if check and seq_ids.numel() and (int(seq_ids.max()) >= num_seqs or int(seq_ids.min()) < -1):
         raise ValueError(f"seq_ids: values must lie in [-1, {num_seqs})")
     counted = seq_ids >= 0
     if valid is not None:

@@ -32,7 +32,7 @@ def policy_logps(model, batch: Batch, average: bool = False) -> torch.Tensor:
 
     h, labels, sidx = labelled_hidden(model, batch)
     logp = linear_logprobs(h, model.lm_head.weight, labels, ignore_index=IGNORE)
-    return sequence_logps(logp, sidx, batch.num_seqs, average=average)
+    return sequence_logps(logp, sidx, batch.num_seqs, average=average, check=False)  # sidx: from make_batch
 
 
 def mean_logps(cfg: TrainConfig) -> bool:

@@ -16,8 +16,10 @@ def labelled_hidden(model, batch: Batch):
     """(hidden [M, H], labels [M], seq_index [M]) at the positions that carry a label."""
     seq_ids = batch.seq_ids if batch.meta.get("packed", True) else None
     h = model.hidden_states(batch.input_ids, positions=batch.positions, seq_ids=seq_ids)
-    mask = batch.labels != IGNORE
-    return h[mask], batch.labels[mask], batch.seq_index[mask]
+    # the count is known on the host (batch.num_labels): no device-to-host sync, as each boolean-mask index would be
+    idx = torch.nonzero_static((batch.labels != IGNORE).reshape(-1), size=batch.num_labels).squeeze(1)
+    return (h.reshape(-1, h.shape[-1]).index_select(0, idx), batch.labels.reshape(-1).index_select(0, idx),
+            batch.seq_index.reshape(-1).index_select(0, idx))
 
 
 class SFTObjective:
