@@ -34,7 +34,8 @@ from __future__ import annotations
 import torch
 
 from reflectevo.kernels._dispatch import HAS_TRITON, use_triton
-from reflectevo.kernels.nf4 import DOUBLE_QUANT_BLOCKSIZE, NF4Tensor, nf4_dequantize, nf4_table
+from reflectevo.kernels.nf4 import (DOUBLE_QUANT_BLOCKSIZE, NF4Tensor, _dequantize_triton, nf4_dequantize,
+                                    nf4_dequantize_reference, nf4_table)
 
 if HAS_TRITON:
     import triton
@@ -318,17 +319,25 @@ def nf4_matmul_reference(x: torch.Tensor, q: NF4Tensor, bias: torch.Tensor | Non
 def choose_path(x2d: torch.Tensor) -> str:
     """The auto path: ``gemv`` up to AUTO_GEMV_MAX_ROWS, ``fused`` up to AUTO_FUSED_MAX_ROWS, else ``dequant``
     (always ``dequant`` on the CPU)."""
-    rows = x2d.shape[0]
-    if not use_triton(x2d):
+    return _auto_path(x2d.shape[0], use_triton(x2d))
+
+
+def _auto_path(rows: int, triton_ok: bool) -> str:
+    if not triton_ok:
         return "dequant"
     if rows <= min(AUTO_GEMV_MAX_ROWS, GEMV_MAX_ROWS):
         return "gemv"
     return "fused" if rows <= AUTO_FUSED_MAX_ROWS else "dequant"
 
 
-def _forward(x2d, q, bias, path):
-    if path == "dequant" or not use_triton(x2d):
-        return torch.nn.functional.linear(x2d, nf4_dequantize(q, x2d.dtype), bias)
+def _dense(q: NF4Tensor, dtype: torch.dtype, triton_ok: bool) -> torch.Tensor:
+    """nf4_dequantize with the backend already decided (x and q share a device)."""
+    return _dequantize_triton(q, dtype) if triton_ok else nf4_dequantize_reference(q, dtype)
+
+
+def _forward(x2d, q, bias, path, triton_ok):
+    if path == "dequant":
+        return torch.nn.functional.linear(x2d, _dense(q, x2d.dtype, triton_ok), bias)
     if path == "gemv":
         return _gemv(x2d, q, bias)
     return _fused(x2d, q, bias, transpose_w=False)
@@ -336,24 +345,23 @@ def _forward(x2d, q, bias, path):
 
 class _NF4Matmul(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x2d, bias, q, path):
-        ctx.q, ctx.path = q, path
+    def forward(ctx, x2d, bias, q, path, triton_ok):
+        ctx.q, ctx.path, ctx.triton_ok = q, path, triton_ok
         ctx.has_bias = bias is not None
-        return _forward(x2d, q, bias, path)
+        return _forward(x2d, q, bias, path, triton_ok)
 
     @staticmethod
     def backward(ctx, dy):
         q = ctx.q
         dx = dbias = None
         if ctx.needs_input_grad[0]:
-            dy = dy.contiguous()
-            if ctx.path != "dequant" and use_triton(dy):
-                dx = _fused(dy, q, None, transpose_w=True)
+            if ctx.path != "dequant":
+                dx = _fused(dy.contiguous(), q, None, transpose_w=True)
             else:
-                dx = dy @ nf4_dequantize(q, dy.dtype)
+                dx = dy @ _dense(q, dy.dtype, ctx.triton_ok)
         if ctx.has_bias and ctx.needs_input_grad[1]:
             dbias = dy.sum(0)
-        return dx, dbias, None, None
+        return dx, dbias, None, None, None
 
 
 def nf4_matmul(x: torch.Tensor, q: NF4Tensor, bias: torch.Tensor | None = None,
@@ -362,23 +370,26 @@ def nf4_matmul(x: torch.Tensor, q: NF4Tensor, bias: torch.Tensor | None = None,
     ``path`` forces ``gemv`` / ``fused`` / ``dequant`` (default: ``choose_path``)."""
     if len(q.shape) != 2:
         raise ValueError(f"nf4_matmul: weight must be 2-D [out, in], got shape {tuple(q.shape)}")
-    if x.shape[-1] != q.shape[1]:
-        raise ValueError(f"nf4_matmul: x has {x.shape[-1]} features, weight expects {q.shape[1]}")
+    n_out, k_in = q.shape
+    if x.shape[-1] != k_in:
+        raise ValueError(f"nf4_matmul: x has {x.shape[-1]} features, weight expects {k_in}")
     if path is not None and path not in PATHS:
         raise ValueError(f"nf4_matmul: path={path!r}, expected one of {PATHS}")
-    lead = x.shape[:-1]
-    x2d = x.reshape(-1, x.shape[-1])
+    x2d = x if x.dim() == 2 else x.reshape(-1, k_in)
     if not x2d.is_contiguous():
         x2d = x2d.contiguous()
-    path = path or choose_path(x2d)
-    if x2d.shape[0] == 0:
-        path = "dequant"
-    elif path == "gemv" and x2d.shape[0] > GEMV_MAX_ROWS:
+    rows = x2d.shape[0]
+    triton_ok = use_triton(x2d)  # decided once per call: the forward, the backward and the dequantisation follow it
+    if not triton_ok or rows == 0:
+        path = "dequant"  # the only path without Triton
+    elif path is None:
+        path = _auto_path(rows, True)
+    elif path == "gemv" and rows > GEMV_MAX_ROWS:
         path = "fused"
-    if bias is not None:
+    if bias is not None and bias.dtype != x.dtype:
         bias = bias.to(x.dtype)
-    out = _NF4Matmul.apply(x2d, bias, q, path)
-    return out.reshape(*lead, q.shape[0])
+    out = _NF4Matmul.apply(x2d, bias, q, path, triton_ok)
+    return out if x.dim() == 2 else out.view(*x.shape[:-1], n_out)
 
 
 def llama3_8b_nf4_bytes_per_param() -> dict:
