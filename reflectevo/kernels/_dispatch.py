@@ -22,6 +22,7 @@ except Exception:  # pragma: no cover - triton is optional off Linux x86_64
     HAS_TRITON = False
 
 _forced: list[str] = []
+_SMS: dict = {}
 
 
 class InterpreterRequired(RuntimeError):
@@ -66,3 +67,21 @@ def kernel_backend(name: str):
         yield
     finally:
         _forced.pop()
+
+
+def sm_count(device: torch.device) -> int:
+    """Multiprocessors of a CUDA device, read once per device (the property lookup costs microseconds a call)."""
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    if index not in _SMS:
+        _SMS[index] = torch.cuda.get_device_properties(index).multi_processor_count
+    return _SMS[index]
+
+
+def cdiv(a: int, b: int) -> int:
+    """triton.cdiv for host code: Triton's is a constexpr function whose call costs ~2.6 us, this ~0.1 us."""
+    return -(-a // b)
+
+
+def next_power_of_2(n: int) -> int:
+    """triton.next_power_of_2 for host code (same results, 0 for 0), without its ~2.6 us call overhead."""
+    return 1 << (n - 1).bit_length() if n > 0 else 0

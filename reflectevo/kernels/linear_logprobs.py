@@ -43,7 +43,7 @@ from __future__ import annotations
 
 import torch
 
-from reflectevo.kernels._dispatch import use_triton
+from reflectevo.kernels._dispatch import next_power_of_2, use_triton
 from reflectevo.kernels.linear_logprobs_tiles import TiledLogprobsFunction
 
 try:
@@ -127,7 +127,7 @@ def _rows_triton(z, labels, row_weight, g_dtype):
     g = None
     if row_weight is not None:
         g = z if g_dtype == z.dtype else _empty((c, v), g_dtype, z.device)
-    block_v = 4096 if z.is_cuda else min(256, triton.next_power_of_2(v))
+    block_v = 4096 if z.is_cuda else min(256, next_power_of_2(v))
     _rows_kernel[(c,)](z, labels, row_weight if g is not None else logp, logp, g if g is not None else z, v,
                        z.stride(0), g.stride(0) if g is not None else 0,
                        WRITE_G=g is not None, BLOCK_V=block_v, num_warps=8 if z.is_cuda else 4)

@@ -20,6 +20,8 @@ from __future__ import annotations
 
 import torch
 
+from reflectevo.kernels._dispatch import cdiv, sm_count
+
 try:
     import triton
     import triton.language as tl
@@ -124,7 +126,7 @@ def _blocks(x: torch.Tensor):
     if not x.is_cuda:  # interpreter: small tiles, keeps tests quick and exercises the masks
         return 16, 32, 16, 4, 4
     block_h = 32 if x.dtype == torch.float32 else 64
-    sms = torch.cuda.get_device_properties(x.device).multi_processor_count
+    sms = sm_count(x.device)
     return 64, 128, block_h, 8, 4 * sms
 
 
@@ -142,10 +144,10 @@ def tiles_forward(x, w, labels, valid):
     n, h = x.shape
     v = w.shape[0]
     block_n, block_v, block_h, warps, target = _blocks(x)
-    n_blocks, v_blocks = triton.cdiv(n, block_n), triton.cdiv(v, block_v)
+    n_blocks, v_blocks = cdiv(n, block_n), cdiv(v, block_v)
     splits = max(1, min(v_blocks, target // n_blocks))
-    per_split = triton.cdiv(v_blocks, splits)
-    splits = triton.cdiv(v_blocks, per_split)  # every split starts on a real vocab block
+    per_split = cdiv(v_blocks, splits)
+    splits = cdiv(v_blocks, per_split)  # every split starts on a real vocab block
     part_m = _empty((splits, n), torch.float32, x.device)
     part_s = _empty((splits, n), torch.float32, x.device)
     part_label = _empty((splits, n), torch.float32, x.device)
@@ -165,7 +167,7 @@ def tiles_backward(x, w, labels, row_max, log_sum, g, compute_dw: bool):
     n, h = x.shape
     v = w.shape[0]
     block_n, block_v, block_h, warps, _ = _blocks(x)
-    n_blocks, v_blocks = triton.cdiv(n, block_n), triton.cdiv(v, block_v)
+    n_blocks, v_blocks = cdiv(n, block_n), cdiv(v, block_v)
     dx = torch.zeros((n, h), dtype=torch.float32, device=x.device)
     dw = torch.zeros((v, h), dtype=torch.float32, device=x.device) if compute_dw else None
     _bwd_kernel[(n_blocks * v_blocks,)](

@@ -33,7 +33,7 @@ import math
 import torch
 
 from reflectevo.kernels import nf4_bnb_cuda as bnb_cuda
-from reflectevo.kernels._dispatch import HAS_TRITON, interpreting, use_triton
+from reflectevo.kernels._dispatch import HAS_TRITON, cdiv, interpreting, use_triton
 
 if HAS_TRITON:
     import triton
@@ -313,7 +313,7 @@ def _dequantize_triton(q: NF4Tensor, dtype: torch.dtype) -> torch.Tensor:
     rows = max(1, tile // q.blocksize)
     dq = q.double_quant
     dummy = q.absmax
-    _nf4_dequant_kernel[(triton.cdiv(triton.cdiv(n, q.blocksize), rows),)](
+    _nf4_dequant_kernel[(cdiv(cdiv(n, q.blocksize), rows),)](
         q.data, q.absmax, q.absmax2 if dq else dummy, q.code2 if dq else dummy, q.offset if dq else dummy,
         nf4_table(q.device), out, n, (n + 1) // 2, BLOCKSIZE=q.blocksize, DOUBLE=dq, ROWS=rows,
         num_warps=8 if q.device.type == "cuda" else 4,

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import torch
 
-from reflectevo.kernels._dispatch import HAS_TRITON, interpreting
+from reflectevo.kernels._dispatch import HAS_TRITON, cdiv, interpreting
 
 if HAS_TRITON:
     import triton
@@ -50,7 +50,7 @@ def approx_reciprocal(x: torch.Tensor) -> torch.Tensor:
     n = x.numel()
     if n:
         block = 1024
-        _rcp_approx_kernel[(triton.cdiv(n, block),)](x, out, n, BLOCK=block)
+        _rcp_approx_kernel[(cdiv(n, block),)](x, out, n, BLOCK=block)
     return out
 
 

@@ -33,7 +33,7 @@ from __future__ import annotations
 
 import torch
 
-from reflectevo.kernels._dispatch import HAS_TRITON, use_triton
+from reflectevo.kernels._dispatch import HAS_TRITON, cdiv, next_power_of_2, sm_count, use_triton
 from reflectevo.kernels.nf4 import (DOUBLE_QUANT_BLOCKSIZE, NF4Tensor, _dequantize_triton, nf4_dequantize,
                                     nf4_dequantize_reference, nf4_table)
 
@@ -259,20 +259,20 @@ def _fused(a2d: torch.Tensor, q: NF4Tensor, bias, transpose_w: bool, tile=None) 
     P = k_in if transpose_w else n_out
     out = torch.empty(M, P, dtype=a2d.dtype, device=a2d.device)
     args = (a2d, *_q_args(q), bias if bias is not None else a2d, out, M, n_out, k_in, a2d.stride(0), out.stride(0),
-            max(16, min(4096, triton.next_power_of_2(M))))
+            max(16, min(4096, next_power_of_2(M))))
     flags = dict(BLOCKSIZE=q.blocksize, DOUBLE=q.double_quant, HAS_BIAS=bias is not None,
                  IEEE=a2d.dtype == torch.float32, DOT_FP32=not a2d.is_cuda, TRANS=transpose_w,
                  K_ALIGNED=k_in % q.blocksize == 0, enable_fp_fusion=False)
     # every autotuner tile's K extent (<= 64) divides a block size that is a multiple of 64: the aligned path
     if tile is None and a2d.is_cuda and flags["K_ALIGNED"] and q.blocksize % 64 == 0:
-        grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]), triton.cdiv(P, meta["BLOCK_P"]))  # noqa: E731
+        grid = lambda meta: (cdiv(M, meta["BLOCK_M"]), cdiv(P, meta["BLOCK_P"]))  # noqa: E731
         _fused_tuned[transpose_w][grid](*args, **flags)
         return out
     if tile is None:
         tile = (_unaligned_tile() if a2d.is_cuda
                 else triton.Config(dict(BLOCK_M=16, BLOCK_P=16, BLOCK_R=32)))
     launch = dict(num_warps=tile.num_warps, num_stages=tile.num_stages) if a2d.is_cuda else {}
-    grid = (triton.cdiv(M, tile.kwargs["BLOCK_M"]), triton.cdiv(P, tile.kwargs["BLOCK_P"]))
+    grid = (cdiv(M, tile.kwargs["BLOCK_M"]), cdiv(P, tile.kwargs["BLOCK_P"]))
     _fused_kernel[grid](*args, **flags, **tile.kwargs, **launch)
     return out
 
@@ -285,21 +285,21 @@ def _gemv_plan(n_out: int, k_in: int, rows: int, blocksize: int, cuda: bool, sms
         target = 4 * sms
     else:  # interpreter: small tiles, and a K split on small test shapes so both paths are exercised
         bk, bn, target = min(32, blocksize), 16, 8
-    n_blocks = triton.cdiv(n_out, bn)
-    splits = max(1, min(target // n_blocks, triton.cdiv(k_in, 2 * bk if not cuda else 4 * bk)))
-    k_per_split = triton.cdiv(triton.cdiv(k_in, splits), bk) * bk
+    n_blocks = cdiv(n_out, bn)
+    splits = max(1, min(target // n_blocks, cdiv(k_in, 2 * bk if not cuda else 4 * bk)))
+    k_per_split = cdiv(cdiv(k_in, splits), bk) * bk
     return bn, bk, k_per_split
 
 
 def _gemv(x2d: torch.Tensor, q: NF4Tensor, bias) -> torch.Tensor:
     n_out, k_in = q.shape
     M = x2d.shape[0]
-    rows = max(2, triton.next_power_of_2(M))
-    sms = torch.cuda.get_device_properties(x2d.device).multi_processor_count if x2d.is_cuda else 0
+    rows = max(2, next_power_of_2(M))
+    sms = sm_count(x2d.device) if x2d.is_cuda else 0
     bn, bk, k_per_split = _gemv_plan(n_out, k_in, rows, q.blocksize, x2d.is_cuda, sms)
-    splits = triton.cdiv(k_in, k_per_split)
+    splits = cdiv(k_in, k_per_split)
     part = torch.empty(splits, M, n_out, dtype=torch.float32, device=x2d.device)
-    _gemv_kernel[(triton.cdiv(n_out, bn), splits)](
+    _gemv_kernel[(cdiv(n_out, bn), splits)](
         x2d, *_q_args(q), part, M, n_out, k_in, x2d.stride(0), k_per_split,
         BLOCKSIZE=q.blocksize, DOUBLE=q.double_quant, PAIRS=k_in % 2 == 0,
         PER_LINE=k_in % q.blocksize == 0 and q.blocksize % bk == 0 and k_in % 2 == 0, ROWS=rows, BLOCK_N=bn, BLOCK_K=bk,

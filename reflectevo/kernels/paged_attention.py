@@ -39,7 +39,7 @@ from dataclasses import dataclass
 
 import torch
 
-from reflectevo.kernels._dispatch import HAS_TRITON, interpreting, use_triton
+from reflectevo.kernels._dispatch import HAS_TRITON, interpreting, next_power_of_2, sm_count, use_triton
 
 if HAS_TRITON:
     import triton
@@ -382,7 +382,7 @@ if HAS_TRITON:
 def _store_kv_triton(k, v, k_cache, v_cache, slot_mapping):
     T = k.shape[0]
     row = k.shape[1] * k.shape[2]
-    block = min(1024, triton.next_power_of_2(row)) if k.is_cuda else min(128, triton.next_power_of_2(row))
+    block = min(1024, next_power_of_2(row)) if k.is_cuda else min(128, next_power_of_2(row))
     _store_kv_kernel[(T,)](k.contiguous().to(k_cache.dtype), v.contiguous().to(v_cache.dtype), k_cache, v_cache,
                            slot_mapping.to(torch.int32).contiguous(), row, block)
 
@@ -390,7 +390,7 @@ def _store_kv_triton(k, v, k_cache, v_cache, slot_mapping):
 def _num_splits(S, Hkv, max_blocks, device):
     if not torch.cuda.is_available() or device.type != "cuda":
         return 1
-    sms = torch.cuda.get_device_properties(device).multi_processor_count
+    sms = sm_count(device)
     if S * Hkv >= 2 * sms or max_blocks < 16:
         return 1
     return int(min(max_blocks // 8, math.ceil(2 * sms / (S * Hkv)), 16)) or 1
@@ -409,8 +409,8 @@ def _paged_decode_triton(q, k_cache, v_cache, block_tables, context_lens, scale,
     _paged_decode_kernel[(S, Hkv, splits)](
         q.contiguous(), k_cache, v_cache, bt, context_lens.to(torch.int32).contiguous(), out, lse, float(scale),
         bt.stride(0), per_split,
-        HKV=Hkv, G=G, D=D, BS=bs, BLOCK_G=max(16, triton.next_power_of_2(G)),
-        BLOCK_D=max(16, triton.next_power_of_2(D)), NUM_SPLITS=splits,
+        HKV=Hkv, G=G, D=D, BS=bs, BLOCK_G=max(16, next_power_of_2(G)),
+        BLOCK_D=max(16, next_power_of_2(D)), NUM_SPLITS=splits,
         PREC="ieee" if k_cache.dtype == torch.float32 else "tf32", UPCAST=interpreting(),
     )
     if splits == 1:

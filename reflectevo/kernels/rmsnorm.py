@@ -26,7 +26,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from reflectevo.kernels._dispatch import HAS_TRITON, use_triton
+from reflectevo.kernels._dispatch import HAS_TRITON, cdiv, next_power_of_2, sm_count, use_triton
 
 if HAS_TRITON:
     import triton
@@ -105,8 +105,7 @@ def _rows(t: torch.Tensor, n: int) -> torch.Tensor:
 
 def _bwd_programs(rows: int, device: torch.device) -> int:
     if device.type == "cuda":
-        sms = torch.cuda.get_device_properties(device).multi_processor_count
-        return max(1, min(rows, 4 * sms))
+        return max(1, min(rows, 4 * sm_count(device)))
     return max(1, min(rows, 4))
 
 
@@ -120,7 +119,7 @@ class _RMSNormFunction(torch.autograd.Function):
         compute = _compute_dtype(x.dtype)
         y = torch.empty((m, n), dtype=x.dtype, device=x.device)
         rstd = torch.empty(m, dtype=compute, device=x.device)
-        block = triton.next_power_of_2(n)
+        block = next_power_of_2(n)
         if m > 0:
             _rms_norm_fwd_kernel[(m,)](x2, w, y, rstd, x2.stride(0), y.stride(0), n, eps,
                                        BLOCK=block, COMPUTE=_tl_compute(x.dtype), num_warps=_num_warps(block))
@@ -137,10 +136,13 @@ class _RMSNormFunction(torch.autograd.Function):
         dy2 = _rows(dy, n)
         dx = torch.empty_like(x2, memory_format=torch.contiguous_format)
         programs = _bwd_programs(m, x2.device)
-        rows_per_program = triton.cdiv(m, programs) if m > 0 else 1
-        programs = triton.cdiv(m, rows_per_program) if m > 0 else 0
-        dw_partial = torch.zeros((max(programs, 1), n) if need_dw else (1,), dtype=rstd.dtype, device=x2.device)
-        block = triton.next_power_of_2(n)
+        rows_per_program = cdiv(m, programs) if m > 0 else 1
+        programs = cdiv(m, rows_per_program) if m > 0 else 0
+        # every program writes its whole row of partial sums; a frozen weight gets a 1-element placeholder (no
+        # fill kernel either way)
+        alloc = torch.empty if m > 0 else torch.zeros
+        dw_partial = alloc((max(programs, 1), n) if need_dw else (1,), dtype=rstd.dtype, device=x2.device)
+        block = next_power_of_2(n)
         if m > 0:
             _rms_norm_bwd_kernel[(programs,)](dy2, x2, w, rstd, dx, dw_partial, dy2.stride(0), x2.stride(0),
                                               dx.stride(0), m, n, rows_per_program,

@@ -34,7 +34,7 @@ import math
 
 import torch
 
-from reflectevo.kernels._dispatch import HAS_TRITON, use_triton
+from reflectevo.kernels._dispatch import HAS_TRITON, next_power_of_2, use_triton
 
 if HAS_TRITON:
     import triton
@@ -176,8 +176,8 @@ def _rope_launch(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, backward
     if out.numel() == 0:
         return out
     half = d // 2
-    block_half = triton.next_power_of_2(half)
-    block_h = max(1, min(triton.next_power_of_2(h), _MAX_TILE // block_half))
+    block_half = next_power_of_2(half)
+    block_h = max(1, min(next_power_of_2(h), _MAX_TILE // block_half))
     stride_cb = cos.stride(0) if cos.dim() == 3 and cos.shape[0] > 1 else 0
     compute = tl.float64 if x.dtype == torch.float64 else tl.float32
     _rope_kernel[(b * t,)](x, cos, sin, out, t, h, half,

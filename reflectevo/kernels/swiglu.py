@@ -19,7 +19,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from reflectevo.kernels._dispatch import HAS_TRITON, use_triton
+from reflectevo.kernels._dispatch import HAS_TRITON, cdiv, use_triton
 
 if HAS_TRITON:
     import triton
@@ -77,7 +77,7 @@ class _SwiGLUFunction(torch.autograd.Function):
         y = torch.empty(g.shape, dtype=gate.dtype, device=g.device)
         n = y.numel()
         if n:
-            _swiglu_fwd_kernel[(triton.cdiv(n, _BLOCK),)](g, u, y, n, BLOCK=_BLOCK,
+            _swiglu_fwd_kernel[(cdiv(n, _BLOCK),)](g, u, y, n, BLOCK=_BLOCK,
                                                          COMPUTE=_tl_compute(gate.dtype), num_warps=4)
         ctx.save_for_backward(g, u)
         return y
@@ -90,7 +90,7 @@ class _SwiGLUFunction(torch.autograd.Function):
         du = torch.empty_like(u, memory_format=torch.contiguous_format)
         n = g.numel()
         if n:
-            _swiglu_bwd_kernel[(triton.cdiv(n, _BLOCK),)](dy, g, u, dg, du, n, BLOCK=_BLOCK,
+            _swiglu_bwd_kernel[(cdiv(n, _BLOCK),)](dy, g, u, dg, du, n, BLOCK=_BLOCK,
                                                          COMPUTE=_tl_compute(g.dtype), num_warps=4)
         return (dg if ctx.needs_input_grad[0] else None), (du if ctx.needs_input_grad[1] else None)
 
