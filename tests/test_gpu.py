@@ -88,7 +88,7 @@ def test_linear_cross_entropy_and_dpo_on_cuda():
 def _nibble_mismatches(w, theirs, q) -> str:
     """Where bitsandbytes' CUDA codes differ from ours: how many, and how far our scaled value sits from the NF4
     threshold between the two codes (in fp32 ulps), to tell a rounding difference from a real bug."""
-    from reflectevo.kernels.nf4 import NF4_BOUNDS
+    from reflectevo.kernels.nf4 import NF4_BOUNDS_CUDA as NF4_BOUNDS
 
     def nibbles(b):
         return torch.stack([b >> 4, b & 0xF], 1).flatten()[: w.numel()].long().cpu()

@@ -79,3 +79,24 @@ def test_nf4_cuda_rules_off_cuda():
     keep = torch.ones_like(idx, dtype=torch.bool)
     keep[64:128] = False
     assert torch.equal(idx[keep], ref[keep])
+
+
+def test_cuda_thresholds_are_the_source_decimals_rounded_once():
+    """bitsandbytes' kernel compares with fp32 literals; torch's two-step fp32 midpoint is one ulp off for four of
+    them, and a value exactly on such a midpoint takes the other code on CUDA."""
+    from reflectevo.kernels.nf4 import NF4_BOUNDS_CUDA, NF4_TABLE
+
+    assert NF4_BOUNDS_CUDA.dtype == torch.float32
+    # one source literal checked by hand: 0.5016634166240692 lies just below the fp32 halfway point
+    # 0.5016634166240692138671875, so the nearest fp32 is 0.5016633868217468, not torch's 0.5016634464263916
+    assert NF4_BOUNDS_CUDA[12].item() == 0.5016633868217468 and NF4_BOUNDS[12].item() == 0.5016634464263916
+    ulps = (NF4_BOUNDS.view(torch.int32) - NF4_BOUNDS_CUDA.view(torch.int32)).abs()
+    assert ulps.max() == 1 and int(ulps.sum()) == 4
+    mids = (NF4_TABLE.double()[:-1] + NF4_TABLE.double()[1:]) / 2
+    assert ((NF4_BOUNDS_CUDA.double() - mids).abs() <= (NF4_BOUNDS.double() - mids).abs() + 2 ** -25).all()
+    # a block whose absmax is 1 (reciprocal exact) holding the tie value: CPU keeps code 12, the CUDA rules give 13
+    w = torch.zeros(64)
+    w[0], w[1] = 1.0, NF4_BOUNDS[12]
+    cpu = nf4_quantize(w, double_quant=False).data[0] & 0xF
+    idx, _ = bc.nf4_indices(w, 64, NF4_BOUNDS_CUDA)
+    assert cpu.item() == 12 and idx[1].item() == 13

@@ -50,6 +50,7 @@ NF4_TABLE = torch.tensor(
     dtype=torch.float32,
 )
 NF4_BOUNDS = (NF4_TABLE[:-1] + NF4_TABLE[1:]) / 2
+NF4_BOUNDS_CUDA = bnb_cuda.decimal_bounds(NF4_TABLE)  # four differ by one ulp: see nf4_bnb_cuda
 DOUBLE_QUANT_BLOCKSIZE = 256
 VALID_BLOCKSIZES = (32, 64, 128, 256, 512, 1024, 2048, 4096)
 _LUT_BINS = 65536
@@ -176,7 +177,7 @@ def nf4_quantize(weight: torch.Tensor, blocksize: int = 64, double_quant: bool =
     flat = weight.detach().reshape(-1).float()
     cuda_rules = flat.is_cuda
     if cuda_rules:
-        idx, absmax = bnb_cuda.nf4_indices(flat, blocksize, NF4_BOUNDS.to(flat.device))
+        idx, absmax = bnb_cuda.nf4_indices(flat, blocksize, NF4_BOUNDS_CUDA.to(flat.device))
     else:
         blocks, absmax, full = _blockwise_absmax(flat, blocksize)
         scaled = (blocks * (1.0 / absmax[: blocks.shape[0]].clamp(min=1e-38))[:, None]).clamp(-1, 1).reshape(-1)

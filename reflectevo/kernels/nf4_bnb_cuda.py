@@ -8,10 +8,18 @@ refinement), and every value is multiplied by it with ``FMUL.FTZ``; the absmax r
 inputs count as zero). The approximate reciprocal is not always the correctly rounded one, so a value within an ulp
 or two of an NF4 threshold can land on the other side of it than with torch's IEEE ``1 / absmax``.
 
+Its NF4 thresholds are fp32 literals in the source, the shortest decimal form of each double-precision midpoint of
+two neighbouring levels; nvcc rounds that decimal straight to fp32. torch's fp32 midpoint rounds twice (to double,
+then to fp32) and for four of the fifteen lands one ulp away (three above the once-rounded value, one below), so a
+value sitting exactly on one of those four goes to a different code on the CPU (bucketize, as bitsandbytes' CPU
+path) than on CUDA (``decimal_bounds``).
+
 The 8-bit level does not use a lookup table on CUDA: ``dQuantize`` binary-searches the sorted code (7 halvings from
 index 127) and then compares with the fp32 midpoint to each neighbour (``search_code``).
 """
 from __future__ import annotations
+
+from fractions import Fraction
 
 import torch
 
@@ -69,6 +77,19 @@ def blockwise_scale(x: torch.Tensor, blocksize: int) -> tuple[torch.Tensor, torc
     padded = torch.nn.functional.pad(x, (0, nb * blocksize - n)).view(nb, blocksize)
     absmax = padded.abs().amax(dim=1)
     return padded * approx_reciprocal(absmax)[:, None], absmax
+
+
+def decimal_bounds(table: torch.Tensor) -> torch.Tensor:
+    """fp32 thresholds between neighbouring ``table`` levels as a C compiler reads ``repr(midpoint)`` + ``f``: the
+    double midpoint's shortest decimal string, rounded once to the nearest fp32 (ties to even)."""
+    levels = table.double().tolist()
+    bounds = []
+    for lo, hi in zip(levels, levels[1:]):
+        exact = Fraction(repr((lo + hi) / 2))
+        guess = torch.tensor(float(exact), dtype=torch.float32)
+        near = [guess, torch.nextafter(guess, torch.tensor(-2.0)), torch.nextafter(guess, torch.tensor(2.0))]
+        bounds.append(min(near, key=lambda c: (abs(Fraction(c.item()) - exact), c.view(torch.int32).item() & 1)))
+    return torch.stack(bounds)
 
 
 def nf4_indices(x: torch.Tensor, blocksize: int, bounds: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
