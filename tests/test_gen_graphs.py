@@ -38,6 +38,25 @@ def test_emulated_graph_steps_give_the_eager_greedy_outputs(tiny, one_thread):  
     assert graphed[1][0].token_ids == plain_greedy(model, prompts[1], 14)
 
 
+def test_padded_steps_survive_a_cache_allocated_over_nan_garbage(tiny, one_thread, monkeypatch):  # noqa: F811
+    """Memory the allocator hands over may hold a freed tensor's NaN. Padding rows and unused table columns make the
+    CPU attention weight never-written slots by zero, which must not turn a real row into NaN."""
+    model, tok = tiny
+    prompts = prompts_mixed() + [[3, 4, 5, 6, 7, 8, 9]]
+    eager = Engine(model, tok, kv_cache_gib=0.01).generate(prompts, _params())
+    empty = torch.empty
+
+    def nan_empty(*args, **kwargs):
+        t = empty(*args, **kwargs)
+        return t.fill_(float("nan")) if t.is_floating_point() else t
+
+    monkeypatch.setattr(torch, "empty", nan_empty)
+    eng = Engine(model, tok, kv_cache_gib=0.01, max_num_seqs=7)
+    eng.runner.enable_graphs(7, eng.max_model_len, emulate=True)
+    graphed = eng.generate(prompts, _params())
+    assert [[o.token_ids for o in g] for g in graphed] == [[o.token_ids for o in g] for g in eager]
+
+
 def test_a_failed_capture_turns_graphs_off_with_one_warning_and_decodes_eagerly(tiny, one_thread):  # noqa: F811
     model, tok = tiny
     prompts = prompts_mixed()

@@ -106,8 +106,10 @@ class ModelRunner:
         self.device = model.device
         self.dtype = model.dtype if model.dtype in (torch.float32, torch.float16, torch.bfloat16) else torch.float32
         shape = (cfg.num_layers, num_blocks, block_size, cfg.num_kv_heads, cfg.head_dim)
-        self.k_cache = torch.empty(shape, dtype=self.dtype, device=self.device)
-        self.v_cache = torch.empty(shape, dtype=self.dtype, device=self.device)
+        # zeroed, not empty: slots past a context are read and weighted by 0 on the CPU paths (and by padded
+        # CUDA-graph rows), and 0 * NaN left by the allocator's previous owner would poison the whole row
+        self.k_cache = torch.zeros(shape, dtype=self.dtype, device=self.device)
+        self.v_cache = torch.zeros(shape, dtype=self.dtype, device=self.device)
         self.attn = PagedAttention(self.k_cache, self.v_cache, cfg.head_dim ** -0.5)
         self._last_common: list[int] = []  # the block ids the last decode step's rows all started with
         self.graphs: DecodeGraphs | None = None
