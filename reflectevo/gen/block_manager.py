@@ -27,6 +27,7 @@ class BlockManager:
         self.block_of: dict[bytes, int] = {}
         self.free_plain: deque[int] = deque(range(num_blocks))
         self.free_cached: OrderedDict[int, None] = OrderedDict()  # oldest first
+        self.high_water = 0  # 1 + the highest block id ever handed out: blocks above it were never used
 
     @property
     def num_free(self) -> int:
@@ -42,6 +43,7 @@ class BlockManager:
                 del self.block_of[h]
             self.hash_of[bid] = None
         self.ref_count[bid] = 1
+        self.high_water = max(self.high_water, bid + 1)
         return bid
 
     def _release(self, bid: int):

@@ -178,6 +178,7 @@ class Engine:
             if not batch:
                 bar.update(self._count_finished(seqs), 0)
                 continue
+            self.runner.clear_blocks_below(self.block_manager.high_water)
             logits = self.runner.run(batch, is_prefill)
             next_ids = sample(logits, batch).tolist()  # the one host sync of the step
             self.stats["steps"] += 1

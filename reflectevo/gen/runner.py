@@ -106,13 +106,23 @@ class ModelRunner:
         self.device = model.device
         self.dtype = model.dtype if model.dtype in (torch.float32, torch.float16, torch.bfloat16) else torch.float32
         shape = (cfg.num_layers, num_blocks, block_size, cfg.num_kv_heads, cfg.head_dim)
-        # zeroed, not empty: slots past a context are read and weighted by 0 on the CPU paths (and by padded
-        # CUDA-graph rows), and 0 * NaN left by the allocator's previous owner would poison the whole row
-        self.k_cache = torch.zeros(shape, dtype=self.dtype, device=self.device)
-        self.v_cache = torch.zeros(shape, dtype=self.dtype, device=self.device)
+        # empty, zeroed block by block on first use (clear_blocks_below): a CPU cache of several GiB is neither
+        # written nor committed up front
+        self.k_cache = torch.empty(shape, dtype=self.dtype, device=self.device)
+        self.v_cache = torch.empty(shape, dtype=self.dtype, device=self.device)
+        self._cleared = 0
         self.attn = PagedAttention(self.k_cache, self.v_cache, cfg.head_dim ** -0.5)
         self._last_common: list[int] = []  # the block ids the last decode step's rows all started with
         self.graphs: DecodeGraphs | None = None
+
+    def clear_blocks_below(self, high_water: int):
+        """Zero blocks [cleared so far, high_water) of both caches. Slots past a context are read and weighted by
+        0 (the CPU gather path, padded CUDA-graph rows, tables padded with block 0), and 0 * NaN left in memory
+        by its previous owner would poison the whole row; a block once written holds finite K/V."""
+        if high_water > self._cleared:
+            self.k_cache[:, self._cleared:high_water].zero_()
+            self.v_cache[:, self._cleared:high_water].zero_()
+            self._cleared = high_water
 
     def enable_graphs(self, max_batch: int, max_model_len: int, emulate: bool = False):
         """Decode steps of up to ``max_batch`` sequences through CUDA graphs (``emulate``: eager, for tests)."""
