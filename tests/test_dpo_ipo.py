@@ -6,7 +6,7 @@ import torch
 from reflectevo.model.lora import adapters_disabled
 from reflectevo.trainer.data import make_batch, tokenize_records
 from reflectevo.trainer.dpo import DPOObjective, compute_reference
-from test_trainer import cfg, d_pm, tiny_model_with_random_lora, tiny_tokenizer
+from trainer_tiny import cfg, d_pm, tiny_model_with_random_lora, tiny_tokenizer
 
 
 def _mean_logps(model, exs):

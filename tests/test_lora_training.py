@@ -11,7 +11,7 @@ from reflectevo.kernels.linear_logprobs import linear_logprobs
 from reflectevo.model import lora
 from reflectevo.model.lora import LoRALinear
 from reflectevo.trainer import train_dpo, train_sft
-from test_trainer import cfg, d_plus, d_pm, read_metrics, tiny_model, tiny_tokenizer
+from trainer_tiny import cfg, d_plus, d_pm, read_metrics, tiny_model, tiny_tokenizer
 
 
 def _layer_grads(merged: bool, monkeypatch):

@@ -1,5 +1,5 @@
 """Trainer guards: options that cannot work and gradients that must not be stepped stop the run before anything
-is written (tiny model and tokenizer of test_trainer)."""
+is written (tiny model and tokenizer of trainer_tiny)."""
 from __future__ import annotations
 
 import json
@@ -7,7 +7,7 @@ import json
 import pytest
 
 from reflectevo.trainer import TrainError, train_sft
-from test_trainer import cfg, d_plus, read_metrics, tiny_model, tiny_tokenizer
+from trainer_tiny import cfg, d_plus, read_metrics, tiny_model, tiny_tokenizer
 
 
 def test_eval_every_without_held_out_data_is_refused(tmp_path):

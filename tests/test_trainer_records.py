@@ -5,7 +5,7 @@ import torch
 
 from reflectevo.trainer.data import example_keys, tokenize_records
 from reflectevo.trainer.dpo import compute_reference
-from test_trainer import cfg, d_plus, d_pm, tiny_model, tiny_tokenizer
+from trainer_tiny import cfg, d_plus, d_pm, tiny_model, tiny_tokenizer
 
 
 def test_keys_stay_unique_when_an_id_looks_like_a_repeat():

@@ -1,5 +1,5 @@
 """Run-directory edge cases of the trainer: crashes during a save, resume (tiny model and tokenizer of
-test_trainer)."""
+trainer_tiny)."""
 from __future__ import annotations
 
 import pytest
@@ -8,7 +8,7 @@ from safetensors.torch import load_file
 
 import reflectevo.model.peft_io as peft_io
 from reflectevo.trainer import TrainError, train_dpo, train_sft
-from test_trainer import cfg, d_plus, d_pm, read_metrics, tiny_model, tiny_tokenizer
+from trainer_tiny import cfg, d_plus, d_pm, read_metrics, tiny_model, tiny_tokenizer
 
 
 def test_crash_during_the_final_save_resumes_to_a_complete_adapter(tmp_path, monkeypatch):
