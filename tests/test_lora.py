@@ -407,3 +407,39 @@ def test_adapter_with_another_scale_is_refused_by_an_attached_model(tmp_path):
     load_adapter(same, tmp_path / "a")
     with torch.no_grad():
         torch.testing.assert_close(same(IDS), src(IDS), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("compute_dtype,adapter_dtype,autocast,dropout,bias", [
+    (torch.float32, torch.float32, False, 0.0, False), (torch.float32, torch.float32, False, 0.3, True),
+    (torch.bfloat16, torch.float32, False, 0.0, True), (torch.bfloat16, torch.float32, True, 0.3, False),
+    (torch.bfloat16, torch.bfloat16, False, 0.0, False)])
+def test_qlora_single_node_matches_the_unfused_layer(compute_dtype, adapter_dtype, autocast, dropout, bias,
+                                                     monkeypatch):
+    """The one-node NF4 + LoRA training path (_QLoRA) against the same layer computed op by op (QLORA_NODE off):
+    outputs and the gradients of x, A and B, with dropout (same draw), a frozen bias, mixed dtypes, autocast."""
+    from reflectevo.model import lora
+
+    torch.manual_seed(0)
+    layer = LoRALinear(NF4Linear.from_linear(nn.Linear(64, 40, bias=bias), compute_dtype=compute_dtype), r=8,
+                       alpha=16, dropout=dropout, dtype=adapter_dtype).train()
+    with torch.no_grad():
+        layer.lora_B.weight.normal_()
+    x0 = torch.randn(3, 5, 64).to(compute_dtype)
+    g = torch.randn(3, 5, 40).to(compute_dtype)
+    runs = []
+    for node in (True, False):
+        monkeypatch.setattr(lora, "QLORA_NODE", node)
+        x = x0.clone().requires_grad_(True)
+        layer.zero_grad(set_to_none=True)
+        torch.manual_seed(11)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            y = layer(x)
+        assert (type(y.grad_fn).__name__ == "_QLoRABackward") == node
+        y.backward(g)
+        assert y.dtype == compute_dtype and y.shape == (3, 5, 40)
+        assert x.grad.dtype == x.dtype and layer.lora_A.weight.grad.dtype == adapter_dtype
+        runs.append([y.detach(), x.grad, layer.lora_A.weight.grad, layer.lora_B.weight.grad])
+    exact = compute_dtype == adapter_dtype == torch.float32 and not autocast
+    for got, want in zip(*runs):
+        err = ((got.float() - want.float()).norm() / want.float().norm()).item()
+        assert err < (1e-6 if exact else 1e-2), err

@@ -18,11 +18,11 @@ Paths (``nf4_matmul(path=...)`` forces one; ``choose_path`` picks one from measu
                stages) is autotuned per (power-of-two row bucket, N, K, dtype) from ``_tile_configs``.
 - ``dequant``  the Triton dequant kernel writes a temporary bf16 W, then cuBLAS (torch.matmul).
 Thresholds: ``gemv`` for rows <= AUTO_GEMV_MAX_ROWS, ``fused`` for rows <= AUTO_FUSED_MAX_ROWS, else ``dequant``.
-Both are 0, i.e. always ``dequant``: on an H200 (bench/results/2026-11-26-h200-kernels.md, Llama-3-8B shapes)
-dequant + cuBLAS beat the GEMV at 1 token by 2.4-7.7x and the fused kernel at 16 and 512 tokens by 2.8-33x.
-Both kernels were reworked since (GEMV: K split over ~4 programs per SM, one FMA per product; fused: the aligned
-path above, autotuned tiles) and are not yet measured on a GPU: the thresholds stay 0 until a run of
-``reflectevo bench kernels`` shows them winning.
+Both are 0, i.e. always ``dequant``: on an H200 (bench/results/2026-11-30-h200-kernels.md, Llama-3-8B shapes,
+the kernels as they are here) dequant + cuBLAS took 0.9-1.2x the time of the GEMV at 1 token and 3-17x less than
+the fused kernel, timed eagerly. The GEMV's times hardly change with the layer's size (0.085-0.110 ms), a sign of
+launch cost rather than device time; the benchmark now also replays each call from a CUDA graph (device time, what
+the sampler's graph-captured decode pays). The thresholds stay 0 until such a run shows a kernel winning.
 On the CPU (no Triton) every call is dequant + matmul in PyTorch.
 
 The backward (dx = dy · W) uses the fused kernel with W read transposed when the forward took ``gemv`` or
@@ -335,7 +335,8 @@ def _dense(q: NF4Tensor, dtype: torch.dtype, triton_ok: bool) -> torch.Tensor:
     return _dequantize_triton(q, dtype) if triton_ok else nf4_dequantize_reference(q, dtype)
 
 
-def _forward(x2d, q, bias, path, triton_ok):
+def forward_2d(x2d, q, bias, path, triton_ok):
+    """y = x2d · dequant(q)ᵀ + bias on a planned path (``plan``), outside autograd."""
     if path == "dequant":
         return torch.nn.functional.linear(x2d, _dense(q, x2d.dtype, triton_ok), bias)
     if path == "gemv":
@@ -343,22 +344,25 @@ def _forward(x2d, q, bias, path, triton_ok):
     return _fused(x2d, q, bias, transpose_w=False)
 
 
+def input_grad(dy2d, q, path, triton_ok):
+    """dx = dy2d · dequant(q) for a forward that took ``path``, outside autograd."""
+    if path != "dequant":
+        return _fused(dy2d.contiguous(), q, None, transpose_w=True)
+    return dy2d @ _dense(q, dy2d.dtype, triton_ok)
+
+
 class _NF4Matmul(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x2d, bias, q, path, triton_ok):
         ctx.q, ctx.path, ctx.triton_ok = q, path, triton_ok
         ctx.has_bias = bias is not None
-        return _forward(x2d, q, bias, path, triton_ok)
+        return forward_2d(x2d, q, bias, path, triton_ok)
 
     @staticmethod
     def backward(ctx, dy):
-        q = ctx.q
         dx = dbias = None
         if ctx.needs_input_grad[0]:
-            if ctx.path != "dequant":
-                dx = _fused(dy.contiguous(), q, None, transpose_w=True)
-            else:
-                dx = dy @ _dense(q, dy.dtype, ctx.triton_ok)
+            dx = input_grad(dy, ctx.q, ctx.path, ctx.triton_ok)
         if ctx.has_bias and ctx.needs_input_grad[1]:
             dbias = dy.sum(0)
         return dx, dbias, None, None, None
@@ -368,9 +372,19 @@ def nf4_matmul(x: torch.Tensor, q: NF4Tensor, bias: torch.Tensor | None = None,
                path: str | None = None) -> torch.Tensor:
     """x [..., K] · dequant(q)ᵀ [K, N] (+ bias) -> [..., N] in x's dtype; differentiable w.r.t. x (and bias).
     ``path`` forces ``gemv`` / ``fused`` / ``dequant`` (default: ``choose_path``)."""
+    x2d, path, triton_ok = plan(x, q, path)
+    if bias is not None and bias.dtype != x.dtype:
+        bias = bias.to(x.dtype)
+    out = _NF4Matmul.apply(x2d, bias, q, path, triton_ok)
+    return out if x.dim() == 2 else out.view(*x.shape[:-1], q.shape[0])
+
+
+def plan(x: torch.Tensor, q: NF4Tensor, path: str | None = None) -> tuple[torch.Tensor, str, bool]:
+    """(x as a contiguous [rows, K] matrix, the path, whether Triton runs), checked and decided once per call:
+    the forward, the backward and the dequantisation follow it."""
     if len(q.shape) != 2:
         raise ValueError(f"nf4_matmul: weight must be 2-D [out, in], got shape {tuple(q.shape)}")
-    n_out, k_in = q.shape
+    k_in = q.shape[1]
     if x.shape[-1] != k_in:
         raise ValueError(f"nf4_matmul: x has {x.shape[-1]} features, weight expects {k_in}")
     if path is not None and path not in PATHS:
@@ -379,17 +393,14 @@ def nf4_matmul(x: torch.Tensor, q: NF4Tensor, bias: torch.Tensor | None = None,
     if not x2d.is_contiguous():
         x2d = x2d.contiguous()
     rows = x2d.shape[0]
-    triton_ok = use_triton(x2d)  # decided once per call: the forward, the backward and the dequantisation follow it
+    triton_ok = use_triton(x2d)
     if not triton_ok or rows == 0:
         path = "dequant"  # the only path without Triton
     elif path is None:
         path = _auto_path(rows, True)
     elif path == "gemv" and rows > GEMV_MAX_ROWS:
         path = "fused"
-    if bias is not None and bias.dtype != x.dtype:
-        bias = bias.to(x.dtype)
-    out = _NF4Matmul.apply(x2d, bias, q, path, triton_ok)
-    return out if x.dim() == 2 else out.view(*x.shape[:-1], n_out)
+    return x2d, path, triton_ok
 
 
 def llama3_8b_nf4_bytes_per_param() -> dict:
