@@ -3,8 +3,9 @@
 A step is flattened into one row, input_ids [1, T] with per-token positions: a prefill step holds the
 uncomputed suffix of every admitted sequence back to back, a decode step the last token of every running
 sequence. The model calls ``PagedAttention(layer_idx, q, k, v)`` in every layer; the backend writes the new
-K/V into the cache and attends over cached + new tokens (SDPA per sequence for prefill, the paged decode
-kernel for decode). Only the last position of each sequence goes through the lm_head.
+K/V into the cache and attends over cached + new tokens (prefill: one flash-attn varlen call per layer where
+flash-attn is installed, else SDPA per sequence; decode: the paged decode kernel). Only the last position of
+each sequence goes through the lm_head.
 
 Everything the layers share (block tables, slots, lengths, the CPU decode plan, prefill masks) is built once
 per step here, not once per layer; gather scratch buffers live as long as the runner.
@@ -29,8 +30,22 @@ from reflectevo.kernels.paged_attention import (
     store_kv,
 )
 from reflectevo.kernels.paged_attention_rows import RowContexts, keep_contexts
+from reflectevo.model import transformer as tfm
 
 LOGITS_CHUNK_CPU = 512
+
+
+@dataclass
+class FlashPrefill:
+    """A prefill step as one flash-attn varlen call: the queries packed as they come, the contexts packed by
+    ``slots`` (cache slots of positions 0..ctx-1 of each sequence, in order; None when no sequence has a cached
+    prefix, and this step's K/V are the contexts)."""
+
+    cu_q: torch.Tensor  # int32 [S + 1]
+    cu_k: torch.Tensor  # int32 [S + 1]
+    max_q: int
+    max_k: int
+    slots: torch.Tensor | None
 
 
 @dataclass
@@ -53,6 +68,7 @@ class PagedAttention:
         self.slot_mapping = self.block_tables = self.context_lens = None  # block tables: Triton decode only
         self.decode_plan: DecodePlan | None = None  # CPU decode: built once per step
         self.prefill_seqs: list[PrefillSeq] = []
+        self.flash: FlashPrefill | None = None  # set for prefill steps when flash-attn can run them
         self.buffers = GatherBuffers()
         cache_bytes = 2 * k_cache.numel() * k_cache.element_size()
         self.rows = RowContexts(cache_bytes)  # CPU decode: each sequence's own context, contiguous across steps
@@ -63,13 +79,28 @@ class PagedAttention:
         q, k, v = q.reshape(T, Hq, D), k.reshape(T, *k.shape[2:]), v.reshape(T, *v.shape[2:])
         kc, vc = self.k_cache[layer_idx], self.v_cache[layer_idx]
         store_kv(k, v, kc, vc, self.slot_mapping)
-        if self.is_prefill:
+        if self.is_prefill and self.flash is not None:
+            out = self._prefill_flash(q, k, v, kc, vc)
+        elif self.is_prefill:
             out = self._prefill(q, k, v, kc, vc)
         elif self.decode_plan is not None:
             out = paged_attention_decode_cpu(q, kc, vc, self.decode_plan, self.scale, self.buffers)
         else:
             out = paged_attention_decode(q, kc, vc, self.block_tables, self.context_lens, self.scale)
         return out.reshape(B, T, Hq, D)
+
+    def _prefill_flash(self, q, k, v, kc, vc):
+        """All sequences of the step in one flash-attn varlen call, causal aligned to the end of each context
+        (flash-attn's convention: query i of n sits at position ctx - n + i). Contexts with a cached prefix are
+        gathered from the cache slot by slot: flash-attn 2 reads block tables only with blocks of 256 tokens,
+        and prefix caching wants small ones."""
+        f = self.flash
+        keys, vals = k, v
+        if f.slots is not None:
+            keys = kc.view(-1, *kc.shape[2:]).index_select(0, f.slots)
+            vals = vc.view(-1, *vc.shape[2:]).index_select(0, f.slots)
+        return tfm.flash_attn_varlen_func(q, keys, vals, f.cu_q, f.cu_k, f.max_q, f.max_k, softmax_scale=self.scale,
+                                          causal=True)
 
     def _prefill(self, q, k, v, kc, vc):
         """Each sequence's new queries attend to its whole context, causal with the query offset. A sequence
@@ -172,6 +203,18 @@ class ModelRunner:
             out.append(PrefillSeq(start, end, ctx, blocks, mask))
         return out
 
+    def _flash_prefill(self, seqs: list[Sequence], starts: list[int]) -> FlashPrefill:
+        bs, dev = self.block_size, self.device
+        ctx = [len(s) for s in seqs]
+        new = [e - b for b, e in zip(starts[:-1], starts[1:])]
+        slots = None
+        if ctx != new:  # some context starts in the cache
+            slots = torch.cat([(torch.tensor(s.block_table[: (n + bs - 1) // bs], dtype=torch.int64)[:, None] * bs
+                                + torch.arange(bs)).flatten()[:n] for s, n in zip(seqs, ctx)]).to(dev)
+        cu_k = torch.tensor([0] + ctx, dtype=torch.int32).cumsum(0, dtype=torch.int32)
+        return FlashPrefill(torch.tensor(starts, dtype=torch.int32, device=dev), cu_k.to(dev), max(new), max(ctx),
+                            slots)
+
     @torch.inference_mode()
     def run(self, seqs: list[Sequence], is_prefill: bool) -> torch.Tensor:
         """One model call for the step -> logits [len(seqs), V] at each sequence's last position."""
@@ -191,9 +234,12 @@ class ModelRunner:
         attn = self.attn
         attn.is_prefill = is_prefill
         attn.slot_mapping = torch.tensor(slots, dtype=torch.int64, device=dev)
-        attn.decode_plan, attn.prefill_seqs = None, []
-        if is_prefill:
+        attn.decode_plan, attn.prefill_seqs, attn.flash = None, [], None
+        if is_prefill and tfm.flash_usable(self.k_cache):
+            attn.flash = self._flash_prefill(seqs, starts)
+        elif is_prefill:
             attn.prefill_seqs = self._prefill_seqs(seqs, starts)
+        if is_prefill:
             attn.buffers.forget_stable()  # prefill may place new or recycled blocks where shared prefixes were
             attn.rows.forget()
             attn.groups.forget()

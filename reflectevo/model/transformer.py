@@ -30,6 +30,11 @@ except Exception:  # pragma: no cover - not installed on CPU machines
     flash_attn_func = flash_attn_varlen_func = None
 
 
+def flash_usable(x: torch.Tensor) -> bool:
+    """flash-attn installed and ``x`` a CUDA fp16 / bf16 tensor (its kernels take nothing else)."""
+    return flash_attn_varlen_func is not None and x.is_cuda and x.dtype in (torch.float16, torch.bfloat16)
+
+
 class RMSNorm(nn.Module):
     def __init__(self, dim: int, eps: float):
         super().__init__()
@@ -48,7 +53,7 @@ def causal_attention(q, k, v, window: int | None = None, seq_ids: torch.Tensor |
     a block-diagonal mask at sum(L^2) instead of T^2 work, and no [B, H, T, T] mask or attention matrix.
     """
     B, T, Hq, D = q.shape
-    if flash_attn_func is not None and q.is_cuda and q.dtype in (torch.float16, torch.bfloat16):
+    if flash_usable(q):
         return _flash_attention(q, k, v, window, seq_ids)
     if seq_ids is not None:
         rows = []
@@ -103,7 +108,7 @@ def _varlen_bounds(seq_ids: torch.Tensor):
     return cu, int((cu[1:] - cu[:-1]).max())
 
 
-def _flash_attention(q, k, v, window, seq_ids):  # pragma: no cover - needs CUDA + flash-attn
+def _flash_attention(q, k, v, window, seq_ids):
     win = (window - 1, 0) if window is not None else (-1, -1)
     if seq_ids is None:
         return flash_attn_func(q, k, v, causal=True, window_size=win)
