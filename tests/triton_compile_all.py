@@ -17,6 +17,7 @@ import time
 
 def _variants():
     """(kernel, signature types by argument name, constexprs, launch options) for every launch-site variant."""
+    import triton
     import triton.language as tl
 
     k = {m: importlib.import_module(f"reflectevo.kernels.{m}")
@@ -91,12 +92,17 @@ def _variants():
     fused = [("bf16", trans, True, cfg) for trans in (False, True) for cfg in nm._tile_configs(trans)]
     fused += [(dt, trans, True, nm._tile_configs(trans)[3]) for dt in ("fp32", "fp16") for trans in (False, True)]
     fused += [(dt, trans, False, unaligned) for dt in ("bf16", "fp32") for trans in (False, True)]
-    for dt, trans, aligned, cfg in fused:
-        sig = dict(nf4_ptrs, a_ptr=f"*{dt}", bias_ptr=f"*{dt}", out_ptr=f"*{dt}", M="i32", N="i32", K="i32",
-                   stride_am="i32", stride_om="i32", m_bucket="i32", absmax_ptr="*u8")
+    fused = [(dt, trans, aligned, cfg, False) for dt, trans, aligned, cfg in fused]
+    # decode-sized inputs: the fixed split-R tiles, fp32 partial sums
+    fused += [("bf16", trans, True, triton.Config(dict(BLOCK_M=m, BLOCK_P=64, BLOCK_R=64), num_warps=4,
+                                                  num_stages=3), True) for trans in (False, True) for m in (16, 32, 64)]
+    for dt, trans, aligned, cfg, split in fused:
+        sig = dict(nf4_ptrs, a_ptr=f"*{dt}", bias_ptr=f"*{dt}", out_ptr="*fp32" if split else f"*{dt}", M="i32",
+                   N="i32", K="i32", stride_am="i32", stride_om="i32", m_bucket="i32", r_per_split="i32",
+                   absmax_ptr="*u8")
         out.append((nm._fused_kernel, sig,
                     dict(BLOCKSIZE=64, DOUBLE=True, HAS_BIAS=not trans, IEEE=dt == "fp32", DOT_FP32=False,
-                         TRANS=trans, K_ALIGNED=aligned, **cfg.kwargs),
+                         TRANS=trans, K_ALIGNED=aligned, SPLIT=split, **cfg.kwargs),
                     dict(enable_fp_fusion=False, num_warps=cfg.num_warps, num_stages=cfg.num_stages)))
     gemv = [("bf16", rows, True, True) for rows in (2, 4, 8)] + [("bf16", 2, False, False), ("fp16", 8, True, True),
                                                                  ("fp32", 8, True, True)]

@@ -69,6 +69,16 @@ def _tile_name(cfg) -> str:
     return f"{kw['BLOCK_M']}x{kw['BLOCK_P']}x{kw['BLOCK_R']} w{cfg.num_warps} s{cfg.num_stages}"
 
 
+def _fused_tile(m, n, k, transpose_w, device) -> str:
+    """The tile the fused kernel ran with: the fixed split-R tile for decode-sized inputs, else the autotuner's."""
+    if m <= nm.SPLIT_MAX_ROWS:
+        bm = max(16, nm.next_power_of_2(m))
+        p, r = (k, n) if transpose_w else (n, k)
+        per = nm._split_plan(m, p, r, bm, 64, 64, nm.sm_count(device))
+        return f"{bm}x64x64 w4 s3, {-(-r // per)} R splits"
+    return _tile_name(nm._fused_tuned[transpose_w].best_config)
+
+
 def _matmul_rows(device, n, k, tokens, dtype, repeats):
     bnb, bnbf = _bnb()
     w = torch.randn(n, k, device=device, dtype=dtype)
@@ -91,10 +101,10 @@ def _matmul_rows(device, n, k, tokens, dtype, repeats):
                 if m <= GRAPH_MAX_TOKENS:
                     row[f"{path}_graph_ms"] = time_fn_graph(lambda: nf4_matmul(x, q, path=path), device)
         if device.type == "cuda" and m > GEMV_MAX_ROWS:
-            row["fused_tile"] = _tile_name(nm._fused_tuned[False].best_config)
+            row["fused_tile"] = _fused_tile(m, n, k, False, device)
             dy = torch.randn(m, n, device=device, dtype=dtype)
             row["fused_dx_ms"] = time_fn(lambda: nm._fused(dy, q, None, True), device, repeats=repeats)
-            row["fused_dx_tile"] = _tile_name(nm._fused_tuned[True].best_config)
+            row["fused_dx_tile"] = _fused_tile(m, n, k, True, device)
             row["dequant_dx_ms"] = time_fn(lambda: dy @ nf4_dequantize(q, dtype), device, repeats=repeats)
         row["auto_path"] = choose_path(x)
         if bnb is not None:

@@ -15,14 +15,19 @@ Paths (``nf4_matmul(path=...)`` forces one; ``choose_path`` picks one from measu
                (a slice of K) writing fp32 partial sums, every row of x handled by broadcasting, products summed
                over K once after the loop, no tensor cores.
 - ``fused``    tiled tl.dot with in-loop dequantisation; on CUDA the tile (rows x features x K step, warps,
-               stages) is autotuned per (power-of-two row bucket, N, K, dtype) from ``_tile_configs``.
+               stages) is autotuned per (power-of-two row bucket, N, K, dtype) from ``_tile_configs``. Up to
+               SPLIT_MAX_ROWS (64) rows, a decode batch, the grid of row x feature tiles alone would leave most
+               SMs idle (64 programs for a 4096-feature layer at 64 rows, 16 for a 1024-feature one, on 132 SMs),
+               so a fixed 64-wide tile also splits the reduction dimension (``_split_plan``: about two programs
+               per SM): fp32 partial sums [splits, rows, features], summed, biased and cast after the kernel.
 - ``dequant``  the Triton dequant kernel writes a temporary bf16 W, then cuBLAS (torch.matmul).
 Thresholds: ``gemv`` for rows <= AUTO_GEMV_MAX_ROWS, ``fused`` for rows <= AUTO_FUSED_MAX_ROWS, else ``dequant``.
 Both are 0, i.e. always ``dequant``: on an H200 (bench/results/2026-11-30-h200-kernels.md, Llama-3-8B shapes,
 the kernels as they are here) dequant + cuBLAS took 0.9-1.2x the time of the GEMV at 1 token and 3-17x less than
 the fused kernel, timed eagerly. The GEMV's times hardly change with the layer's size (0.085-0.110 ms), a sign of
 launch cost rather than device time; the benchmark now also replays each call from a CUDA graph (device time, what
-the sampler's graph-captured decode pays). The thresholds stay 0 until such a run shows a kernel winning.
+the sampler's graph-captured decode pays); the split-R launch for decode batches came after that run. The
+thresholds stay 0 until such a run shows a kernel winning.
 On the CPU (no Triton) every call is dequant + matmul in PyTorch.
 
 The backward (dx = dy · W) uses the fused kernel with W read transposed when the forward took ``gemv`` or
@@ -44,6 +49,7 @@ if HAS_TRITON:
     from reflectevo.kernels.nf4 import cast_rne
 
 GEMV_MAX_ROWS = 8  # what the GEMV kernel handles
+SPLIT_MAX_ROWS = 64  # the fused kernel splits R over programs up to this many rows (decode batches), on CUDA
 AUTO_GEMV_MAX_ROWS = 0  # measured: see the module docstring
 AUTO_FUSED_MAX_ROWS = 0
 PATHS = ("gemv", "fused", "dequant")
@@ -89,9 +95,9 @@ if HAS_TRITON:
 
     @triton.jit
     def _fused_kernel(a_ptr, data_ptr, absmax_ptr, absmax2_ptr, code2_ptr, offset_ptr, table_ptr, bias_ptr, out_ptr,
-                      M, N, K, stride_am, stride_om, m_bucket,
+                      M, N, K, stride_am, stride_om, m_bucket, r_per_split,
                       BLOCKSIZE: tl.constexpr, DOUBLE: tl.constexpr, HAS_BIAS: tl.constexpr, IEEE: tl.constexpr,
-                      DOT_FP32: tl.constexpr, TRANS: tl.constexpr, K_ALIGNED: tl.constexpr,
+                      DOT_FP32: tl.constexpr, TRANS: tl.constexpr, K_ALIGNED: tl.constexpr, SPLIT: tl.constexpr,
                       BLOCK_M: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_R: tl.constexpr):
         """out[M, P] = a[M, R] · B[R, P], B decoded from the NF4 weight W [N, K] inside the R loop.
         Forward (TRANS=0): a = x, R = K, P = N, B = Wᵀ. Input gradient (TRANS=1): a = dy, R = N, P = K, B = W.
@@ -99,9 +105,13 @@ if HAS_TRITON:
         Aligned path (K_ALIGNED: K % BLOCKSIZE == 0, and the tile's K extent divides BLOCKSIZE): each tile row lies
         in one quantisation block, so one absmax per row; each packed byte is loaded once for its two values; the
         pointers advance by a constant per step. Otherwise every element is addressed on its own (odd K, blocks
-        straddling rows). ``m_bucket`` is unused here: the autotuner's key."""
+        straddling rows). ``m_bucket`` is unused here: the autotuner's key.
+        Split R (SPLIT): program (m, p, s) sums R range [s * r_per_split, (s + 1) * r_per_split) and writes fp32
+        partial sums to out[s] ([splits, M, P]; bias and the cast come after the sum over s)."""
         pid_m = tl.program_id(0)
         pid_p = tl.program_id(1)
+        r_lo = tl.program_id(2) * r_per_split
+        r_hi = tl.minimum(r_lo + r_per_split, N if TRANS else K)
         rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
         m_ok = rm < M
         acc = tl.zeros((BLOCK_M, BLOCK_P), dtype=tl.float32)
@@ -114,9 +124,9 @@ if HAS_TRITON:
             if TRANS:  # fixed K columns [k0, k0 + BLOCK_P), W rows advance with r
                 k0 = pid_p * BLOCK_P
                 rr = tl.arange(0, BLOCK_R)
-                a_ptrs = a_ptr + rm[:, None].to(tl.int64) * stride_am + rr[None, :]
-                byte_ptrs = data_ptr + rr[:, None].to(tl.int64) * (K // 2) + (k0 // 2 + half)[None, :]
-                for r0 in range(0, R, BLOCK_R):
+                a_ptrs = a_ptr + rm[:, None].to(tl.int64) * stride_am + (r_lo + rr)[None, :]
+                byte_ptrs = data_ptr + (r_lo + rr)[:, None].to(tl.int64) * (K // 2) + (k0 // 2 + half)[None, :]
+                for r0 in range(r_lo, r_hi, BLOCK_R):
                     n_ok = r0 + rr < R
                     a = tl.load(a_ptrs, mask=m_ok[:, None] & n_ok[None, :], other=0.0)
                     blk = (r0 + rr).to(tl.int64) * (K // BLOCKSIZE) + k0 // BLOCKSIZE
@@ -129,10 +139,10 @@ if HAS_TRITON:
                 rn = pid_p * BLOCK_P + tl.arange(0, BLOCK_P)
                 n_ok = rn < N
                 rk = tl.arange(0, BLOCK_R)
-                a_ptrs = a_ptr + rm[:, None].to(tl.int64) * stride_am + rk[None, :]
-                byte_ptrs = data_ptr + rn[:, None].to(tl.int64) * (K // 2) + half[None, :]
+                a_ptrs = a_ptr + rm[:, None].to(tl.int64) * stride_am + (r_lo + rk)[None, :]
+                byte_ptrs = data_ptr + rn[:, None].to(tl.int64) * (K // 2) + (r_lo // 2 + half)[None, :]
                 blk0 = rn.to(tl.int64) * (K // BLOCKSIZE)
-                for r0 in range(0, R, BLOCK_R):
+                for r0 in range(r_lo, r_hi, BLOCK_R):
                     a = tl.load(a_ptrs, mask=m_ok[:, None], other=0.0)
                     scale = _scales(absmax_ptr, absmax2_ptr, code2_ptr, offset_ptr, blk0 + r0 // BLOCKSIZE, n_ok,
                                     DOUBLE)
@@ -142,7 +152,7 @@ if HAS_TRITON:
                     byte_ptrs += BLOCK_R // 2
         else:
             rp = pid_p * BLOCK_P + tl.arange(0, BLOCK_P)
-            for r0 in range(0, R, BLOCK_R):
+            for r0 in range(r_lo, r_hi, BLOCK_R):
                 rr = r0 + tl.arange(0, BLOCK_R)
                 a = tl.load(a_ptr + rm[:, None].to(tl.int64) * stride_am + rr[None, :],
                             mask=m_ok[:, None] & (rr[None, :] < R), other=0.0)
@@ -155,10 +165,14 @@ if HAS_TRITON:
                 scale = _scales(absmax_ptr, absmax2_ptr, code2_ptr, offset_ptr, flat // BLOCKSIZE, w_mask, DOUBLE)
                 acc = _dot(acc, a, cast_rne(level * scale, dtype), IEEE, DOT_FP32)
         rp = pid_p * BLOCK_P + tl.arange(0, BLOCK_P)
-        if HAS_BIAS:
-            acc += tl.load(bias_ptr + rp, mask=rp < P, other=0.0).to(tl.float32)[None, :]
-        tl.store(out_ptr + rm[:, None].to(tl.int64) * stride_om + rp[None, :],
-                 cast_rne(acc, out_ptr.dtype.element_ty), mask=m_ok[:, None] & (rp[None, :] < P))
+        out_mask = m_ok[:, None] & (rp[None, :] < P)
+        if SPLIT:
+            tl.store(out_ptr + (tl.program_id(2) * M + rm[:, None]).to(tl.int64) * P + rp[None, :], acc, mask=out_mask)
+        else:
+            if HAS_BIAS:
+                acc += tl.load(bias_ptr + rp, mask=rp < P, other=0.0).to(tl.float32)[None, :]
+            tl.store(out_ptr + rm[:, None].to(tl.int64) * stride_om + rp[None, :],
+                     cast_rne(acc, out_ptr.dtype.element_ty), mask=out_mask)
 
     @triton.jit
     def _gemv_kernel(x_ptr, data_ptr, absmax_ptr, absmax2_ptr, code2_ptr, offset_ptr, table_ptr, part_ptr,
@@ -250,31 +264,54 @@ if HAS_TRITON:
                     for trans in (False, True)}
 
 
-def _fused(a2d: torch.Tensor, q: NF4Tensor, bias, transpose_w: bool, tile=None) -> torch.Tensor:
-    """Launch the fused kernel: on CUDA the autotuned tile when K is a multiple of the block size and the block
-    size of 64, else ``tile`` (a triton.Config) or a fixed one (``_unaligned_tile`` on CUDA; small tiles in the
-    interpreter)."""
+def _split_plan(rows: int, p: int, r: int, block_m: int, block_p: int, block_r: int, sms: int) -> int:
+    """R per split for decode-sized inputs: enough (m, p, s) programs for two per SM, at least four R tiles each."""
+    tiles = cdiv(rows, block_m) * cdiv(p, block_p)
+    splits = max(1, min(cdiv(2 * sms, tiles), r // (4 * block_r)))
+    return cdiv(cdiv(r, splits), block_r) * block_r
+
+
+def _fused(a2d: torch.Tensor, q: NF4Tensor, bias, transpose_w: bool, tile=None, r_per_split=None) -> torch.Tensor:
+    """Launch the fused kernel. CUDA, K a multiple of the block size of 64: up to SPLIT_MAX_ROWS rows a fixed tile
+    with R split over programs (``_split_plan``), more rows the autotuned tile. Otherwise ``tile`` (a
+    triton.Config) or a fixed one (``_unaligned_tile`` on CUDA; small tiles in the interpreter), with
+    ``r_per_split`` (a multiple of the tile's BLOCK_R) splitting R when given."""
     n_out, k_in = q.shape
     M = a2d.shape[0]
-    P = k_in if transpose_w else n_out
-    out = torch.empty(M, P, dtype=a2d.dtype, device=a2d.device)
-    args = (a2d, *_q_args(q), bias if bias is not None else a2d, out, M, n_out, k_in, a2d.stride(0), out.stride(0),
-            max(16, min(4096, next_power_of_2(M))))
+    P, R = (k_in, n_out) if transpose_w else (n_out, k_in)
     flags = dict(BLOCKSIZE=q.blocksize, DOUBLE=q.double_quant, HAS_BIAS=bias is not None,
                  IEEE=a2d.dtype == torch.float32, DOT_FP32=not a2d.is_cuda, TRANS=transpose_w,
                  K_ALIGNED=k_in % q.blocksize == 0, enable_fp_fusion=False)
-    # every autotuner tile's K extent (<= 64) divides a block size that is a multiple of 64: the aligned path
-    if tile is None and a2d.is_cuda and flags["K_ALIGNED"] and q.blocksize % 64 == 0:
-        grid = lambda meta: (cdiv(M, meta["BLOCK_M"]), cdiv(P, meta["BLOCK_P"]))  # noqa: E731
-        _fused_tuned[transpose_w][grid](*args, **flags)
+    m_bucket = max(16, min(4096, next_power_of_2(M)))
+    # every tile's K extent (<= 64) divides a block size that is a multiple of 64: the aligned path
+    aligned_cuda = tile is None and a2d.is_cuda and flags["K_ALIGNED"] and q.blocksize % 64 == 0
+    if aligned_cuda and M <= SPLIT_MAX_ROWS:
+        tile = triton.Config(dict(BLOCK_M=m_bucket, BLOCK_P=64, BLOCK_R=64), num_warps=4, num_stages=3)
+        r_per_split = _split_plan(M, P, R, m_bucket, 64, 64, sm_count(a2d.device))
+    elif aligned_cuda:
+        out = torch.empty(M, P, dtype=a2d.dtype, device=a2d.device)
+        grid = lambda meta: (cdiv(M, meta["BLOCK_M"]), cdiv(P, meta["BLOCK_P"]), 1)  # noqa: E731
+        _fused_tuned[transpose_w][grid](a2d, *_q_args(q), bias if bias is not None else a2d, out, M, n_out, k_in,
+                                        a2d.stride(0), out.stride(0), m_bucket, R, SPLIT=False, **flags)
         return out
     if tile is None:
         tile = (_unaligned_tile() if a2d.is_cuda
                 else triton.Config(dict(BLOCK_M=16, BLOCK_P=16, BLOCK_R=32)))
+    splits = cdiv(R, r_per_split) if r_per_split else 1
+    split = splits > 1
+    out = (torch.empty(splits, M, P, dtype=torch.float32, device=a2d.device) if split
+           else torch.empty(M, P, dtype=a2d.dtype, device=a2d.device))
     launch = dict(num_warps=tile.num_warps, num_stages=tile.num_stages) if a2d.is_cuda else {}
-    grid = (cdiv(M, tile.kwargs["BLOCK_M"]), cdiv(P, tile.kwargs["BLOCK_P"]))
-    _fused_kernel[grid](*args, **flags, **tile.kwargs, **launch)
-    return out
+    grid = (cdiv(M, tile.kwargs["BLOCK_M"]), cdiv(P, tile.kwargs["BLOCK_P"]), splits)
+    _fused_kernel[grid](a2d, *_q_args(q), bias if bias is not None else a2d, out, M, n_out, k_in, a2d.stride(0),
+                        out.stride(-2), m_bucket, r_per_split if split else R, SPLIT=split, **flags, **tile.kwargs,
+                        **launch)
+    if not split:
+        return out
+    total = out.sum(0)
+    if bias is not None:
+        total += bias.float()
+    return total.to(a2d.dtype)
 
 
 def _gemv_plan(n_out: int, k_in: int, rows: int, blocksize: int, cuda: bool, sms: int) -> tuple[int, int, int]:
