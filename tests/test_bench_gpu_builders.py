@@ -76,3 +76,28 @@ def test_train_bench_llama8b_run_end_to_end_and_keeps_our_rows_when_the_referenc
     res = train.run("cpu", quick=True, llama8b=True, seq=192)
     assert "no bitsandbytes CUDA" in res["results"]["ref_error"] and "ours_dpo" in res["results"]
     assert "Reference stack FAILED" in train.format_table(res)
+
+
+def test_nf4_bench_names_the_split_tile_for_decode_batches(monkeypatch):
+    from reflectevo.bench import nf4_kernels
+
+    monkeypatch.setattr(nf4_kernels.nm, "sm_count", lambda device: 132)
+    assert nf4_kernels._fused_tile(64, 4096, 4096, False, "cuda") == "64x64x64 w4 s3, 5 R splits"
+    assert nf4_kernels._fused_tile(16, 1024, 4096, True, "cuda").startswith("16x64x64 w4 s3, ")
+
+
+def test_sampler_bench_fused_nf4_thresholds_are_restored():
+    import importlib
+
+    nm = importlib.import_module("reflectevo.kernels.nf4_matmul")
+    before = nm.AUTO_GEMV_MAX_ROWS, nm.AUTO_FUSED_MAX_ROWS
+    seen = sampler._with_fused_nf4(lambda: (nm.AUTO_GEMV_MAX_ROWS, nm.AUTO_FUSED_MAX_ROWS), 64)
+    assert seen == (nm.GEMV_MAX_ROWS, 64) and (nm.AUTO_GEMV_MAX_ROWS, nm.AUTO_FUSED_MAX_ROWS) == before
+    with pytest.raises(ZeroDivisionError):
+        sampler._with_fused_nf4(lambda: 1 / 0, 64)
+    assert (nm.AUTO_GEMV_MAX_ROWS, nm.AUTO_FUSED_MAX_ROWS) == before
+    row = {"quantize": "nf4", "batch": 64, "decode_step_ms": 15.0, "decode_step_cpu_ms": 1.0, "floor_ms": 2.25,
+           "fraction_of_floor": 0.15, "hf_decode_step_ms": None, "decode_step_ms_fused": 4.5}
+    table = sampler.format_table({"env": {"device": "cuda"}, "reflectevo_shape": {"error": "x"},
+                                  "llama3_8b_decode": [row]})
+    assert "| 4.50 (0.50) |" in table

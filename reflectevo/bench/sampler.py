@@ -248,6 +248,20 @@ def _decode_step_ms(model, prompts, max_tokens, device, kv_cache_gib, **engine_k
             (cpu[max_tokens] - cpu[1]) / (max_tokens - 1) * 1e3)
 
 
+def _with_fused_nf4(fn, rows: int):
+    """fn() with nf4_matmul's auto path sending up to ``rows`` rows to the fused kernel (the GEMV up to its own
+    limit), thresholds restored afterwards."""
+    import importlib
+
+    nm = importlib.import_module("reflectevo.kernels.nf4_matmul")
+    before = nm.AUTO_GEMV_MAX_ROWS, nm.AUTO_FUSED_MAX_ROWS
+    nm.AUTO_GEMV_MAX_ROWS, nm.AUTO_FUSED_MAX_ROWS = nm.GEMV_MAX_ROWS, rows
+    try:
+        return fn()
+    finally:
+        nm.AUTO_GEMV_MAX_ROWS, nm.AUTO_FUSED_MAX_ROWS = before
+
+
 def _free(device):
     import gc
 
@@ -298,6 +312,9 @@ def decode_floor(device, quantize, batch=64, prompt_tokens=512, max_tokens=64, h
     if torch.device(device).type == "cuda":
         row["decode_step_ms_eager"] = _decode_step_ms(model, step_prompts, max_tokens, device, kv_cache_gib,
                                                       cuda_graphs=False)[0]
+        if quantize == "nf4":  # the same step with the NF4 layers on the fused kernel instead of the auto path
+            row["decode_step_ms_fused"] = _with_fused_nf4(
+                lambda: _decode_step_ms(model, step_prompts, max_tokens, device, kv_cache_gib)[0], batch)
     cfg = model.config
     kv_token = 2 * cfg.num_layers * cfg.num_kv_heads * cfg.head_dim * 2
     mean_ctx = sum(len(p) for p in step_prompts) / batch + max_tokens / 2
@@ -391,18 +408,21 @@ def format_table(result: dict) -> str:
                          f"{o['prefill_tokens_computed']} | {hf_cols} |")
     if rows:
         lines += ["", "| Llama-3-8B random | batch | decode step ms (CUDA graphs) | without graphs | host CPU ms "
-                      "per step | floor ms | fraction of floor | transformers step ms |",
-                  "|---|---|---|---|---|---|---|---|"]
+                      "per step | floor ms | fraction of floor | transformers step ms | NF4 on the fused kernel: "
+                      "step ms (fraction of floor) |",
+                  "|---|---|---|---|---|---|---|---|---|"]
         for d in rows:
             if "error" in d:
-                lines.append(f"| {d['quantize']} | FAILED: {d['error'][:200]} | | | | | | |")
+                lines.append(f"| {d['quantize']} | FAILED: {d['error'][:200]} | | | | | | | |")
                 continue
             hf = f"{d['hf_decode_step_ms']:.2f}" if d.get("hf_decode_step_ms") else "-"
             cpu_ms = f"{d['decode_step_cpu_ms']:.2f}" if d.get("decode_step_cpu_ms") is not None else "-"
             eager = f"{d['decode_step_ms_eager']:.2f}" if d.get("decode_step_ms_eager") else "-"
+            fused = (f"{d['decode_step_ms_fused']:.2f} ({d['floor_ms'] / d['decode_step_ms_fused']:.2f})"
+                     if d.get("decode_step_ms_fused") else "-")
             lines.append(f"| {d['quantize']} | {d['batch']} | {d['decode_step_ms']:.2f} | {eager} | {cpu_ms} | "
                          f"{d['floor_ms']:.2f} | "
-                         f"{d['fraction_of_floor']:.2f} | {hf} |")
+                         f"{d['fraction_of_floor']:.2f} | {hf} | {fused} |")
     return "\n".join(lines)
 
 
