@@ -17,15 +17,16 @@ from reflectevo.kernels.linear_logprobs import linear_logprobs, linear_logprobs_
 ll = importlib.import_module("reflectevo.kernels.linear_logprobs")
 tiles_mod = importlib.import_module("reflectevo.kernels.linear_logprobs_tiles")
 ce_mod = importlib.import_module("reflectevo.kernels.linear_cross_entropy")
-# torch: row chunks, PyTorch row step; triton: row chunks, Triton row kernel; tiles: the fully tiled kernels
-BACKENDS = ["torch", "triton", "tiles"]
+# torch: row chunks, PyTorch row step; triton: row chunks, Triton row kernel; chunks16: the same with 16-bit
+# logits for 16-bit inputs; tiles: the fully tiled kernels
+BACKENDS = ["torch", "triton", "chunks16", "tiles"]
 
 
 @contextlib.contextmanager
 def backend_ctx(name):
     """Select one implementation; yields the keyword arguments the op calls take."""
     with kernel_backend("torch" if name == "torch" else "triton"):
-        yield {"impl": "tiles" if name == "tiles" else "auto"}
+        yield {"impl": name if name in ("tiles", "chunks16") else "auto"}
 
 
 @pytest.fixture(autouse=True)
@@ -78,6 +79,34 @@ def test_fp32_matches_fp64(backend, n, h, v):
 def test_half_precision_matches_fp64_of_rounded_inputs(backend, dtype):
     x, w, labels = make(37, 40, 130, dtype)
     check_against_fp64(backend, x, w, labels, 2e-2)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_chunks16_keeps_16bit_logits_with_g_in_place(dtype, monkeypatch):
+    """impl="chunks16": every chunk's logits in the input dtype, G written over them, and log-probs, the
+    cross-entropy and both gradients (trainable head) within 2e-2 of fp64 on the rounded inputs."""
+    calls = []
+    rows_triton = ll._rows_triton
+
+    def spy(z, labels, row_weight, g_dtype):
+        logp, g = rows_triton(z, labels, row_weight, g_dtype)
+        calls.append((z.dtype, g is z))
+        return logp, g
+
+    monkeypatch.setattr(ll, "_rows_triton", spy)
+    x, w, labels = make(37, 40, 130, dtype, seed=3)
+    check_against_fp64("chunks16", x, w, labels, 2e-2)  # forward, then the trainable head's dW sweep
+    assert len(calls) > 4 and set(calls) == {(dtype, True)}
+    xr, wr = x.double().requires_grad_(), w.double().requires_grad_()
+    ref = F.cross_entropy(xr @ wr.T, labels, ignore_index=-100)
+    ref_grads = torch.autograd.grad(ref, [xr, wr])
+    xk, wk = x.clone().requires_grad_(), w.clone().requires_grad_()
+    with backend_ctx("chunks16") as kw:
+        out = linear_cross_entropy(xk, wk, labels, **kw)
+        grads = torch.autograd.grad(out, [xk, wk])
+    assert rel(out, ref) <= 2e-2
+    for got, want in zip(grads, ref_grads):
+        assert got.dtype == dtype and rel(got, want) <= 2e-2
 
 
 def spy_weight_grad_work(monkeypatch):

@@ -5,7 +5,8 @@ extra memory of: naive PyTorch (full logits, fp32 log_softmax, gather, mean over
 ``linear_cross_entropy`` (SFT's loss) with a frozen and with a trainable head, Liger's fused linear cross-entropy and
 fused linear DPO loss when ``liger_kernel`` imports, and a DPO side by side (packed chosen + rejected ->
 linear_logprobs -> sequence_logps -> dpo_loss vs naive). On CUDA the fully tiled kernels (``impl="tiles"``) run
-too, as ``fused_tiles`` / ``fused_dpo_tiles``.
+too, as ``fused_tiles`` / ``fused_dpo_tiles``, and the row chunks with 16-bit logits (``impl="chunks16"``) as
+``fused16`` / ``fused_dpo16``.
 
 Throughput is counted in model FLOPs (4NHV frozen head, 6NHV trainable: forward + backward matmuls, no recompute)
 and set against a bf16 (CUDA) / fp32 (CPU) dense matmul timed in the same run.
@@ -36,8 +37,12 @@ GPU_SHAPES = [(4096, 576, 49152), (8192, 4096, 128256), (16384, 4096, 32000)]
 CPU_SHAPES = [(4096, 576, 49152)]
 QUICK_CPU_SHAPES = [(1024, 576, 16384)]
 DPO_SEQ_LEN = 512
-METHODS = ["naive", "fused", "fused_tiles", "liger_flce", "naive_dpo", "fused_dpo", "fused_dpo_tiles", "liger_dpo"]
-CUDA_ONLY = ("fused_tiles", "fused_dpo_tiles")  # the tiled Triton kernels have no CPU path outside the interpreter
+METHODS = ["naive", "fused", "fused16", "fused_tiles", "liger_flce", "naive_dpo", "fused_dpo", "fused_dpo16",
+           "fused_dpo_tiles", "liger_dpo"]
+# the tiled Triton kernels have no CPU path outside the interpreter; 16-bit logits are the fp32 path on the CPU
+CUDA_ONLY = ("fused_tiles", "fused_dpo_tiles", "fused16", "fused_dpo16")
+IMPL = {"fused": "auto", "fused16": "chunks16", "fused_tiles": "tiles", "fused_dpo": "auto", "fused_dpo16": "chunks16",
+        "fused_dpo_tiles": "tiles"}
 
 
 def _inputs(n, h, v, device, dtype, train_head: bool):
@@ -70,13 +75,13 @@ def _build(method: str, n, h, v, device, dtype, train_head: bool):
 
     if method == "naive":
         body = lambda: (-_naive_logps(x, w, labels).sum() / count).backward()
-    elif method in ("fused", "fused_tiles"):
-        impl = "tiles" if method == "fused_tiles" else "auto"
+    elif method in ("fused", "fused16", "fused_tiles"):
+        impl = IMPL[method]
         body = lambda: linear_cross_entropy(x, w, labels, impl=impl).backward()
     elif method == "naive_dpo":
         body = lambda: dpo_from_seq(sequence_logps(_naive_logps(x, w, labels), seq_ids, 2 * pairs)).backward()
-    elif method in ("fused_dpo", "fused_dpo_tiles"):
-        impl = "tiles" if method == "fused_dpo_tiles" else "auto"
+    elif method in ("fused_dpo", "fused_dpo16", "fused_dpo_tiles"):
+        impl = IMPL[method]
         body = lambda: dpo_from_seq(sequence_logps(linear_logprobs(x, w, labels, impl=impl), seq_ids,
                                                    2 * pairs)).backward()
     elif method == "liger_flce":
@@ -142,7 +147,7 @@ def run(device: str = "cpu", shapes=None, repeats: int | None = None, liger: boo
         for method in METHODS:
             if (method.startswith("liger") and not liger) or (method in CUDA_ONLY and not cuda):
                 continue
-            for train_head in ((False, True) if method in ("naive", "fused", "fused_tiles", "liger_flce")
+            for train_head in ((False, True) if method in ("naive", "fused", "fused16", "fused_tiles", "liger_flce")
                                else (False,)):
                 row = {"shape": [n, h, v], "method": method, "head": "trainable" if train_head else "frozen"}
                 try:

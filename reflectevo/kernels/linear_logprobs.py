@@ -31,6 +31,14 @@ Extra memory beyond inputs and gradients: U [N, H] (fp32 on the CPU, the input d
 logits (C x V x 4 bytes, C chosen from a byte budget: 32 MiB CPU, 256 MiB CUDA) plus G in the input dtype on CUDA
 (written over z in place when the dtypes match), and the dW accumulator when the head trains.
 
+``impl="chunks16"`` (opt-in, measured against the default in ``reflectevo bench kernels``): with bf16 / fp16
+inputs the logits stay in the input dtype, one [C, V] 16-bit buffer that G overwrites in place, 2 bytes per
+element instead of 6: three times the rows per chunk at the same budget (a third of the [V, H] passes a trainable
+head's dW accumulation makes) and ~40 % less chunk traffic (z written, read twice, G written and read: 10 bytes an
+element instead of 16). The price is the precision of a naive bf16 forward: each logit is rounded to the input
+dtype before the fp32 row step (~|z| 2^-9 in bf16), and logits near 1e4 lose their units. fp32 inputs and the
+CPU's fp32 path are the same as ``chunks``.
+
 Precision: inputs bf16 / fp16 / fp32. On CUDA the matmuls take the input dtype (tensor cores, fp32 accumulation;
 the logits come out in fp32 where torch.mm offers out_dtype, else rounded to the input dtype by cuBLAS), the row
 step is fp32, G is rounded to the input dtype for the next matmuls, and a trainable head's dW is summed over
@@ -55,7 +63,7 @@ except Exception:  # pragma: no cover
 CHUNK_BYTES_CPU = 32 << 20
 CHUNK_BYTES_CUDA = 256 << 20
 CHUNK_ROWS: int | None = None  # fixed chunk size (tests); None: from the byte budget
-IMPLS = ("auto", "chunks", "tiles")
+IMPLS = ("auto", "chunks", "chunks16", "tiles")
 
 
 def _empty(shape, dtype, device) -> torch.Tensor:
@@ -151,38 +159,41 @@ def _logits_fp32(xc, w):
     return (xc @ w.T).float()
 
 
-def _chunk_rows(n, v, device) -> int:
+def _chunk_rows(n, v, device, bytes_per_logit: int = 6) -> int:
     if CHUNK_ROWS:
         return CHUNK_ROWS
     if device.type == "cuda":
-        rows = CHUNK_BYTES_CUDA // (v * 6)
+        rows = CHUNK_BYTES_CUDA // (v * bytes_per_logit)
         return max(64, rows // 64 * 64)
     return max(1, min(n, CHUNK_BYTES_CPU // (v * 4)))
 
 
-def chunked_pass(x, w, labels, valid, row_weight, want_dx: bool, want_dw: bool, triton_rows: bool):
+def chunked_pass(x, w, labels, valid, row_weight, want_dx: bool, want_dw: bool, triton_rows: bool,
+                 low_precision: bool = False):
     """One sweep: logp [N] fp32; G @ W [N, H] when ``want_dx``; G^T @ X [V, H] when ``want_dw``.
 
     G uses ``row_weight`` [N] fp32 (0 on ignored tokens); it may be None when neither gradient is wanted.
+    ``low_precision``: 16-bit logits in place of fp32 (``impl="chunks16"``; Triton row step only).
     """
     with torch.autocast("cpu", enabled=False):  # CPU bf16 autocast would round the fp32 logits and G
-        return _chunked_pass(x, w, labels, valid, row_weight, want_dx, want_dw, triton_rows)
+        return _chunked_pass(x, w, labels, valid, row_weight, want_dx, want_dw, triton_rows, low_precision)
 
 
-def _chunked_pass(x, w, labels, valid, row_weight, want_dx, want_dw, triton_rows):
+def _chunked_pass(x, w, labels, valid, row_weight, want_dx, want_dw, triton_rows, low_precision):
     n, v = x.shape[0], w.shape[0]
     cuda = x.is_cuda
-    if not cuda:  # the CPU computes in fp32 (bf16 CPU matmuls are slow and inexact)
+    low = low_precision and triton_rows and x.dtype in (torch.bfloat16, torch.float16)
+    if not cuda and not low:  # the CPU computes in fp32 (bf16 CPU matmuls are slow and inexact)
         x, w = x.float(), w.float()
     safe_labels = torch.where(valid, labels, 0)
     logp = _empty((n,), torch.float32, x.device)
     grad_x = _empty(x.shape, x.dtype, x.device) if want_dx else None
     grad_w = torch.zeros(w.shape, dtype=w.dtype, device=w.device) if want_dw else None
     weights = row_weight if (want_dx or want_dw) else None
-    step = _chunk_rows(n, v, x.device)
+    step = _chunk_rows(n, v, x.device, 2 if low else 6)
     for r0 in range(0, n, step):
         xc = x[r0:r0 + step]
-        z = _logits_fp32(xc, w)
+        z = xc @ w.T if low else _logits_fp32(xc, w)
         lab = safe_labels[r0:r0 + step]
         rw = None if weights is None else weights[r0:r0 + step].contiguous()
         if triton_rows:
@@ -201,11 +212,12 @@ def _chunked_pass(x, w, labels, valid, row_weight, want_dx, want_dw, triton_rows
 
 class LinearLogprobsFunction(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, hidden, weight, labels, valid, triton_rows: bool, want_dx: bool):
+    def forward(ctx, hidden, weight, labels, valid, triton_rows: bool, want_dx: bool, low_precision: bool):
         unit = valid.float() if want_dx else None
-        logp, unit_dx, _ = chunked_pass(hidden, weight, labels, valid, unit, want_dx, False, triton_rows)
+        logp, unit_dx, _ = chunked_pass(hidden, weight, labels, valid, unit, want_dx, False, triton_rows,
+                                        low_precision)
         ctx.save_for_backward(hidden, weight, labels, valid, unit_dx)
-        ctx.triton_rows = triton_rows
+        ctx.triton_rows, ctx.low_precision = triton_rows, low_precision
         return logp
 
     @staticmethod
@@ -217,8 +229,9 @@ class LinearLogprobsFunction(torch.autograd.Function):
         if need_dx:
             dx = (g[:, None] * unit_dx).to(hidden.dtype)
         if need_dw:  # recompute the chunks with r = g: dW = sum_i g_i G_i^T h_i
-            dw = chunked_pass(hidden, weight, labels, valid, g, False, True, ctx.triton_rows)[2].to(weight.dtype)
-        return dx, dw, None, None, None, None
+            dw = chunked_pass(hidden, weight, labels, valid, g, False, True, ctx.triton_rows,
+                              ctx.low_precision)[2].to(weight.dtype)
+        return dx, dw, None, None, None, None, None
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -272,7 +285,8 @@ def linear_logprobs(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Te
     hidden [..., H], weight [V, H] (lm_head), labels [...] -> logp [...] float32. Differentiable w.r.t. hidden,
     and w.r.t. weight only when it requires grad (a frozen head costs no dW work or memory). Mixed input dtypes
     are promoted to a common dtype first. Never materialises the [N, V] logits. ``impl``: "auto" / "chunks"
-    (row chunks, the default) or "tiles" (the fully tiled Triton kernels).
+    (row chunks, the default), "chunks16" (row chunks with 16-bit logits, see the module docstring) or "tiles"
+    (the fully tiled Triton kernels).
     """
     x, w, flat_labels, valid, tiles = prepare(hidden, weight, labels, ignore_index, impl)
     if x.shape[0] == 0:
@@ -281,5 +295,5 @@ def linear_logprobs(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Te
         logp = TiledLogprobsFunction.apply(x, w, flat_labels, valid)
     else:
         want_dx = x.requires_grad and torch.is_grad_enabled()
-        logp = LinearLogprobsFunction.apply(x, w, flat_labels, valid, use_triton(x), want_dx)
+        logp = LinearLogprobsFunction.apply(x, w, flat_labels, valid, use_triton(x), want_dx, impl == "chunks16")
     return logp.reshape(labels.shape)
