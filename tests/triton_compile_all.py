@@ -48,10 +48,11 @@ def _variants():
                     dict(BLOCK=1024, COMPUTE=compute), {}))
 
     # linear log-probs: the row kernel over fp32 logit chunks (G in the hidden dtype, or in place), the tiled kernels
-    for g_dt in ("fp32", "bf16", "fp16"):
-        for write_g in ((True, False) if g_dt == "fp32" else (True,)):
+    # (z, G) dtypes: fp32 logits with G in any dtype; impl="chunks16": 16-bit logits with G over them
+    for z_dt, g_dt in (("fp32", "fp32"), ("fp32", "bf16"), ("fp32", "fp16"), ("bf16", "bf16"), ("fp16", "fp16")):
+        for write_g in ((True, False) if g_dt == z_dt else (True,)):
             out.append((k["linear_logprobs"]._rows_kernel,
-                        dict(z_ptr="*fp32", labels_ptr="*i64", weight_ptr="*fp32", logp_ptr="*fp32",
+                        dict(z_ptr=f"*{z_dt}", labels_ptr="*i64", weight_ptr="*fp32", logp_ptr="*fp32",
                              g_ptr=f"*{g_dt}", V="i32", stride_z="i32", stride_g="i32"),
                         dict(WRITE_G=write_g, BLOCK_V=4096), dict(num_warps=8)))
     for dt in ("bf16", "fp16", "fp32"):
