@@ -188,20 +188,26 @@ def test_fused_matmul_forward_and_dx(n, k, m, dtype, path):
     torch.testing.assert_close(dx.reshape(-1, k).float(), dx_ref, **tol)
 
 
-@pytest.mark.parametrize("transpose_w", [False, True])
-def test_fused_kernel_with_every_cuda_tile(transpose_w):
-    """The tiles the CUDA autotuner picks from, run under the interpreter: ragged rows and features (masks), two
-    quantisation blocks per weight row; the forward and the input-gradient direction."""
+def _fused_case(transpose_w: bool, rows: int, seed: int):
+    """(the nf4_matmul module, q, a, bias, expected a · W or a · Wᵀ + bias) for W [136, 128]: ragged rows and
+    features against any tile, two quantisation blocks per weight row."""
     nm = pytest.importorskip("reflectevo.kernels.nf4_matmul")
     if not nm.HAS_TRITON:
         pytest.skip("no triton")
-    g = torch.Generator().manual_seed(7)
-    n, k, m = 136, 128, 40
+    g = torch.Generator().manual_seed(seed)
+    n, k = 136, 128
     q = nf4_quantize(torch.randn(n, k, generator=g))
     w = nf4_dequantize_reference(q, torch.float32)
-    a = torch.randn(m, n if transpose_w else k, generator=g)
+    a = torch.randn(rows, n if transpose_w else k, generator=g)
     bias = None if transpose_w else torch.randn(n, generator=g)
-    expect = a @ w if transpose_w else a @ w.t() + bias
+    return nm, q, a, bias, (a @ w if transpose_w else a @ w.t() + bias)
+
+
+@pytest.mark.parametrize("transpose_w", [False, True])
+def test_fused_kernel_with_every_cuda_tile(transpose_w):
+    """The tiles the CUDA autotuner picks from, run under the interpreter, in the forward and the input-gradient
+    direction."""
+    nm, q, a, bias, expect = _fused_case(transpose_w, 40, 7)
     with kernel_backend("triton"):
         for tile in nm._tile_configs(transpose_w):
             got = nm._fused(a, q, bias, transpose_w, tile=tile)
@@ -212,32 +218,11 @@ def test_fused_kernel_with_every_cuda_tile(transpose_w):
 def test_fused_kernel_split_over_r(transpose_w, r_per_split):
     """R split over programs (decode-sized inputs on CUDA): fp32 partial sums, then bias and the cast; splits of
     one and two quantisation blocks, a ragged last split (R = 136 rows of W in the input-gradient direction)."""
-    nm = pytest.importorskip("reflectevo.kernels.nf4_matmul")
-    if not nm.HAS_TRITON:
-        pytest.skip("no triton")
-    g = torch.Generator().manual_seed(8)
-    n, k, m = 136, 128, 20
-    q = nf4_quantize(torch.randn(n, k, generator=g))
-    w = nf4_dequantize_reference(q, torch.float32)
-    a = torch.randn(m, n if transpose_w else k, generator=g)
-    bias = None if transpose_w else torch.randn(n, generator=g)
-    expect = a @ w if transpose_w else a @ w.t() + bias
+    nm, q, a, bias, expect = _fused_case(transpose_w, 20, 8)
     tile = nm.triton.Config(dict(BLOCK_M=16, BLOCK_P=32 if transpose_w else 16, BLOCK_R=32))
     with kernel_backend("triton"):
         got = nm._fused(a, q, bias, transpose_w, tile=tile, r_per_split=r_per_split)
     torch.testing.assert_close(got, expect, rtol=1e-5, atol=1e-5)
-
-
-def test_split_plan_fills_the_machine_in_whole_tiles():
-    from reflectevo.kernels.nf4_matmul import _split_plan
-
-    for rows, p, r in ((64, 4096, 4096), (64, 1024, 4096), (16, 4096, 14336), (64, 14336, 4096), (1, 64, 256)):
-        per = _split_plan(rows, p, r, max(16, rows), 64, 64, 132)
-        splits = -(-r // per)
-        programs = -(-rows // max(16, rows)) * -(-p // 64) * splits
-        assert per % 64 == 0 and (splits - 1) * per < r <= splits * per
-        assert per >= min(r, 4 * 64)  # each split at least four R tiles
-        assert programs >= min(2 * 132, -(-p // 64) * (r // 256)) or splits == 1
 
 
 def test_cpu_default_path_is_dequant_matmul():
