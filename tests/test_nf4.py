@@ -225,6 +225,18 @@ def test_fused_kernel_split_over_r(transpose_w, r_per_split):
     torch.testing.assert_close(got, expect, rtol=1e-5, atol=1e-5)
 
 
+def test_split_plan_fills_the_machine_in_whole_tiles():
+    from reflectevo.kernels.nf4_matmul import _split_plan
+
+    for rows, p, r in ((64, 4096, 4096), (64, 1024, 4096), (16, 4096, 14336), (64, 14336, 4096), (1, 64, 256)):
+        per = _split_plan(rows, p, r, max(16, rows), 64, 64, 132)
+        splits = -(-r // per)
+        programs = -(-rows // max(16, rows)) * -(-p // 64) * splits
+        assert per % 64 == 0 and (splits - 1) * per < r <= splits * per
+        assert per >= min(r, 4 * 64)  # each split at least four R tiles
+        assert programs >= min(2 * 132, -(-p // 64) * (r // 256)) or splits == 1
+
+
 def test_cpu_default_path_is_dequant_matmul():
     q = nf4_quantize(torch.randn(24, 32))
     x = torch.randn(3, 32, requires_grad=True)
