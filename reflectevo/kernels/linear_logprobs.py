@@ -31,7 +31,8 @@ Extra memory beyond inputs and gradients: U [N, H] (fp32 on the CPU, the input d
 logits (C x V x 4 bytes, C chosen from a byte budget: 32 MiB CPU, 256 MiB CUDA) plus G in the input dtype on CUDA
 (written over z in place when the dtypes match), and the dW accumulator when the head trains.
 
-``impl="chunks16"`` (opt-in, measured against the default in ``reflectevo bench kernels``): with bf16 / fp16
+``impl="chunks16"`` (opt-in; ``reflectevo bench kernels`` times it beside the default on CUDA, not yet run on a
+GPU): with bf16 / fp16
 inputs the logits stay in the input dtype, one [C, V] 16-bit buffer that G overwrites in place, 2 bytes per
 element instead of 6: three times the rows per chunk at the same budget (a third of the [V, H] passes a trainable
 head's dW accumulation makes) and ~40 % less chunk traffic (z written, read twice, G written and read: 10 bytes an
