@@ -9,11 +9,13 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import shutil
 from pathlib import Path
 
 import torch
 
+from reflectevo.atomic import fsync_dir
 from reflectevo.errors import ModelLoadError
 from reflectevo.model.lora import attach_lora, lora_modules, merged_state_dict
 
@@ -45,14 +47,49 @@ def _our_path(key: str) -> tuple[str, str] | None:
     return None
 
 
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # alive, owned by another user
+        pass
+    return True
+
+
+def _recover_stale(out_dir: Path) -> None:
+    """Leftovers of a writer killed mid-swap: an ``.old<pid>`` folder comes back when ``out_dir`` is gone (a kill
+    between the two renames); a dead process's other temporaries are removed."""
+    pattern = re.compile(rf"\.{re.escape(out_dir.name)}\.(tmp|old)(\d+)")
+    for stale in sorted(out_dir.parent.iterdir()):
+        m = pattern.fullmatch(stale.name)
+        if m is None or int(m.group(2)) == os.getpid() or _pid_alive(int(m.group(2))):
+            continue
+        if m.group(1) == "old" and not out_dir.exists():
+            os.replace(stale, out_dir)
+        else:
+            shutil.rmtree(stale, ignore_errors=True)
+
+
+def _fsync_tree(folder: Path) -> None:
+    for f in folder.iterdir():
+        if f.is_file():
+            with open(f, "rb") as fh:
+                os.fsync(fh.fileno())
+    fsync_dir(folder)
+
+
 def _atomic_dir(out_dir: Path, write) -> Path:
+    """Write a folder as a whole: into a temporary sibling (files fsynced), then swapped in by renames."""
     out_dir = Path(out_dir)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
+    _recover_stale(out_dir)
     tmp = out_dir.with_name(f".{out_dir.name}.tmp{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
     try:
         write(tmp)
+        _fsync_tree(tmp)
         if out_dir.exists():
             old = out_dir.with_name(f".{out_dir.name}.old{os.getpid()}")
             os.replace(out_dir, old)
@@ -60,6 +97,7 @@ def _atomic_dir(out_dir: Path, write) -> Path:
             shutil.rmtree(old, ignore_errors=True)
         else:
             os.replace(tmp, out_dir)
+        fsync_dir(out_dir.parent)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return out_dir

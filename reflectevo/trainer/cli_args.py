@@ -88,6 +88,8 @@ def config_from_args(args, dpo: bool) -> TrainConfig:
         save_every=args.save_every, eval_every=args.eval_every, log_every=args.log_every, resume=args.resume,
         progress=args.progress,
     )
+    if args.eval_data:
+        cfg.extra["eval_path"] = str(args.eval_data)  # read later, by _read; validate() needs to know it is coming
     cfg.validate(dpo)
     if not targets:
         raise TrainError("--target-modules: empty list")
@@ -120,12 +122,34 @@ def load_adapter_checked(model, adapter_dir) -> None:
     path = Path(adapter_dir)
     if not (path / "adapter_config.json").is_file():
         raise TrainError(f"--adapter {path}: no adapter_config.json (not a PEFT adapter directory)")
+    _warn_other_base(model, path)
     try:
         load_adapter(model, path)
     except ReflectEvoError as e:
         raise TrainError(f"--adapter {path}: {e}") from None
     except (RuntimeError, ValueError, KeyError) as e:
         raise TrainError(f"--adapter {path}: made for another model? ({' '.join(str(e).split())[:200]})") from None
+
+
+def _model_name(name: str) -> str:
+    base = Path(str(name).rstrip("/")).name.lower()
+    return base[:-5] if base.endswith(".gguf") else base
+
+
+def _warn_other_base(model, path: Path) -> None:
+    """Shapes and module names are checked by the loader; a same-shaped adapter of another checkpoint is not an
+    error there (PEFT loads it too), so say so when the names recorded on both sides disagree."""
+    import json
+    import sys
+
+    try:
+        wrote = json.loads((path / "adapter_config.json").read_text()).get("base_model_name_or_path") or ""
+    except (OSError, ValueError, AttributeError):
+        return  # the loader reports an unreadable config
+    ours = getattr(model.config, "name_or_path", "") or ""
+    if wrote and ours and _model_name(wrote) != _model_name(ours):
+        print(f"[reflectevo] warning: --adapter {path} was trained on {wrote!r}; this model is {ours!r}",
+              file=sys.stderr, flush=True)
 
 
 def _read(args, cfg):

@@ -86,7 +86,7 @@ class TrainConfig:
         for name in ("save_every", "eval_every"):
             if getattr(self, name) < 0:
                 bad(name, f"must be >= 0, got {getattr(self, name)}")
-        if self.eval_every and not self.eval_data and not self.eval_fraction:
+        if self.eval_every and not self.eval_data and not self.extra.get("eval_path") and not self.eval_fraction:
             bad("eval_every", "has no held-out data to evaluate: give --eval-data FILE or --eval-fraction F")
         if not self.lr > 0:
             bad("lr", f"must be > 0, got {self.lr}")

@@ -119,7 +119,7 @@ def train_dpo(model, tokenizer, records, cfg: TrainConfig, out_dir, init_adapter
     init_adapter: the model already carries that adapter (loaded by the caller); it is trained further and the
     reference is that initial policy. Otherwise a fresh LoRA is attached and the reference is the base model.
     """
-    from reflectevo.trainer.loop import check_out_dir, model_fingerprint, prepare_model, run_training
+    from reflectevo.trainer.loop import check_out_dir, model_identity, prepare_model, run_training
     from reflectevo.trainer import state as st
 
     cfg.validate(dpo=True)
@@ -134,8 +134,9 @@ def train_dpo(model, tokenizer, records, cfg: TrainConfig, out_dir, init_adapter
     ref = None
     if not cfg.ref_on_the_fly:
         out = Path(out_dir)
-        digest = "|".join([data_digest(train + evals), model_fingerprint(model), str(cfg.max_length),
-                           str(cfg.prompt_budget()), "init-adapter" if use_adapters else "base",
+        identity = model_identity(model, cfg, model.device)
+        digest = "|".join([data_digest(train + evals), *(f"{k}={v}" for k, v in identity.items()),
+                           str(cfg.max_length), str(cfg.prompt_budget()), "init-adapter" if use_adapters else "base",
                            adapter_digest(model) if use_adapters else ""]
                           + (["token-mean"] if mean_logps(cfg) else []))
         cache = out / "state" / "ref_logps.json"

@@ -5,7 +5,8 @@ An objective (``sft.SFTObjective`` / ``dpo.DPOObjective``) turns a micro-batch i
 the step (so micro-batch losses add up to the step's loss) and a dict of metric sums. Everything else is here.
 
 Data order: the examples of epoch e are ``randperm(n)`` from a generator seeded with (seed, e); optimizer step s
-takes examples [s*B*G, (s+1)*B*G) of the endless concatenation of these epochs. The position is thus a pure
+takes examples [s*B*G, (s+1)*B*G) of the endless concatenation of these epochs, and a run measured in epochs stops
+at ceil(epochs * n) examples (its last step may be smaller). The position is thus a pure
 function of the step, which makes --resume exact together with the saved RNG, optimizer and adapter states.
 """
 from __future__ import annotations
@@ -21,7 +22,7 @@ import torch
 
 from reflectevo.trainer import state as st
 from reflectevo.trainer.config import TrainConfig, TrainError
-from reflectevo.trainer.data import Example, make_batch
+from reflectevo.trainer.data import Example, data_digest, make_batch
 from reflectevo.trainer.schedule import lr_at
 
 _STEP_DELAY = float(os.environ.get("REFLECTEVO_TRAIN_STEP_DELAY", "0") or 0)
@@ -64,6 +65,36 @@ def model_fingerprint(model) -> str:
            f"heads={c.num_heads}/{c.num_kv_heads} vocab={c.vocab_size}"
 
 
+def base_weights_digest(model, samples: int = 1024) -> str:
+    """A digest of the frozen base: each tensor's name, shape, dtype and ``samples`` evenly spaced elements (all of a
+    smaller one), NF4 weights by their packed bytes and absmax codes. Two checkpoints of one architecture, or the
+    float and NF4 forms of one checkpoint, differ here; the cost is a few thousand values per tensor."""
+    import hashlib
+
+    from reflectevo.model.lora import NF4Linear, lora_parameters
+
+    skip = {id(p) for p in lora_parameters(model)}
+    tensors = [(n, p) for n, p in model.named_parameters() if id(p) not in skip]
+    for name, m in model.named_modules():
+        if isinstance(m, NF4Linear):
+            tensors += [(f"{name}.nf4.{k}", t) for k, t in sorted(m.q.tensors().items())]
+    h = hashlib.sha256()
+    for name, t in tensors:
+        flat = t.detach().reshape(-1)
+        if flat.numel() > samples:
+            flat = flat[torch.linspace(0, flat.numel() - 1, samples, device=flat.device).long()]
+        h.update(f"{name} {tuple(t.shape)} {t.dtype}".encode())
+        h.update(flat.to(torch.float64 if flat.is_floating_point() else torch.int64).cpu().numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+def model_identity(model, cfg: TrainConfig, device: torch.device) -> dict:
+    """What a resumed run, or a cached reference, must share with the run that wrote it: the architecture, the
+    base weights (float or NF4) and the compute precision."""
+    bf16 = cfg.bf16 if cfg.bf16 is not None else device.type == "cuda"
+    return {"model_shape": model_fingerprint(model), "model": base_weights_digest(model), "bf16": bool(bf16)}
+
+
 def check_out_dir(out_dir, cfg: TrainConfig) -> None:
     out = Path(out_dir)
     if out.exists() and not out.is_dir():
@@ -100,10 +131,23 @@ class Order:
         return [self.epoch((start + k) // self.n)[(start + k) % self.n] for k in range(count)]
 
 
+def _epoch_examples(n: int, cfg: TrainConfig) -> int:
+    return math.ceil(round(cfg.epochs * n, 6))  # 0.1 * 30 is 3.0000000000000004
+
+
 def total_steps(n: int, cfg: TrainConfig) -> int:
     if cfg.max_steps is not None:
         return cfg.max_steps
-    return max(1, math.ceil(cfg.epochs * n / (cfg.batch_size * cfg.grad_accum)))
+    return max(1, math.ceil(_epoch_examples(n, cfg) / (cfg.batch_size * cfg.grad_accum)))
+
+
+def step_examples(step: int, n: int, cfg: TrainConfig) -> int:
+    """How many examples optimizer step ``step`` takes: B*G, except that a run measured in epochs stops at
+    ceil(epochs * n) examples, so its last step may take fewer (no example of the next epoch's order)."""
+    per_step = cfg.batch_size * cfg.grad_accum
+    if cfg.max_steps is not None:
+        return per_step
+    return max(0, min(per_step, _epoch_examples(n, cfg) - step * per_step))
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -160,8 +204,8 @@ def run_training(model, tokenizer, cfg: TrainConfig, out_dir, objective, train: 
     device = next(iter(params.values())).device
     total = total_steps(len(train), cfg)
     per_step = cfg.batch_size * cfg.grad_accum
-    fingerprint = {**cfg.fingerprint(dpo), "model_shape": model_fingerprint(model),
-                   "num_examples": len(train), **(extra_fingerprint or {})}
+    fingerprint = {**cfg.fingerprint(dpo), **model_identity(model, cfg, device), "num_examples": len(train),
+                   "data": data_digest(train + evals), **(extra_fingerprint or {})}
     optimizer = build_optimizer(list(params.values()), cfg, device)
 
     start = 0
@@ -202,8 +246,8 @@ def run_training(model, tokenizer, cfg: TrainConfig, out_dir, objective, train: 
         lr = lr_at(step, total, cfg.lr, cfg.warmup_ratio, cfg.scheduler)
         for group in optimizer.param_groups:
             group["lr"] = lr
-        idx = order.take(step * per_step, per_step)
-        micro = [[train[i] for i in idx[k:k + cfg.batch_size]] for k in range(0, per_step, cfg.batch_size)]
+        idx = order.take(step * per_step, step_examples(step, len(train), cfg))
+        micro = [[train[i] for i in idx[k:k + cfg.batch_size]] for k in range(0, len(idx), cfg.batch_size)]
         batches = [make_batch(m, cfg, dpo, pad) for m in micro]
         norm = objective.step_normaliser(batches)
         sums: dict[str, torch.Tensor] = {}
@@ -235,7 +279,7 @@ def run_training(model, tokenizer, cfg: TrainConfig, out_dir, objective, train: 
         dt = time.perf_counter() - t0
         line = {"step": step + 1, "loss": loss_value, "lr": lr, "grad_norm": grad_norm,
                 "tokens_per_s": n_tok / max(dt, 1e-9), "tokens": n_tok,
-                "epoch": (step + 1) * per_step / len(train)}
+                "epoch": (step * per_step + len(idx)) / len(train)}
         line.update({k: float(v) for k, v in sums.items() if k != "loss"})
         st.append_line(metrics_path, line)
         last = line
@@ -249,7 +293,7 @@ def run_training(model, tokenizer, cfg: TrainConfig, out_dir, objective, train: 
             progress.message(f"eval at step {done}: " + ", ".join(f"{k} {v:.4f}" for k, v in last_eval.items()))
             model.train()
         if done == total or (cfg.save_every and done % cfg.save_every == 0):
-            save_all(model, out, params, optimizer, {"step": done, "examples_seen": done * per_step,
+            save_all(model, out, params, optimizer, {"step": done, "examples_seen": step * per_step + len(idx),
                                                       "scheduler_step": done, "total_steps": total}, fingerprint, cfg)
     if start >= total:
         progress.message(f"{out}: already trained to step {total}; nothing to do")

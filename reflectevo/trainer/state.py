@@ -74,11 +74,17 @@ def load_checkpoint(state_dir: Path) -> dict | None:
 
 
 def check_fingerprint(saved: dict, current: dict, path: Path) -> None:
-    for key in sorted(set(saved) | set(current), key=lambda k: (k not in ("model", "model_shape"), k)):
+    for key in sorted(set(saved) | set(current), key=lambda k: (k != "model_shape", k != "model", k)):
         if saved.get(key) != current.get(key):
-            if key in ("model", "model_shape"):
+            if key == "model_shape":
                 raise TrainError(f"{path}: the saved adapter was made for another model "
                                  f"({saved.get(key)!r}, this run uses {current.get(key)!r})")
+            if key == "model":
+                raise TrainError(f"{path}: the run was made with other base weights (another checkpoint, or the "
+                                 f"float vs NF4 form: --qlora); resume with the same --model and --qlora setting")
+            if key == "data":
+                raise TrainError(f"{path}: cannot resume, the training or held-out data differ from the saved run's "
+                                 f"(or --max-length cut them differently)")
             raise TrainError(f"{path}: cannot resume, setting {key!r} differs "
                              f"(saved {saved.get(key)!r}, now {current.get(key)!r})")
 
