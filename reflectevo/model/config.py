@@ -92,7 +92,11 @@ class ModelConfig:
                 rope_theta = rope_params.get("rope_theta", rope_theta)
                 if rope_params.get("rope_type", "default") != "default":
                     rope_scaling = rope_params
-            window = cfg.get("sliding_window")
+            act = cfg.get("hidden_act", cfg.get("hidden_activation", "silu"))
+            if act not in ("silu", "swish"):
+                raise ModelLoadError(f"{source}: hidden_act {act!r} is not supported (this decoder uses SwiGLU: silu)")
+            # a missing key takes transformers' default for the architecture (Mistral: a 4096-token window)
+            window = cfg["sliding_window"] if "sliding_window" in cfg else (4096 if arch == "mistral" else None)
             if arch == "qwen2" and not cfg.get("use_sliding_window", False):
                 window = None
             eos = cfg.get("eos_token_id")
@@ -109,10 +113,11 @@ class ModelConfig:
                 rope_scaling=dict(rope_scaling) if rope_scaling else None,
                 max_position_embeddings=int(cfg.get("max_position_embeddings", 4096)),
                 tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
-                attention_bias=bool(cfg.get("attention_bias", arch == "qwen2")),
+                # q/k/v biases: always in Qwen2, never in Mistral (their configs' attention_bias key is not read)
+                attention_bias=arch == "qwen2" or (arch == "llama" and bool(cfg.get("attention_bias", False))),
                 mlp_bias=bool(cfg.get("mlp_bias", False)) if arch == "llama" else False,
                 sliding_window=int(window) if window else None,
-                max_window_layers=int(cfg.get("max_window_layers", 0)) if arch == "qwen2" else 0,
+                max_window_layers=int(cfg.get("max_window_layers", 28)) if arch == "qwen2" else 0,
                 architecture=arch,
                 name_or_path=str(cfg.get("_name_or_path", "")),
                 bos_token_id=cfg.get("bos_token_id"),

@@ -101,8 +101,11 @@ def config_from_gguf(fields: dict, tensor_names: set[str], source: str) -> Model
     heads = int(get("attention.head_count"))
     hidden = int(get("embedding_length"))
     scaling = None
-    if fields.get(f"{arch}.rope.scaling.type") == "linear":
+    kind = fields.get(f"{arch}.rope.scaling.type")
+    if kind == "linear":
         scaling = {"rope_type": "linear", "factor": float(fields[f"{arch}.rope.scaling.factor"])}
+    elif kind not in (None, "none"):
+        raise ModelLoadError(f"{source}: RoPE scaling {kind!r} is not supported (none or linear)")
     vocab = fields.get(f"{arch}.vocab_size") or len(fields.get("tokenizer.ggml.tokens", []))
     window = fields.get(f"{arch}.attention.sliding_window")
     return ModelConfig(

