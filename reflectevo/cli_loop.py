@@ -85,6 +85,9 @@ def add_eval_args(p):
     _task_args(p)
     _model_args(p, "PEFT LoRA adapter of a trained reflector (reflections from it; trials from the base model)")
     p.add_argument("--out", required=True, help="RESULT.json (raw records go to RESULT.raw.jsonl)")
+    p.add_argument("--trial2-adapter", default=None,
+                   help="PEFT LoRA adapter that answers trial 2 (two-stage SFT: the 'correct' stage; reflections "
+                   "still from --adapter, trial 1 from the base model); loads a second copy of the model")
     p.add_argument("--trial1-cache", default=None,
                    help="JSONL of trial-1 outputs keyed by id (read if present, missing ids appended)")
     p.add_argument("--resume", action="store_true", help="keep RESULT.raw.jsonl and continue it")
@@ -161,11 +164,15 @@ def check_engine_options(kv_cache_gib, max_num_seqs: int = 1, device: str | None
         raise LoopArgError(f"--max-num-seqs must be >= 1, got {max_num_seqs}")
 
 
-def load_generation_model(args, adapter: str | None = None):
+def check_adapter_dir(adapter: str | None, option: str = "--adapter") -> None:
+    if adapter is not None and not (Path(adapter) / "adapter_config.json").is_file():
+        raise LoopArgError(f"{option} {adapter}: no adapter_config.json (not a PEFT adapter directory)")
+
+
+def load_generation_model(args, adapter: str | None = None, option: str = "--adapter"):
     from reflectevo.model import load_model
 
-    if adapter is not None and not (Path(adapter) / "adapter_config.json").is_file():
-        raise LoopArgError(f"--adapter {adapter}: no adapter_config.json (not a PEFT adapter directory)")
+    check_adapter_dir(adapter, option)
     return load_model(args.model, device=default_device(args.device), dtype=args.dtype,
                       quantize=args.quantize, adapter=adapter)
 
@@ -195,7 +202,9 @@ def loop_config(args, test_time: bool):
                      seed=args.seed, max_tokens=args.max_tokens, reflection_max_tokens=args.reflection_max_tokens,
                      reflection_temperature=args.reflection_temperature, reflection_top_p=args.reflection_top_p,
                      chunk_size=args.chunk_size, test_time=test_time, reasoning_source=name,
-                     reflection_source=name + (f" + adapter {args.adapter}" if args.adapter else ""))
+                     reflection_source=name + (f" + adapter {args.adapter}" if args.adapter else ""),
+                     trial2_source=(f"{name} + adapter {args.trial2_adapter}"
+                                    if getattr(args, "trial2_adapter", None) else None))
     if not cfg.reflection_temperature >= 0:
         raise LoopArgError(f"--reflection-temperature must be >= 0, got {cfg.reflection_temperature}")
     if not 0 < cfg.reflection_top_p <= 1:
@@ -270,15 +279,29 @@ def cmd_eval(args) -> int:
         check_out_path(args.trial1_cache, "--trial1-cache")
         check_trial1_cache(args.out, args.trial1_cache)
         Path(args.trial1_cache).parent.mkdir(parents=True, exist_ok=True)
+    check_adapter_dir(args.adapter)
+    check_adapter_dir(args.trial2_adapter, "--trial2-adapter")
     t0 = time.perf_counter()
     model, tok = load_generation_model(args, args.adapter)
-    trial_engine, refl_engine = build_engines(model, tok, args.adapter is not None, args.kv_cache_gib,
+    # both models before any engine: an engine without --kv-cache-gib sizes its cache from the memory left
+    model2 = None if args.trial2_adapter is None else \
+        load_generation_model(args, args.trial2_adapter, "--trial2-adapter")[0]
+    # one engine per model state: base (trial 1), --adapter (reflections), --trial2-adapter (trial 2)
+    main = 1 + (args.adapter is not None)
+    kv = None if args.kv_cache_gib is None else args.kv_cache_gib / (main + (model2 is not None))
+    trial_engine, refl_engine = build_engines(model, tok, args.adapter is not None, None if kv is None else kv * main,
                                               args.max_num_seqs, args.progress)
+    trial2_engine = None
+    if model2 is not None:
+        from reflectevo.gen import Engine
+
+        trial2_engine = Engine(model2, tok, kv_cache_gib=kv, max_num_seqs=args.max_num_seqs, progress=args.progress)
     _log(f"eval: {len(items)} {task.name} questions; model {args.model} loaded in {time.perf_counter() - t0:.1f} s")
-    meta = {"model": str(args.model), "adapter": args.adapter, "data": args.data}
+    meta = {"model": str(args.model), "adapter": args.adapter, "trial2_adapter": args.trial2_adapter,
+            "data": args.data}
     result = run_eval(task, items, trial_engine, refl_engine, tok, args.out, cfg, trial1_cache=args.trial1_cache,
-                      resume=args.resume, prompts=prompts, meta=meta)
-    name = task.name + (" + adapter" if args.adapter else "")
+                      resume=args.resume, prompts=prompts, meta=meta, trial2_engine=trial2_engine)
+    name = task.name + (" + adapter" if args.adapter else "") + (" + trial-2 adapter" if args.trial2_adapter else "")
     print(format_table({name: result}))
     print(f"wrote {args.out}")
     return 0

@@ -289,7 +289,7 @@ def test_curation_synthetic(tmp_path):
     sets, counts = curate_records(_raw_records(), eval_fraction=0.0, judge=judge)
     assert counts["records"] == 4 and counts["trial1_wrong"] == 3 and counts["trial1_correct"] == 1
     assert (counts["d_plus"], counts["d_pm"], counts["d_pref"]) == (3, 2, 1)  # q4's twin reflections count once
-    assert all(set(r) == D_PLUS_KEYS for r in sets["d_plus"])
+    assert all(set(r) == D_PLUS_KEYS | {"test_reflection_prompt"} for r in sets["d_plus"])  # + one field of ours
     assert all(set(r) == PAIR_KEYS for r in sets["d_pm"] + sets["d_pref"])
     first = sets["d_plus"][0]
     assert first["reason_prompt"] == ["prompt-1-A", "prompt-2-B"] and first["reflect_prompt"] == "reflect-prompt"
@@ -418,7 +418,8 @@ def test_official_examples_curate(shared_data, tmp_path):
     # hand count from the sample: t2 correct for ids 2 (both), 6 (both) and 10 (first only)
     assert (counts["d_plus"], counts["d_pm"], counts["d_pref"]) == (5, 1, 2)
     assert {r["id"] for r in sets["d_pref"]} == {2, 6} and sets["d_pm"][0]["id"] == 10
-    assert set(read_jsonl(ex / "example_D+.jsonl")[0]) == set(sets["d_plus"][0]) == D_PLUS_KEYS
+    assert set(read_jsonl(ex / "example_D+.jsonl")[0]) == set(sets["d_plus"][0]) - {"test_reflection_prompt"} \
+        == D_PLUS_KEYS
     assert set(read_jsonl(ex / "example_D+-.jsonl")[0]) == set(sets["d_pm"][0]) == PAIR_KEYS
     assert set(read_jsonl(ex / "example_Dpref.jsonl")[0]) == set(sets["d_pref"][0]) == PAIR_KEYS
     r = evaluate_records(raw)

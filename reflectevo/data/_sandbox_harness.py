@@ -160,11 +160,13 @@ def _run_candidate(payload, uid, gid, report_fd, token):
     _drop_privileges(uid, gid)
     os.environ["HOME"] = os.environ["TMPDIR"] = os.getcwd()
     sys.argv = ["solution.py"]
-    # the program is the real __main__ module, so pickle (and multiprocessing) can find what it defines
-    main_module = types.ModuleType("__main__")
-    main_module.__builtins__ = __builtins__
-    sys.modules["__main__"] = main_module
-    namespace = main_module.__dict__
+    # the program is imported, not run: a main block ("if __name__ == '__main__': input()") must stay out of the
+    # tests, as when the asserts import the solution. The module is registered under its name (pickle and
+    # multiprocessing look its functions up there) and as __main__ (code that imports __main__ finds it).
+    module = types.ModuleType("solution")
+    module.__builtins__ = __builtins__
+    sys.modules["solution"] = sys.modules["__main__"] = module
+    namespace = module.__dict__
     # bound before the program runs: replacing builtins.exec, compile or enumerate must not skip the asserts
     run, build, numbered, write = exec, compile, enumerate, os.write
     code, setup, tests = payload["code"], payload["setup"], payload["tests"]

@@ -10,7 +10,9 @@ last element of its ``reflections``.
 * D+ (``d_plus``): one record per trial 2 that became correct (identical reflections counted once):
   ``id, question, answer, first_trial_reasoning, first_trial_answer, second_trial_reasoning,
   second_trial_answer, reflections`` (the reflection text), ``reason_prompt`` ([trial-1 prompt, trial-2
-  prompt]), ``reflect_prompt`` (the prompt the reflection was sampled with).
+  prompt]), ``reflect_prompt`` (the prompt the reflection was sampled with: data generation, with a demand)
+  and one field of ours, ``test_reflection_prompt``: the test-time reflection prompt on the trial-1 transcript
+  (the prompt the reflector gets at evaluation; the same text as the pairs' default ``reflection_prompt``).
 * D± (``d_pm``): every (correct, wrong) pair of distinct reflections of the same question: chosen = the
   reflection whose trial 2 is correct, rejected = one whose trial 2 is still wrong.
 * Dpref (``d_pref``): every pair of distinct reflections whose trial 2s are both correct, ordered by ``judge``
@@ -23,6 +25,9 @@ last element of its ``reflections``.
   reflector sees at evaluation time: the rendered conversation our loop stores in the raw record
   (``test_reflection_prompt``), else the test-time request with question and transcript as one plain message
   (``Prompts.test_reflection_prompt``); ``pair_prompt="raw"`` keeps the prompt the reflections were sampled with.
+
+A record is one question: an id seen again with the same question is counted in ``duplicates`` and left out;
+with another question it is an error naming both lines (ids of files without official ids are line numbers).
 
 Split: a question goes to evaluation when ``sha256(str(id))`` maps below ``eval_fraction``, so all records of
 one question land on the same side and the split never changes between runs. Files written atomically:
@@ -181,15 +186,15 @@ def _curate_one(rec: dict, judge: Judge | None, prompts: Prompts, pair_prompt: s
     first_prompt = _field(first, "reason_prompt", default="") or ""
     correct = _distinct([(r, o) for r, o in seconds if bool(o["is_correct"])])
     wrong = _distinct([(r, o) for r, o in seconds if not bool(o["is_correct"])])
+    stored = rec.get("test_reflection_prompt")
+    test_prompt = stored if isinstance(stored, str) and stored.strip() else \
+        prompts.test_reflection_prompt(rec, _reasoning(first))
     for refl, out in correct:
         result["d_plus"].append({**base, "second_trial_reasoning": _reasoning(out),
                                  "second_trial_answer": out["generated_answer"], "reflections": refl,
                                  "reason_prompt": [first_prompt, _field(out, "reason_prompt", default="") or ""],
-                                 "reflect_prompt": _field(out, "reflection_prompt", default="") or ""})
-    if pair_prompt == "test":
-        stored = rec.get("test_reflection_prompt")
-        test_prompt = stored if isinstance(stored, str) and stored.strip() else \
-            prompts.test_reflection_prompt(rec, _reasoning(first))
+                                 "reflect_prompt": _field(out, "reflection_prompt", default="") or "",
+                                 "test_reflection_prompt": test_prompt})
 
     def pair(chosen, rejected) -> dict:
         (rc, oc), (rr, orj) = chosen, rejected
@@ -228,16 +233,19 @@ def curate_records(records: Iterable[dict], eval_fraction: float = 0.1, judge: J
     for name in SET_NAMES:
         sets[name], sets[name + ".eval"] = [], []
     counts = {"records": 0, "duplicates": 0, "trial1_correct": 0, "trial1_wrong": 0}
-    seen_ids = set()
+    seen: dict[str, tuple[str, str]] = {}   # repr(id) -> (question, where)
     for index, rec in enumerate(records):
         where = rec.pop("__where__", f"{source}:{index + 1}") if isinstance(rec, dict) else f"{source}:{index + 1}"
         if not isinstance(rec, dict):
             raise DataError(f"{where}: expected a JSON object")
         _check_record(rec, where)
-        if rec["id"] in seen_ids:
-            counts["duplicates"] += 1
+        first = seen.setdefault(repr(rec["id"]), (rec["question"], where))
+        if first[1] != where:
+            if first[0] != rec["question"]:
+                raise DataError(f"{where}: id {rec['id']!r} is also on {first[1]} with another question (records "
+                                "of two data files in one raw file?); curate them from separate raw files")
+            counts["duplicates"] += 1  # the same question again (a rerun appended to the file): counted once
             continue
-        seen_ids.add(rec["id"])
         counts["records"] += 1
         counts["trial1_correct" if bool(rec["output"][0]["is_correct"]) else "trial1_wrong"] += 1
         suffix = ".eval" if split_of(rec["id"], eval_fraction) == "eval" else ""

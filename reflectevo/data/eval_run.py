@@ -4,11 +4,13 @@
 
 * Trial 1 (greedy) from the generator; trial-1 outputs can be reused from a cache file keyed by id
   (``trial1_cache``: any raw JSONL whose records carry ``output[0]``, e.g. an earlier eval's raw file or a
-  generate RAW.jsonl) so that settings are compared on the same first trials. Missing ids are computed and
-  appended to the cache file.
+  generate RAW.jsonl) so that settings are compared on the same first trials. A question hits the cache when
+  its id AND question match (the same id with another question is an error); missing ones are computed and
+  appended to the cache file chunk by chunk (a torn last line from a killed run is cut off on the next read).
 * One reflection per wrong trial 1 with the test-time reflection prompt (no demand), from the reflector (the
-  adapter model with ``--adapter``; trials always from the base model), then trial 2 (greedy) from the
-  trial-1 transcript.
+  adapter model with ``--adapter``; trial 1 always from the base model), then trial 2 (greedy) from the
+  trial-1 transcript, by the base model or, for two-stage SFT, by its own engine (``trial2_engine``: the
+  second-stage adapter, ``--trial2-adapter``).
 * Acc@t2 = (correct at t1 + wrong at t1 but correct at trial 2 with the first reflection) / N
   (``reflectevo.data.evaluate.evaluate_records``); for free-text BIG-bench the token-F1 gain too.
 
@@ -18,12 +20,13 @@ result JSON is written atomically.
 from __future__ import annotations
 
 import json
+import os
 import time
 from pathlib import Path
 
 from ..atomic import atomic_write_bytes
 from .evaluate import evaluate_records, format_table
-from .jsonl import DataError, append_jsonl, iter_jsonl, read_jsonl
+from .jsonl import DataError, append_jsonl, iter_jsonl, read_jsonl, repair_tail
 from .loop import LoopConfig, ReflectLoop
 
 __all__ = ["run_eval", "load_trial1_cache", "raw_path_for", "check_trial1_cache", "write_json_atomic",
@@ -48,11 +51,17 @@ def write_json_atomic(path, obj) -> None:
     atomic_write_bytes(path, (json.dumps(obj, indent=2, ensure_ascii=False, default=str) + "\n").encode("utf-8"))
 
 
+def _key(rec: dict) -> tuple:
+    return repr(rec["id"]), rec["question"]
+
+
 def load_trial1_cache(path) -> dict:
-    """id -> trial-1 output entry (``output[0]``) with the record's question kept for a consistency check."""
+    """(repr(id), question) -> trial-1 output entry (``output[0]``). A torn last line (a run killed while
+    appending) is cut off first; later lines of the same question win."""
     cache = {}
     if path is None or not Path(path).exists():
         return cache
+    repair_tail(path)
     for line, rec in iter_jsonl(path, ("id", "question", "output")):
         out = rec["output"]
         if not isinstance(out, list) or not out or not isinstance(out[0], dict):
@@ -62,14 +71,28 @@ def load_trial1_cache(path) -> dict:
                 raise DataError(f"{path}:{line}: output[0] missing field {f!r}")
         if int(out[0].get("trail", out[0].get("trial", 1))) != 1:
             raise DataError(f"{path}:{line}: output[0] is not a trial-1 entry")
-        cache[rec["id"]] = {"question": rec["question"], "entry": out[0]}
+        cache[_key(rec)] = out[0]
     return cache
+
+
+def _append_trial1(path, records: list[dict], known: set) -> None:
+    """Append the trial-1 entries of ``records`` not in ``known`` (updated) to the cache file, fsynced."""
+    fresh = [r for r in records if _key(r) not in known]
+    if not fresh:
+        return
+    for rec in fresh:
+        append_jsonl(path, {"id": rec["id"], "question": rec["question"], "answer": rec["answer"],
+                            "output": [rec["output"][0]]})
+        known.add(_key(rec))
+    with open(path, "a", encoding="utf-8") as f:
+        os.fsync(f.fileno())
 
 
 def run_eval(task, items: list[dict], trial_engine, reflect_engine, tokenizer, out_json,
              cfg: LoopConfig | None = None, trial1_cache=None, resume: bool = False, prompts=None,
-             meta: dict | None = None, log=None) -> dict:
-    """Evaluate on ``items``; writes RESULT.json (+ RESULT.raw.jsonl) and returns the result dict."""
+             meta: dict | None = None, log=None, trial2_engine=None) -> dict:
+    """Evaluate on ``items``; writes RESULT.json (+ RESULT.raw.jsonl) and returns the result dict.
+    ``trial2_engine``: answers trial 2 instead of ``trial_engine`` (two-stage SFT: the "correct" adapter)."""
     cfg = cfg or LoopConfig()
     cfg.test_time = True
     cfg.n_reflections = 1
@@ -79,26 +102,30 @@ def run_eval(task, items: list[dict], trial_engine, reflect_engine, tokenizer, o
     if raw.exists() and not resume:
         raw.unlink()
     cache_raw = load_trial1_cache(trial1_cache)
+    cached_ids = {key[0] for key in cache_raw}
     cache = {}
     for item in items:
-        hit = cache_raw.get(item["id"])
-        if hit is None:
-            continue
-        if hit["question"] != item["question"]:
+        hit = cache_raw.get(_key(item))
+        if hit is not None:
+            cache[item["id"]] = hit
+        elif repr(item["id"]) in cached_ids:
             raise DataError(f"{trial1_cache}: id {item['id']!r} has another question than the test data "
                             "(a trial-1 cache from another data set?)")
-        cache[item["id"]] = hit["entry"]
+    known = set(cache_raw)
+
+    def after_chunk(_index, records):
+        if trial1_cache is not None:
+            _append_trial1(trial1_cache, records, known)
+
     kwargs = {} if log is None else {"log": log}
-    loop = ReflectLoop(task, trial_engine, reflect_engine, tokenizer, cfg, prompts=prompts, **kwargs)
+    loop = ReflectLoop(task, trial_engine, reflect_engine, tokenizer, cfg, prompts=prompts,
+                       trial2_engine=trial2_engine, **kwargs)
     start = time.perf_counter()
-    stats = loop.run(items, raw, trial1_cache=cache)
+    stats = loop.run(items, raw, trial1_cache=cache, after_chunk=after_chunk)
     wanted = {repr(it["id"]) for it in items}
     records = [r for r in read_jsonl(raw) if repr(r["id"]) in wanted]
-    if trial1_cache is not None:
-        for rec in records:
-            if rec["id"] not in cache_raw:
-                append_jsonl(trial1_cache, {"id": rec["id"], "question": rec["question"], "answer": rec["answer"],
-                                            "output": [rec["output"][0]]})
+    if trial1_cache is not None:  # records of a resumed raw file whose chunk ran before
+        _append_trial1(trial1_cache, records, known)
     result = evaluate_records(records, task)
     result.update({"trial1_from_cache": len(cache), "raw": str(raw), "seconds": time.perf_counter() - start,
                    "settings": {"seed": cfg.seed, "max_tokens": cfg.max_tokens,
@@ -106,7 +133,8 @@ def run_eval(task, items: list[dict], trial_engine, reflect_engine, tokenizer, o
                                 "reflection_temperature": cfg.reflection_temperature,
                                 "reflection_top_p": cfg.reflection_top_p,
                                 "reasoning_source": cfg.reasoning_source,
-                                "reflection_source": cfg.reflection_source},
+                                "reflection_source": cfg.reflection_source,
+                                "trial2_source": cfg.trial2_source or cfg.reasoning_source},
                    "forced_actions": stats.get("forced_actions", 0)})
     if meta:
         result.update(meta)

@@ -5,8 +5,8 @@
   official raw example) is accepted too, so the official samples load as they are.
 * ``append_jsonl`` writes one record per call and flushes it (optionally fsyncs), so a killed run loses at most the
   line it was writing.
-* ``completed_ids`` lists the ids already written; a torn last line (a run killed mid-write) is cut off so that
-  a resumed run appends cleanly after the last complete record.
+* ``completed_ids`` / ``completed_records`` list the records already written; a torn last line (a run killed
+  mid-write) is cut off first (``repair_tail``) so that a resumed run appends cleanly after the last complete one.
 * ``write_jsonl_atomic`` writes to a temporary file in the same folder and renames it over the target.
 """
 from __future__ import annotations
@@ -19,7 +19,8 @@ from typing import Any, Iterable, Iterator
 from ..atomic import atomic_write_bytes
 from ..errors import ReflectEvoError
 
-__all__ = ["DataError", "read_jsonl", "iter_jsonl", "append_jsonl", "write_jsonl_atomic", "completed_ids"]
+__all__ = ["DataError", "read_jsonl", "iter_jsonl", "append_jsonl", "write_jsonl_atomic", "completed_ids",
+           "completed_records", "repair_tail"]
 
 
 class DataError(ReflectEvoError, ValueError):
@@ -120,16 +121,13 @@ def _is_object(raw: bytes) -> bool:
         return False
 
 
-def completed_ids(path: str | os.PathLike, id_field: str = "id") -> set:
-    """Ids of the complete records in ``path`` (empty set when it does not exist).
-
-    A torn last line (not a valid JSON object) is what a killed run leaves behind: it is cut off the file so
-    the next ``append_jsonl`` starts on a fresh line; a complete last record that only lacks its newline gets
-    one. A malformed line anywhere else is an error.
-    """
+def repair_tail(path: str | os.PathLike) -> bytes:
+    """Cut a torn last line (not a valid JSON object: a run killed mid-write) off ``path`` so that the next
+    ``append_jsonl`` starts on a fresh line, terminate a complete last record that lacks its newline, and return
+    the file's (repaired) bytes; ``b""`` when the file does not exist."""
     path = Path(path)
     if not path.exists():
-        return set()
+        return b""
     data = path.read_bytes()
     keep = len(data)
     if data and not data.endswith(b"\n"):
@@ -151,9 +149,23 @@ def completed_ids(path: str | os.PathLike, id_field: str = "id") -> set:
     if keep != len(data):
         with open(path, "r+b") as f:
             f.truncate(keep)
-    ids = set()
-    for line_no, obj in _iter_lines(path, data[:keep].decode("utf-8", errors="strict")):
+    return data[:keep]
+
+
+def completed_records(path: str | os.PathLike, id_field: str = "id", field: str = "question") -> dict:
+    """id -> (line number, the record's ``field``) for the complete records in ``path`` (first line of an id
+    wins); a torn last line is cut off first (:func:`repair_tail`). A malformed line elsewhere is an error."""
+    path = Path(path)
+    data = repair_tail(path)
+    found: dict = {}
+    for line_no, obj in _iter_lines(path, data.decode("utf-8", errors="strict")):
         if id_field not in obj:
             raise DataError(f"{path}:{line_no}: missing field {id_field!r}")
-        ids.add(obj[id_field])
-    return ids
+        found.setdefault(obj[id_field], (line_no, obj.get(field)))
+    return found
+
+
+def completed_ids(path: str | os.PathLike, id_field: str = "id") -> set:
+    """Ids of the complete records in ``path`` (empty set when it does not exist); a torn last line is cut off
+    first (:func:`repair_tail`), a malformed line anywhere else is an error."""
+    return set(completed_records(path, id_field))

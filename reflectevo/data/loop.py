@@ -21,22 +21,26 @@ phase hit the blocks of the other engine's phase; with an adapter each engine st
 
 A trial is one greedy call: the prompt ends with "Thought:" inside the assistant turn and the model writes its
 thought and its action; generation stops before an "Observation" (the environment writes that). Thought,
-action and answer are parsed from the text (``Prompts.parse_trial``). When the model ended without reaching an
-"Action:" (it ran out of tokens or closed its turn), a second greedy call, batched over all such trials,
-continues exactly that text with "\\nAction:" and gives the action (the official code's second call). The
-oracle observation (right / wrong, from the gold answer) then ends the transcript.
+action and answer are parsed from the text (``Prompts.parse_trial``; an Action line without its wrapper, e.g.
+"Action: B", is read as a bare answer). When the model ended without an action (it ran out of tokens or closed
+its turn before an "Action:" line, or left that line empty), a second greedy call, batched over all such trials,
+continues exactly that text with "\\nAction:" (after the empty "Action:" itself when there is one) and gives the
+action (the official code's second call). The oracle observation (right / wrong, from the gold answer) then ends
+the transcript.
 
 Prompts are saved exactly as the engine received them (the text its ids decode to, which is the chat
 template's rendering of the conversation): ``reason_prompt`` / ``reflection_prompt`` are the prompts of the
-first call (for a forced action, the second call's prompt is ``reason_prompt`` + the generated text +
-"\\nAction:", recoverable from the record). A record whose trial 1 failed also stores
+first call (for a forced action, the second call's prompt is ``reason_prompt`` + the generated text + the
+"Action:" cue, recoverable from the record). A record whose trial 1 failed also stores
 ``test_reflection_prompt``: the test-time reflection conversation on its trial 1 (the prompt of the DPO pairs
 curated from it; equal to ``reflection_prompt`` in evaluation mode).
 
 Records use the official raw schema (``id, question, answer, [test_list], output: [...]``, ``output[0]`` =
 trial 1, then one trial-2 entry per reflection) and are appended one line each (flushed) when their chunk
-completes, with an fsync per chunk. A rerun on the same file skips the ids already complete (a torn last line
-from a killed run is cut off first), so a kill loses at most one chunk and nothing is written twice.
+completes, with an fsync per chunk. A rerun on the same file skips the questions already complete (a torn last
+line from a killed run is cut off first), so a kill loses at most one chunk and nothing is written twice. A
+question is complete when the file holds its id WITH the same question text: ids of files without official
+ids are line numbers, so an id there with another question is an error (another data file), never a skip.
 
 Evaluation mode (``test_time=True``): one reflection per failure with the test-time reflection request (no
 demand), and trial-1 outputs may come from a cache (keyed by id) so that settings share the same first trials
@@ -47,6 +51,7 @@ from __future__ import annotations
 import hashlib
 import os
 import random
+import re
 import sys
 import time
 from dataclasses import dataclass, field
@@ -55,8 +60,8 @@ from typing import Callable
 
 from .conversation import Prompt, PromptBuilder, Segment
 from .instructions import parse_demand, sample_demand
-from .jsonl import DataError, append_jsonl, completed_ids
-from .prompts import DEFAULT, Prompts, Trial, answer_format, extract_answer, format_action
+from .jsonl import DataError, append_jsonl, completed_records
+from .prompts import DEFAULT, Prompts, Trial, action_answer, answer_format, format_action
 
 __all__ = ["LoopConfig", "ReflectLoop", "AdapterOffEngine", "question_seed"]
 
@@ -77,6 +82,7 @@ class LoopConfig:
     verify_workers: int | None = None   # MBPP sandbox workers (None: the task's default)
     reasoning_source: str = "N/A"       # names written into the records
     reflection_source: str = "N/A"
+    trial2_source: str | None = None    # trial 2's reasoning_source when another model answers it (None: the same)
 
     def validate(self) -> None:
         if self.n_reflections < 1:
@@ -110,6 +116,12 @@ class AdapterOffEngine:
 
         with adapters_disabled(self.model):
             return self.engine.generate(prompts, params, **kwargs)
+
+
+def _action_cue(text: str) -> str:
+    """A trial's text ending where the forced action starts: after its empty "Action:" line, else a new one."""
+    text = text.rstrip()
+    return text if re.search(r"(?:^|\n)\s*Action\s*:$", text, flags=re.I) else text + "\nAction:"
 
 
 def _log_stderr(msg: str) -> None:
@@ -158,16 +170,19 @@ class ReflectLoop:
     Engines need ``generate(prompts: list[list[int]], params | list[params]) -> outs[i][j]`` with ``.text``,
     ``.token_ids`` and ``.finish_reason`` (reflectevo.gen). With no adapter both may be the same engine (then
     each phase hits the previous phase's cached blocks); with an adapter pass ``AdapterOffEngine`` for the
-    trials. ``tokenizer``: ``apply_chat_template``, ``encode(text, add_special_tokens=False)``, ``decode``.
+    trials. ``trial2_engine`` (default: the trial engine) answers trial 2 alone, e.g. the second-stage adapter of
+    two-stage SFT. ``tokenizer``: ``apply_chat_template``, ``encode(text, add_special_tokens=False)``, ``decode``.
     """
 
     def __init__(self, task, trial_engine, reflect_engine, tokenizer, cfg: LoopConfig | None = None,
-                 prompts: Prompts | None = None, log: Callable[[str], None] | None = _log_stderr):
+                 prompts: Prompts | None = None, log: Callable[[str], None] | None = _log_stderr,
+                 trial2_engine=None):
         from reflectevo.gen import SamplingParams
 
         self.task, self.cfg = task, cfg or LoopConfig()
         self.cfg.validate()
         self.trial_engine, self.reflect_engine = trial_engine, reflect_engine
+        self.trial2_engine = trial2_engine if trial2_engine is not None else trial_engine
         self.build = PromptBuilder(tokenizer)
         self.P = prompts or DEFAULT
         self.log = log or (lambda msg: None)
@@ -209,10 +224,9 @@ class ReflectLoop:
         trials = [_Trial(p, self.P.parse_trial(self.task, t), computed=self.build.generated(p.path, o[0].token_ids))
                   for p, t, o in zip(prompts, texts, outs)]
         is_code = answer_format(self.task) == "code"
-        need = [i for i, tr in enumerate(trials) if tr.trial.answer is None and "action:" not in texts[i].lower()]
+        need = [i for i, tr in enumerate(trials) if tr.trial.answer is None and not tr.trial.action.strip()]
         if self.cfg.force_action and need:
-            follow = [self.build.follow(trials[i].computed, prompts[i].text + texts[i].rstrip() + "\nAction:")
-                      for i in need]
+            follow = [self.build.follow(trials[i].computed, prompts[i].text + _action_cue(texts[i])) for i in need]
             sp = SP(temperature=0.0, max_tokens=self.cfg.max_tokens if is_code else self.cfg.action_max_tokens,
                     stop=(["[END]"] if is_code else ["\n"]) + stops)
             self.stats["forced_actions"] += len(need)
@@ -220,7 +234,7 @@ class ReflectLoop:
                 action = o[0].text
                 if is_code and "[BEGIN]" in action and "[END]" not in action:
                     action += "\n[END]"
-                answer = extract_answer(self.task, action)
+                answer = action_answer(self.task, action)
                 thought = self.P.parse_trial(self.task, texts[i]).thought
                 trials[i].trial = Trial(thought=thought, action=format_action(self.task, answer) if answer is not None
                                         else action.strip(), answer=answer)
@@ -264,7 +278,8 @@ class ReflectLoop:
     def _entry(self, tr: _Trial, trail: int, reflections: list[str], reflection_prompt: str) -> dict:
         return {"generated_answer": tr.trial.answer, "reflections": list(reflections), "scratchpad": tr.transcript,
                 "is_correct": tr.correct, "error": tr.error, "trail": trail,
-                "reasoning_source": self.cfg.reasoning_source,
+                "reasoning_source": (self.cfg.trial2_source or self.cfg.reasoning_source) if trail == 2
+                else self.cfg.reasoning_source,
                 "reflection_source": self.cfg.reflection_source if trail == 2 else "N/A",
                 "reason_prompt": tr.prompt.text, "reflection_prompt": reflection_prompt}
 
@@ -311,7 +326,7 @@ class ReflectLoop:
                      f"[{time.perf_counter() - t0:.1f} s]")
         t0 = time.perf_counter()
         jobs = [(p, j) for p in failed for j in range(len(p.reflections))]
-        t2 = self.run_trials(self.trial_engine, [self.trial2_prompt(p, j) for p, j in jobs],
+        t2 = self.run_trials(self.trial2_engine, [self.trial2_prompt(p, j) for p, j in jobs],
                              [p.item for p, _ in jobs])
         for (p, _), tr in zip(jobs, t2):
             p.t2.append(tr)
@@ -342,8 +357,16 @@ class ReflectLoop:
                 seen.add(repr(i))
             raise DataError(f"duplicate question id {dup!r} in the input")
         out_path.parent.mkdir(parents=True, exist_ok=True)
-        done = completed_ids(out_path)
-        todo = [it for it in items if it["id"] not in done]
+        done = completed_records(out_path)
+        todo = []
+        for it in items:
+            if it["id"] not in done:
+                todo.append(it)
+                continue
+            line_no, question = done[it["id"]]
+            if question != it["question"]:
+                raise DataError(f"{out_path}:{line_no}: id {it['id']!r} is already there with another question than "
+                                "the input's (records of another data file?); write this run to another file")
         if done:
             self.log(f"{out_path}: {len(items) - len(todo)} of {len(items)} questions already complete, resuming")
         start = time.perf_counter()

@@ -12,7 +12,8 @@ The normalisation drops presentation noise: ``\\left``/``\\right``, degrees (``^
 units written as ``\\text{ ...}`` or ``\\mbox{ ...}`` (at the end only), ``\\text{X}`` wrappers, percent
 signs, LaTeX spacing, spaces and a trailing period; ``dfrac``/``tfrac`` become ``frac``; ``\\frac12`` ->
 ``\\frac{1}{2}``; ``\\sqrt2`` -> ``\\sqrt{2}``; ``0.5`` -> ``\\frac{1}{2}``; ``a/b`` (integers) -> ``\\frac{a}{b}``;
-a short ``x =`` prefix is dropped.
+a short ``x =`` prefix is dropped; a capital letter in parentheses (a multiple-choice answer, ``\\text{(E)}``) is
+the letter alone.
 """
 from __future__ import annotations
 
@@ -150,6 +151,9 @@ def normalize_answer(answer: str | None) -> str | None:
         s = f"\\frac{{{m.group(1)}}}{{{m.group(2)}}}"
     if s == "0.5":
         s = "\\frac{1}{2}"
+    m = re.fullmatch(r"\(([A-Z])\)", s)  # a multiple-choice letter: "(E)", "\text{(E)}", "\textbf{(C)}" -> E
+    if m:
+        s = m.group(1)
     return s
 
 

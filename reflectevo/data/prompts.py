@@ -47,8 +47,9 @@ Typical flow (see ``loop.ReflectLoop`` for the batched, cache-friendly version):
         t2 = P.trial2_messages(item, refl_msgs, reflection)   # on the TRIAL-1 transcript
         trial2 = P.parse_trial(task, generate(render(t2) + P.response_prefix, ...))
 
-``test_reflection_prompt`` / ``trial2_prompt`` give the same content as ONE plain user message, for records
-that carry no rendered conversation (official data); the trainer renders such text itself.
+``Prompts.test_reflection_prompt`` / ``Prompts.trial2_prompt`` give the same content as ONE plain user message,
+for records that carry no rendered conversation (official data); the trainer renders such text itself. The
+module function :func:`test_reflection_prompt` gives a record's test-time reflection prompt as eval renders it.
 """
 from __future__ import annotations
 
@@ -63,8 +64,8 @@ from .jsonl import DataError
 from .math_equiv import last_boxed
 
 __all__ = ["Trial", "Prompts", "DEFAULT", "DEFAULT_TEMPLATES", "PLACEHOLDERS", "RETIRED_NAMES",
-           "load_prompt_overrides", "extract_answer", "format_action", "answer_format", "observation",
-           "test_time_reflection_prompt"]
+           "load_prompt_overrides", "extract_answer", "bare_answer", "action_answer", "format_action", "answer_format",
+           "observation", "test_time_reflection_prompt", "test_reflection_prompt"]
 
 DEFAULT_TEMPLATES: dict[str, str] = {
     "trial_instructions": (
@@ -191,6 +192,29 @@ def extract_answer(task, action_text: str | None) -> str | None:
     return None
 
 
+_ANSWER_LEAD = re.compile(r"^(?:finish\b\s*:?\s*)?(?:(?:so\s*,?\s*)?(?:the\s+)?(?:final\s+)?(?:correct\s+)?answer\b"
+                          r"\s*(?:is\b|:)?\s*:?\s*)?", flags=re.I)
+
+
+def bare_answer(task, action_text: str | None) -> str | None:
+    """The answer of an action written without its wrapper ("B", "(B)", "The answer is 12."): the first line of
+    the action without markdown, quotes, a "the answer is" lead-in and a closing period, for the task's checker
+    to read. None for code tasks and for an empty or over-long line (200 characters: prose, not an answer)."""
+    if not action_text or answer_format(task) == "code":
+        return None
+    line = next((ln.strip() for ln in action_text.splitlines() if ln.strip()), "")
+    line = line.strip("*`\"' ").strip()
+    line = _ANSWER_LEAD.sub("", line).strip().strip("*`\"'").strip()
+    line = re.sub(r"(?<!\.)\.$", "", line).strip()
+    return line if line and len(line) <= 200 else None
+
+
+def action_answer(task, action_text: str | None) -> str | None:
+    """The answer of an action: inside its wrapper (:func:`extract_answer`), else :func:`bare_answer`."""
+    found = extract_answer(task, action_text)
+    return found if found is not None else bare_answer(task, action_text)
+
+
 @dataclass
 class Trial:
     thought: str
@@ -295,7 +319,8 @@ class Prompts:
         return ["\nObservation", "Observation:", "\nQuestion:"]
 
     def parse_trial(self, task, text: str) -> Trial:
-        """Split a generated trial into Thought and Action and extract the answer (None when absent)."""
+        """Split a generated trial into Thought and Action and extract the answer (None when absent): the first
+        wrapped answer of the action, else of the thought, else the Action line read as a bare answer."""
         text = (text or "").strip()
         text = re.sub(r"^\s*Thought\s*:\s*", "", text, flags=re.I)
         m = re.search(r"(?:^|\n)\s*Action\s*:", text, flags=re.I)
@@ -313,6 +338,8 @@ class Prompts:
         answer = extract_answer(task, action)
         if answer is None:
             answer = extract_answer(task, thought)
+        if answer is None and m is not None:  # an Action line without its wrapper: "Action: B"
+            answer = bare_answer(task, action)
         action = format_action(task, answer) if answer is not None else action.strip()
         return Trial(thought=thought.strip(), action=action, answer=answer)
 
@@ -336,13 +363,43 @@ def test_time_reflection_prompt(record: dict, transcript: str | None = None) -> 
     if transcript is None and isinstance(stored, str) and stored.strip():
         return stored
     if transcript is None:
-        transcript = record.get("first_trial_reasoning")
-        if transcript is None and record.get("output"):
-            first = record["output"][0]
-            transcript = first.get("scratchpad", first.get("reasoning"))
+        transcript = _trial1_transcript(record)
     if transcript is None or "question" not in record:
         raise DataError("record needs 'question' and 'first_trial_reasoning' (or output[0].scratchpad)")
     return DEFAULT.test_reflection_prompt(record, transcript)
+
+
+def _trial1_transcript(record: dict) -> str | None:
+    transcript = record.get("first_trial_reasoning")
+    if transcript is None and record.get("output"):
+        first = record["output"][0]
+        transcript = first.get("scratchpad", first.get("reasoning"))
+    return transcript
+
+
+def test_reflection_prompt(record: dict, task=None, tokenizer=None, prompts: Prompts | None = None) -> str:
+    """The test-time reflection prompt of a raw or curated record (D+, D±, Dpref): exactly what ``eval`` sends
+    the reflector for that question's trial 1.
+
+    A record that stores it (``test_reflection_prompt``: raw records of our loop, D+ records curated from them)
+    gives it back. Otherwise, with ``task`` and ``tokenizer``, the conversation is rebuilt from ``question`` and
+    ``first_trial_reasoning`` (or ``output[0].scratchpad``) alone: [user: trial prompt, assistant: the trial-1
+    transcript, user: test-time request] rendered with the tokenizer's chat template (``prompts``: the templates
+    the evaluation uses, default ours); the same text as eval's for the same trial 1. Without them: the plain
+    one-message form (:func:`test_time_reflection_prompt`)."""
+    stored = record.get("test_reflection_prompt")
+    if isinstance(stored, str) and stored.strip():
+        return stored
+    if task is None or tokenizer is None:
+        return test_time_reflection_prompt(record)
+    transcript = _trial1_transcript(record)
+    if transcript is None or "question" not in record:
+        raise DataError("record needs 'question' and 'first_trial_reasoning' (or output[0].scratchpad)")
+    messages = (prompts or DEFAULT).test_reflection_messages(task, record, transcript)
+    return tokenizer.apply_chat_template(messages, add_generation_prompt=True)
+
+
+test_reflection_prompt.__test__ = False  # a library function, not a test, when a test module imports it
 
 
 def load_prompt_overrides(path) -> Prompts:

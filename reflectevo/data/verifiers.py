@@ -2,7 +2,8 @@
 
 * Multiple choice (LogiQA, BIG-bench multiple choice): :func:`parse_choice` reads a letter from "B", "b",
   "(b)", "[B]", "B.", "B)", "B. option text", "Option B", "the answer is (B)", or the exact text of one option
-  (when the question is given); :func:`check_choice` compares it with the gold letter.
+  (when the question is given); a hedge ("A or B", "A, B, C or D") or the article "a" ("a nice guess") names
+  no option. :func:`check_choice` compares it with the gold letter.
 * MATH: :func:`check_math` (boxed extraction, normalisation and numeric equivalence live in ``math_equiv``).
 * Free text (BIG-bench free): SQuAD normalisation (lower case, no punctuation, no articles a/an/the, single
   spaces); :func:`exact_match` and token :func:`f1_score`.
@@ -22,19 +23,37 @@ __all__ = ["parse_choice", "check_choice", "parse_options", "squad_normalize", "
            "parse_number", "check_number", "check_math", "check_code"]
 
 _OPTION_LINE = re.compile(r"^\s*\(?([A-Ha-h])\s*[\.\):]\s*(.*\S)\s*$")
+_OPTIONS_HEADER = re.compile(r"^\s*(?:answer\s+)?(?:options|choices)\s*:\s*$", flags=re.I)
 
 
 def parse_options(question: str | None) -> dict[str, str]:
-    """Map lower-case letter -> option text for lines like "A. text", "(B) text", "C) text" in a question."""
-    options: dict[str, str] = {}
-    for line in (question or "").splitlines():
+    """Map lower-case letter -> option text for lines like "A. text", "(B) text", "C) text" in a question.
+
+    The options are the last block of lettered lines (blank lines inside allowed; a repeated letter starts a
+    new block) after the last "Options:" line when there is one, so that dialogue lines ("A: ...", "B: ...")
+    and lettered sentences of the passage are not taken for options."""
+    lines = (question or "").splitlines()
+    header = [i for i, line in enumerate(lines) if _OPTIONS_HEADER.match(line)]
+    if header:
+        lines = lines[header[-1] + 1:]
+    blocks: list[list[tuple[str, str]]] = []
+    block: list[tuple[str, str]] = []
+    for line in lines:
         m = _OPTION_LINE.match(line)
-        if m:
-            text = m.group(2)
-            # the official few-shot blocks repeat the letter ("A. A. text")
-            text = re.sub(r"^\(?" + m.group(1) + r"[\.\)]\s*", "", text)
-            options.setdefault(m.group(1).lower(), text)
-    return options
+        if m is None:
+            if line.strip() and block:
+                blocks.append(block)
+                block = []
+            continue
+        letter = m.group(1).lower()
+        if letter in {b[0] for b in block}:
+            blocks.append(block)
+            block = []
+        # the official few-shot blocks repeat the letter ("A. A. text"); "A.A.B and C ..." is text
+        block.append((letter, re.sub(r"^\(?" + m.group(1) + r"[\.\)]\s+", "", m.group(2))))
+    if block:
+        blocks.append(block)
+    return dict(blocks[-1]) if blocks else {}
 
 
 def _strip_wrappers(s: str) -> str:
@@ -42,6 +61,47 @@ def _strip_wrappers(s: str) -> str:
     s = re.sub(r"^(?:the\s+)?(?:final\s+)?(?:correct\s+)?(?:answer|option|choice)\s*(?:is|:)?\s*:?\s*", "", s,
                flags=re.I)
     return s.strip()
+
+
+def _text_norm(text: str) -> str:
+    """Lower case, every non-alphanumeric character a space, single spaces (articles kept: "a" may be a letter)."""
+    return " ".join(re.sub(r"[^\w\s]|_", " ", text.lower()).split())
+
+
+def _starts(a: str, b: str) -> bool:
+    """One of two normalised texts is the other or starts it at a word boundary."""
+    return a == b or a.startswith(b + " ") or b.startswith(a + " ")
+
+
+def _other_letter(rest: str, letters: str) -> bool:
+    """True when ``rest`` names an option letter on its own ("or B", "C and D"): a hedge, not an answer. A
+    lower-case "a" before a word is the article; a letter followed by ".x" is an abbreviation (e.g.)."""
+    for m in re.finditer(r"(?<![\w'’.])([" + letters + letters.upper() + r"])(?![\w'’])", rest):
+        after = rest[m.end():]
+        if m.group(1) == "a" and re.match(r"\s+[A-Za-z]", after):
+            continue
+        if re.match(r"\.[A-Za-z]", after):
+            continue
+        return True
+    return False
+
+
+def _named(letter: str, rest: str, article_possible: bool, options: dict[str, str], letters: str) -> bool:
+    """Whether a prediction that starts with option ``letter`` followed by ``rest`` names that option.
+
+    Accepted: nothing or punctuation after it, the option's own text (or the start of it), or any other text
+    without a second option letter ("B is correct", "B, because ..."). Rejected: the text of another option,
+    a second standalone option letter ("A or B", "A, B, C or D") and the article "a" before a word ("a nice
+    guess") unless the words are option a's text."""
+    norm = _text_norm(rest)
+    if not norm:
+        return True
+    matches = {k for k, text in options.items() if _text_norm(text) and _starts(_text_norm(text), norm)}
+    if letter in matches:
+        return True
+    if matches or article_possible:
+        return False
+    return not _other_letter(rest, "".join(sorted(options)) or letters)
 
 
 def parse_choice(prediction: str | None, question: str | None = None, letters: str = "abcdefgh") -> str | None:
@@ -55,17 +115,23 @@ def parse_choice(prediction: str | None, question: str | None = None, letters: s
     m = re.fullmatch(r"[\(\[]?\s*(" + cls + r")\s*[\)\]]?\s*[\.:,;!]?", s)
     if m:
         return m.group(1).lower()
-    if question:
-        norm = squad_normalize(s)
-        for letter, text in parse_options(question).items():
-            if norm and squad_normalize(text) == norm:
+    options = parse_options(question) if question else {}
+    for norm_fn in (_text_norm, squad_normalize):
+        if norm_fn is squad_normalize and re.match(r"[\(\[]?" + cls + r"(?!\w)", s):
+            break  # "A. Dogs bark" must not become option text "dogs bark" by dropping the article
+        norm = norm_fn(s)
+        for letter, text in options.items():
+            if norm and norm_fn(text) == norm:
                 return letter
-    m = re.match(r"^[\(\[]?(" + cls + r")(?:\s*[\)\]\.:,;]|\s)", s)
+    m = re.match(r"^([\(\[]?)(" + cls + r")(\s*[\)\]\.:,;]|\s)", s)
     if m:
-        return m.group(1).lower()
-    m = re.search(r"\b(?:option|answer|choice)\s*(?:is\s*)?:?\s*[\(\[]?(" + cls + r")\b", s, flags=re.I)
+        article = m.group(2) in "aA" and not m.group(1) and not m.group(3).strip()
+        letter = m.group(2).lower()
+        return letter if _named(letter, s[m.end():], article, options, letters) else None
+    m = re.search(r"\b(?:option|answer|choice)\s*(?:is\s*)?:?\s*[\(\[]?(" + cls + r")\b[\)\]]?", s, flags=re.I)
     if m:
-        return m.group(1).lower()
+        letter = m.group(1).lower()
+        return letter if _named(letter, s[m.end():], False, options, letters) else None
     return None
 
 
