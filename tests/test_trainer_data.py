@@ -148,11 +148,16 @@ def test_loop_conversation_records_train_with_one_template(tmp_path):
                                                                 add_generation_prompt=True)
     start = tok.token_to_id("<|im_start|>")
     second = "Thought: alpha step\nAction: Finish[7]"
-    cases = [("reflect", rec["reflect_prompt"], rec["reflections"], 4),
-             ("one-stage", rec["reflect_prompt"], rec["reflections"] + "\n\n" + second, 4),
-             ("correct", rec["reason_prompt"][1], second[len("Thought:"):], 6)]   # "Thought:" opens the turn
-    for mode, prompt, response, turns in cases:
-        (ex,), _ = tokenize_records([(1, rec)], tok, cfg(mode=mode, max_length=512), False, "d_plus")
+    # reflect / one-stage train on the prompt eval reflects on (the pair's), or with "stored" on reflect_prompt
+    assert rec["test_reflection_prompt"] == pair["reflection_prompt"]
+    cases = [("reflect", "test-time", rec["test_reflection_prompt"], rec["reflections"], 4),
+             ("one-stage", "test-time", rec["test_reflection_prompt"], rec["reflections"] + "\n\n" + second, 4),
+             ("reflect", "stored", rec["reflect_prompt"], rec["reflections"], 4),
+             ("one-stage", "stored", rec["reflect_prompt"], rec["reflections"] + "\n\n" + second, 4),
+             ("correct", "test-time", rec["reason_prompt"][1], second[len("Thought:"):], 6)]  # "Thought:" opens it
+    for mode, sft_prompt, prompt, response, turns in cases:
+        (ex,), _ = tokenize_records([(1, rec)], tok, cfg(mode=mode, sft_prompt=sft_prompt, max_length=512), False,
+                                    "d_plus")
         assert ex.prompt == tok.encode(prompt, add_special_tokens=False)   # as stored: no second template
         assert ex.prompt.count(start) == turns                               # the conversation's turns only
         assert ex.responses[0] == encode_response(tok, response)
@@ -250,3 +255,16 @@ def test_non_finite_loss_names_step_and_examples(tmp_path):
         model.layers[0].mlp.down_proj.weight.fill_(float("nan"))
     with pytest.raises(TrainError, match=r"step 1: non-finite loss .* examples \d"):
         train_sft(model, tok, d_plus(2), cfg(max_steps=2), tmp_path / "run")
+
+
+def test_official_d_plus_trains_on_the_test_time_reflection_prompt():
+    """An official D+ record stores only the data-generation request (reflect_prompt); SFT rebuilds the prompt eval
+    reflects on from its question and trial-1 transcript (paper.md defect 4: no train / test prompt mismatch)."""
+    from reflectevo.data.prompts import test_time_reflection_prompt
+
+    rec = dict(d_plus(1)[0], question="alpha beta question", first_trial_reasoning="thought : alpha action : B")
+    expected = test_time_reflection_prompt(rec)
+    assert expected != rec["reflect_prompt"]
+    assert sft_texts(rec, "reflect", "f")[0] == expected
+    assert sft_texts(rec, "reflect", "f", sft_prompt="stored")[0] == rec["reflect_prompt"]
+    assert sft_texts(d_plus(1)[0], "reflect", "f")[0] == d_plus(1)[0]["reflect_prompt"]  # nothing to rebuild from

@@ -9,8 +9,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from reflectevo.trainer.config import DEFAULT_TARGETS, DPO_LOSSES, OPTIMIZERS, SCHEDULERS, SFT_MODES, TrainConfig, \
-    TrainError
+from reflectevo.trainer.config import (DEFAULT_TARGETS, DPO_LOSSES, OPTIMIZERS, SCHEDULERS, SFT_MODES, SFT_PROMPTS,
+                                      TrainConfig, TrainError)
 
 
 def add_train_args(parser: argparse.ArgumentParser, dpo: bool) -> argparse.ArgumentParser:
@@ -20,6 +20,10 @@ def add_train_args(parser: argparse.ArgumentParser, dpo: bool) -> argparse.Argum
         a("--mode", default="one-stage", choices=SFT_MODES,
           help="one-stage: prompt -> reflection + corrected answer; reflect: -> reflection; "
                "correct: prompt + reflection -> corrected trial")
+        a("--sft-prompt", default="test-time", choices=SFT_PROMPTS,
+          help="prompt of --mode reflect / one-stage: test-time = the reflection prompt eval uses (the record's "
+               "test_reflection_prompt, else built from question + first_trial_reasoning); stored = the record's "
+               "reflect_prompt (the data-generation request)")
     a("--model", default="smollm2-135m", help="smollm2-135m | Hugging Face model dir | .gguf file")
     a("--out", required=True, help="run directory (metrics.jsonl, adapter/, state/, summary.json)")
     a("--adapter", default=None, help="start from this PEFT LoRA adapter" +
@@ -75,7 +79,7 @@ def add_train_args(parser: argparse.ArgumentParser, dpo: bool) -> argparse.Argum
 def config_from_args(args, dpo: bool) -> TrainConfig:
     targets = tuple(t.strip() for t in str(args.target_modules).split(",") if t.strip())
     cfg = TrainConfig(
-        mode=getattr(args, "mode", "one-stage"), max_length=args.max_length,
+        mode=getattr(args, "mode", "one-stage"), sft_prompt=getattr(args, "sft_prompt", "test-time"), max_length=args.max_length,
         max_prompt_length=getattr(args, "max_prompt_length", None), on_too_long=args.on_too_long,
         eval_fraction=args.eval_fraction, data_path=str(args.data), epochs=args.epochs, max_steps=args.max_steps,
         batch_size=args.batch_size, grad_accum=args.grad_accum, lr=args.lr, weight_decay=args.weight_decay,

@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 from reflectevo.errors import ReflectEvoError
 
 SFT_MODES = ("one-stage", "reflect", "correct")
+SFT_PROMPTS = ("test-time", "stored")
 SCHEDULERS = ("cosine", "linear", "constant")
 OPTIMIZERS = ("adamw", "paged_adamw_8bit")
 DPO_LOSSES = ("sigmoid", "ipo", "hinge", "robust")
@@ -21,6 +22,7 @@ class TrainError(ReflectEvoError, ValueError):
 class TrainConfig:
     # data
     mode: str = "one-stage"                 # SFT only: one-stage | reflect | correct
+    sft_prompt: str = "test-time"           # reflect / one-stage prompt: "test-time" (eval's) | "stored" (reflect_prompt)
     max_length: int = 1024                  # tokens per sequence (prompt + response [+ eot])
     max_prompt_length: int | None = None    # DPO: prompt tokens kept (the end of the prompt); None = 7/8 of max_length
     on_too_long: str = "error"              # a response that cannot fit max_length: "error" | "skip"
@@ -66,6 +68,8 @@ class TrainConfig:
         def bad(option, why):
             raise TrainError(f"--{option.replace('_', '-')}: {why}")
 
+        if not dpo and self.sft_prompt not in SFT_PROMPTS:
+            bad("sft_prompt", f"expected one of {', '.join(SFT_PROMPTS)}, got {self.sft_prompt!r}")
         if not dpo and self.mode not in SFT_MODES:
             bad("mode", f"expected one of {', '.join(SFT_MODES)}, got {self.mode!r}")
         if self.max_length < 8:
@@ -120,11 +124,11 @@ class TrainConfig:
 
     def fingerprint(self, dpo: bool) -> dict:
         """The settings a resumed run must share with the run it continues (the rest may change)."""
-        keys = ["mode", "max_length", "max_prompt_length", "epochs", "max_steps", "batch_size", "grad_accum", "lr",
+        keys = ["mode", "sft_prompt", "max_length", "max_prompt_length", "epochs", "max_steps", "batch_size", "grad_accum", "lr",
                 "weight_decay", "scheduler", "warmup_ratio", "optim", "seed", "lora_r", "lora_alpha",
                 "lora_dropout", "target_modules", "use_rslora", "eval_fraction", "on_too_long"]
         if dpo:
-            keys = [k for k in keys if k != "mode"] + ["beta", "loss_type", "label_smoothing"]
+            keys = [k for k in keys if k not in ("mode", "sft_prompt")] + ["beta", "loss_type", "label_smoothing"]
         out = {k: getattr(self, k) for k in keys}
         out["target_modules"] = list(out["target_modules"])
         return out

@@ -2,8 +2,8 @@
 
 Prompts and targets per setting (docs/paper.md), taken from the official fields:
 
-    one-stage  prompt = reflect_prompt            response = reflection + "\\n\\n" + second_trial_reasoning*
-    reflect    prompt = reflect_prompt            response = reflection
+    one-stage  prompt = test-time reflection**    response = reflection + "\\n\\n" + second_trial_reasoning*
+    reflect    prompt = test-time reflection**    response = reflection
     correct    prompt = reason_prompt[1]          response = second_trial_reasoning*
     dpo        prompt = reflection_prompt         chosen / rejected = reflection_chosen / reflection_rejected
 
@@ -13,6 +13,10 @@ from :mod:`reflectevo.data.prompts` when that module offers it, else a TrainErro
 trial-2 prompt that already contains the trial-2 answer (a defect of the official code, paper.md defect 2) has
 that text removed so the model never sees its own target. * A trial transcript used as a target loses the
 oracle Observation line that ends it (feedback from the environment, not text the model writes).
+** The prompt eval reflects on (paper.md defect 4: the official code trained on one reflection prompt and tested
+on another): the record's ``test_reflection_prompt`` (our curation writes it), else built from ``question`` and
+``first_trial_reasoning``; ``reflect_prompt`` (the data-generation request) when neither is there, or with
+``--sft-prompt stored``.
 
 Token layout: a plain-text prompt (the official data) is rendered with the model's chat template (one user turn,
 generation prompt added); a prompt stored already rendered with this template (our raw records save prompts
@@ -37,6 +41,7 @@ from pathlib import Path
 
 import torch
 
+from reflectevo.errors import ReflectEvoError
 from reflectevo.trainer.config import TrainError
 
 IGNORE = -100
@@ -123,7 +128,16 @@ def _built_prompt(kind: str, record: dict, where: str, stored_names: tuple) -> s
                      (" (or 'task' to build the trial-2 prompt)" if kind == "trial2" else ""))
 
 
-def reflection_prompt_text(record: dict, where: str, dpo: bool) -> str:
+def reflection_prompt_text(record: dict, where: str, dpo: bool, sft_prompt: str = "test-time") -> str:
+    """DPO: the pair's stored test-time prompt. SFT: with "test-time", the prompt eval reflects on (the record's
+    test_reflection_prompt, else built from its question and trial-1 transcript), so training and evaluation see
+    one prompt; a record that has neither, or "stored", uses its reflect_prompt (the data-generation request)."""
+    prompts = _prompts_module()
+    if not dpo and sft_prompt == "test-time" and prompts is not None:
+        try:
+            return prompts.test_time_reflection_prompt(record)
+        except (ReflectEvoError, KeyError, TypeError, AttributeError):
+            pass  # not enough fields to build it: the stored prompt below
     names = ("reflection_prompt", "reflect_prompt") if dpo else ("reflect_prompt", "reflection_prompt")
     for n in names:
         if isinstance(record.get(n), str) and record[n].strip():
@@ -159,11 +173,11 @@ def strip_observation(transcript: str) -> str:
     return text[:starts[-1].start()].strip()
 
 
-def sft_texts(record: dict, mode: str, where: str) -> tuple[str, str]:
+def sft_texts(record: dict, mode: str, where: str, sft_prompt: str = "test-time") -> tuple[str, str]:
     """(prompt text, response text) of one D+ record for an SFT mode (trial transcripts without observation)."""
     if mode in ("one-stage", "reflect"):
         refl = _text(_field(record, "reflections", where, f"the target of --mode {mode}"), "reflections", where)
-        prompt = reflection_prompt_text(record, where, dpo=False)
+        prompt = reflection_prompt_text(record, where, dpo=False, sft_prompt=sft_prompt)
         if mode == "reflect":
             return prompt, refl.strip()
         second = _text(_field(record, "second_trial_reasoning", where, "the corrected answer of --mode one-stage"),
@@ -300,7 +314,7 @@ def tokenize_records(records_with_lines, tokenizer, cfg, dpo: bool, path: str) -
         if dpo:
             p, *texts = dpo_texts(rec, where)
         else:
-            p, *texts = sft_texts(rec, cfg.mode, where)
+            p, *texts = sft_texts(rec, cfg.mode, where, cfg.sft_prompt)
         prompt, opened = chat_prompt(tokenizer, p, frame)
         responses = [encode_response(tokenizer, continue_turn(opened, t)) for t in texts]
         ex = make_example(key, where, tokenizer.encode(prompt, add_special_tokens=False), responses, cfg.max_length,
