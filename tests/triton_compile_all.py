@@ -121,14 +121,19 @@ def _variants():
             out.append((k["paged_attention"]._store_kv_kernel,
                         dict(k_ptr=f"*{dt}", v_ptr=f"*{dt}", kc_ptr=f"*{dt}", vc_ptr=f"*{dt}", slot_ptr="*i32"),
                         dict(row=row, BLOCK=1024), {}))
-    decode = [("bf16", hkv, g, d, splits) for hkv, g, d in ((8, 4, 128), (3, 3, 64)) for splits in (1, 8)]
-    decode += [(dt, 8, 4, 128, 8) for dt in ("fp16", "fp32")]
-    for dt, hkv, g, d, splits in decode:
+    decode = [("bf16", hkv, g, d) for hkv, g, d in ((8, 4, 128), (3, 3, 64))]
+    decode += [(dt, 8, 4, 128) for dt in ("fp16", "fp32")]
+    for dt, hkv, g, d in decode:
         out.append((k["paged_attention"]._paged_decode_kernel,
                     dict(q_ptr=f"*{dt}", kc_ptr=f"*{dt}", vc_ptr=f"*{dt}", bt_ptr="*i32", lens_ptr="*i32",
-                         out_ptr="*fp32", lse_ptr="*fp32", scale="fp32", stride_bt="i32", blocks_per_split="i32"),
-                    dict(HKV=hkv, G=g, D=d, BS=16, BLOCK_G=16, BLOCK_D=d, NUM_SPLITS=splits,
+                         out_ptr="*fp32", lse_ptr="*fp32", scale="fp32", stride_bt="i32", blocks_per_split="i32",
+                         max_splits="i32"),
+                    dict(HKV=hkv, G=g, D=d, BS=16, BLOCK_G=16, BLOCK_D=d,
                          PREC="ieee" if dt == "fp32" else "tf32", UPCAST=False), {}))
+    for hq, d in ((32, 128), (9, 64)):
+        out.append((k["paged_attention"]._merge_splits_kernel,
+                    dict(part_ptr="*fp32", lse_ptr="*fp32", lens_ptr="*i32", out_ptr="*fp32", blocks_per_split="i32",
+                         max_splits="i32"), dict(HQ=hq, D=d, BS=16, BLOCK_D=d), {}))
     return out
 
 

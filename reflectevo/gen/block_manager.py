@@ -116,6 +116,11 @@ class BlockManager:
         """Forget every cached prefix (the weights changed); only valid while no sequence holds blocks."""
         if any(self.ref_count):
             raise RuntimeError("reset_prefix_cache: sequences still hold blocks")
+        self.reset()
+
+    def reset(self):
+        """Free every block and forget every cached prefix, whoever holds them (the caller drops all sequences)."""
+        self.ref_count = [0] * self.num_blocks
         self.block_of.clear()
         self.hash_of = [None] * self.num_blocks
         self.free_cached.clear()

@@ -9,22 +9,28 @@ on the CPU by default a fifth of the memory available when the engine is built (
 blocks fill; a cache too small for the running batch preempts sequences and recomputes them later. With the
 prefix cache every freed block stays cached until it is needed again, so over a long run the whole budget
 ends up resident.
+
+Prefix cache and weights: every ``generate`` compares a signature of the weights with the last call's and drops
+the cached K/V when it changed (optimizer steps, fused ones included, replaced tensors, LoRA scaling and
+switches; see ``fingerprint.py``). ``engine.reset_prefix_cache()`` drops it by hand, for changes the signature
+cannot see (an NF4 base's quantized data, buffers, code).
 """
 from __future__ import annotations
 
 import os
 import random
+import warnings
 
 import torch
 
 from reflectevo.gen.block_manager import BlockManager
+from reflectevo.gen.fingerprint import weights_signature
 from reflectevo.gen.progress import Progress
 from reflectevo.gen.runner import ModelRunner
 from reflectevo.gen.sampler import sample, seq_key
 from reflectevo.gen.sampling_params import SamplingParams
 from reflectevo.gen.scheduler import Scheduler
 from reflectevo.gen.sequence import CompletionOutput, Sequence, Status
-from reflectevo.model.lora import lora_modules
 
 
 CPU_KV_FRACTION = 0.2  # of MemAvailable: room for a second engine (adapter runs) and the training after it
@@ -81,12 +87,15 @@ class Engine:
         self._weights_seen = self._weights_signature()
 
     def _weights_signature(self):
-        """Changes when a parameter is modified in place (optimizer step) or added/removed (adapter swap), or when
-        LoRA adapters are switched off or on (``adapters_disabled``): the same tokens then have other K/V."""
-        params = tuple((id(p), p._version) for p in self.model.parameters())
-        return params, tuple(m.disabled for m in lora_modules(self.model).values())
+        """Compared at every ``generate``: a change drops the prefix cache (and captured graphs). See
+        ``fingerprint.weights_signature`` for what it notices."""
+        return weights_signature(self.model)
 
     def reset_prefix_cache(self):
+        """Forget every cached prefix, so the next prompts compute all their K/V again. ``generate`` does this
+        itself when it sees the weights changed (in place, replaced, a trainable parameter's content, LoRA
+        scaling or switches); call it after a change it cannot see, e.g. to an NF4 base's quantized data or to
+        a module's code or buffers. Only between ``generate`` calls."""
         self.block_manager.reset_prefix_cache()
 
     @staticmethod
@@ -140,6 +149,8 @@ class Engine:
             params = [params] * len(prompts)
         if len(params) != len(prompts) or not all(isinstance(p, SamplingParams) for p in params):
             raise ValueError(f"params must be one SamplingParams or a list of {len(prompts)} of them")
+        for sp in {id(p): p for p in params}.values():
+            sp.validate()  # fields may have been set after construction
         prompt_ids = self._encode(prompts)
         signature = self._weights_signature()
         if signature != self._weights_seen:  # cached K/V (and captured graphs) came from other weights
@@ -147,9 +158,26 @@ class Engine:
             if self.runner.graphs is not None:
                 self.runner.graphs.invalidate()
             self._weights_seen = signature
+        was_training = self.model.training
+        self.model.eval()  # no dropout (LoRA) while sampling; the caller's mode comes back afterwards
+        try:
+            seqs = self._add_requests(prompt_ids, params)
+            total = sum(len(g) for g in seqs)
+            show = self.progress if progress is None else progress
+            bar = Progress(total, enabled=total >= 64 if show is None else bool(show))
+            self._loop(seqs, bar)
+        except BaseException as error:
+            self._abort(error)
+            raise
+        finally:
+            self.model.train(was_training)
+        bar.close()
+        return [[self._output(s) for s in g] for g in seqs]
+
+    def _add_requests(self, prompt_ids, params) -> list[list[Sequence]]:
         seqs: list[list[Sequence]] = []
         for i, (ids, sp) in enumerate(zip(prompt_ids, params)):
-            base = sp.seed if sp.seed is not None else random.getrandbits(63)
+            base = int(sp.seed) if sp.seed is not None else random.getrandbits(63)
             group = []
             for j in range(sp.n):
                 seq = Sequence(self._next_seq_id, i, j, ids, sp, seq_key(base, j))
@@ -157,20 +185,15 @@ class Engine:
                 self.scheduler.add(seq)
                 group.append(seq)
             seqs.append(group)
-        total = sum(len(g) for g in seqs)
-        show = self.progress if progress is None else progress
-        bar = Progress(total, enabled=total >= 64 if show is None else bool(show))
-        was_training = self.model.training
-        self.model.eval()  # no dropout (LoRA) while sampling; the caller's mode comes back afterwards
+        return seqs
+
+    def _abort(self, error: BaseException):
+        """Leave the engine usable after ``error``: free every block, drop the queue. A failure of this cleanup
+        is only reported: the caller sees the original exception."""
         try:
-            self._loop(seqs, bar)
-        except BaseException:
-            self.scheduler.abort()  # leave the engine usable: free every block, drop the queue
-            raise
-        finally:
-            self.model.train(was_training)
-        bar.close()
-        return [[self._output(s) for s in g] for g in seqs]
+            self.scheduler.abort()
+        except BaseException as cleanup:
+            warnings.warn(f"generate: cleanup after {type(error).__name__} failed: {cleanup!r}", stacklevel=3)
 
     def _loop(self, seqs, bar: Progress):
         while self.scheduler.has_work():

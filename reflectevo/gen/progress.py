@@ -1,9 +1,11 @@
-"""A small progress line on stderr: requests done and generated tokens/s (\r updates on a terminal, a plain
-line every few seconds otherwise)."""
+"""A small progress line on stderr: requests done and generated tokens/s (\r updates on a terminal, each
+clearing what a longer line before it left, a plain line every few seconds otherwise)."""
 from __future__ import annotations
 
 import sys
 import time
+
+CLEAR_TO_EOL = "\x1b[K"
 
 
 class Progress:
@@ -24,7 +26,7 @@ class Progress:
             return
         now = time.perf_counter()
         if self.tty and now - self.last >= 0.2:
-            self.stream.write("\r" + self.line())
+            self.stream.write("\r" + self.line() + CLEAR_TO_EOL)
             self.stream.flush()
             self.last = now
         elif not self.tty and now - self.last >= self.every_s:
@@ -34,5 +36,5 @@ class Progress:
 
     def close(self):
         if self.enabled:
-            self.stream.write(("\r" if self.tty else "") + self.line() + "\n")
+            self.stream.write(("\r" + self.line() + CLEAR_TO_EOL if self.tty else self.line()) + "\n")
             self.stream.flush()

@@ -157,7 +157,8 @@ class ModelRunner:
 
     def enable_graphs(self, max_batch: int, max_model_len: int, emulate: bool = False):
         """Decode steps of up to ``max_batch`` sequences through CUDA graphs (``emulate``: eager, for tests)."""
-        max_blocks = -(-max_model_len // self.block_size)
+        # a row never holds more blocks than the cache has: the bound sizes the tables and the decode partials
+        max_blocks = min(-(-max_model_len // self.block_size), self.k_cache.shape[1])
         self.graphs = DecodeGraphs(self, max_batch, max_blocks, emulate=emulate)
 
     def _graph_step(self, seqs, ids, pos, slots, lens) -> torch.Tensor | None:

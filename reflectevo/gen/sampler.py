@@ -93,16 +93,15 @@ TOP_P_CANDIDATES = 512  # top-p looks for its cut among this many best tokens be
 
 
 def _top_k_mask(logits: torch.Tensor, top_k: torch.Tensor) -> torch.Tensor:
-    """True where a token ranks below its row's top_k (0 = off): ranks by topk, ties broken arbitrarily as a sort."""
+    """True where a token is below its row's k-th largest value (top_k 0 = off): every token tied with the k-th
+    stays, as in transformers and vLLM, so the kept set is the row's own whatever the other rows ask for."""
     S, V = logits.shape
     on = (top_k > 0) & (top_k < V)
     if not bool(on.any()):
         return torch.zeros(S, V, dtype=torch.bool, device=logits.device)
-    k_max = int(top_k[on].max())
-    best = logits.topk(k_max, dim=-1).indices
-    rank = torch.arange(k_max, device=logits.device)[None, :]
-    beyond = rank >= torch.where(on, top_k, k_max)[:, None]
-    return on[:, None] & torch.ones(S, V, dtype=torch.bool, device=logits.device).scatter(1, best, beyond)
+    best = logits.topk(int(top_k[on].max()), dim=-1).values  # sorted, largest first
+    kth = best.gather(1, (torch.where(on, top_k, 1) - 1)[:, None])
+    return on[:, None] & (logits < kth)
 
 
 def _top_p_cut(sorted_p: torch.Tensor, top_p: torch.Tensor, on: torch.Tensor) -> torch.Tensor:
@@ -114,18 +113,20 @@ def _top_p_cut(sorted_p: torch.Tensor, top_p: torch.Tensor, on: torch.Tensor) ->
 
 
 def _top_p_mask(probs: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:
-    """True where a token falls outside the smallest set of best tokens whose probability reaches top_p (1 = off)."""
+    """True where a token falls outside the smallest set of best tokens whose probability reaches top_p (1 = off),
+    and every token tied with the last one in: the cut is a probability value, so the order in which a sort puts
+    tied tokens does not matter, and the candidates and the whole-row sort give the same set."""
     S, V = probs.shape
     on = top_p < 1.0
-    sorted_p, order = probs.topk(min(TOP_P_CANDIDATES, V), dim=-1)
+    sorted_p = probs.topk(min(TOP_P_CANDIDATES, V), dim=-1).values
     drop = _top_p_cut(sorted_p, top_p, on)
-    # past the last candidate every token drops when the last one does (its "before" is at least as large)
-    mask = on[:, None].repeat(1, V).scatter_(1, order, drop)
+    cut = sorted_p.gather(1, (~drop).sum(dim=-1, keepdim=True) - 1)  # drop is monotone: the last kept value
     far = on & ~drop[:, -1]
-    if order.shape[1] < V and bool(far.any()):  # rows whose cut lies further out: sort them whole
-        sorted_p, order = probs[far].sort(dim=-1, descending=True)
-        mask[far] = torch.ones_like(mask[far]).scatter_(1, order, _top_p_cut(sorted_p, top_p[far], on[far]))
-    return mask
+    if sorted_p.shape[1] < V and bool(far.any()):  # rows whose cut lies further out: sort them whole
+        whole = probs[far].sort(dim=-1, descending=True).values
+        kept = (~_top_p_cut(whole, top_p[far], on[far])).sum(dim=-1, keepdim=True)
+        cut[far] = whole.gather(1, kept - 1)
+    return on[:, None] & (probs < cut)
 
 
 def filter_logits(logits: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor, min_p: torch.Tensor) -> torch.Tensor:
@@ -145,7 +146,7 @@ def sample(logits: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
     """logits [S, V] (float) for the last position of each sequence -> next token ids [S] (on the device)."""
     logits = apply_repetition_penalty(logits.float(), seqs)
     chosen = logits.argmax(dim=-1)  # greedy: ties go to the first index, as torch/transformers argmax
-    rows = [i for i, s in enumerate(seqs) if s.params.temperature > 0.0]
+    rows = [i for i, s in enumerate(seqs) if not s.params.greedy]
     if not rows:
         return chosen
     dev, sub = logits.device, [seqs[i] for i in rows]

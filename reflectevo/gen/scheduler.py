@@ -32,7 +32,7 @@ class Scheduler:
     def schedule(self) -> tuple[list[Sequence], bool]:
         """Returns (sequences, is_prefill). Sequences that can never fit are finished with reason "length"."""
         batch, tokens = [], 0
-        while self.waiting and len(self.running) + len(batch) < self.max_num_seqs:
+        while self.waiting and len(self.running) < self.max_num_seqs:  # the batch is in running already
             seq = self.waiting[0]
             need_blocks, cached = self.bm.plan(seq)
             new_tokens = len(seq) - cached
@@ -45,6 +45,7 @@ class Scheduler:
                     continue
                 break
             self.waiting.popleft()
+            self.running.append(seq)  # first: an exception from here on leaves it where abort() finds it
             self.bm.allocate(seq)
             seq.status = Status.RUNNING
             self.stats["prefix_cache_hit_tokens"] += seq.num_cached_tokens
@@ -52,7 +53,6 @@ class Scheduler:
             tokens += len(seq) - seq.num_cached_tokens
             batch.append(seq)
         if batch:
-            self.running.extend(batch)
             return batch, True
 
         queue, running = deque(self.running), []
@@ -96,9 +96,10 @@ class Scheduler:
         self.running.remove(seq)
 
     def abort(self):
-        """Drop every sequence (after an error inside a step) so the next call starts clean. The prefix cache goes
+        """Drop every sequence (after an error inside a step, an interrupt included, wherever it struck) so the
+        next call starts clean: every block is freed, whatever the reference counts say. The prefix cache goes
         too: a prefill step registers its full blocks when it allocates them, before the model has written them."""
-        for seq in self.running:
-            self.bm.deallocate(seq)
+        for seq in (*self.running, *self.waiting):
+            seq.block_table, seq.block_hashes, seq.num_cached_tokens = [], [], 0
         self.running, self.waiting = [], deque()
-        self.bm.reset_prefix_cache()
+        self.bm.reset()

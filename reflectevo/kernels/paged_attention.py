@@ -8,8 +8,11 @@ Decode (one query token per sequence, GQA group g = Hq / Hkv):
 
 The kernel walks the block table with an online softmax (running max m, running sum l, fp32 accumulator), so
 it reads each cached K/V once and never materialises the gathered [S, L, Hkv, D] context that the PyTorch
-reference builds; the g query heads of a KV head share each K/V load. Long contexts can be split over several
-programs (flash-decoding), each writing a partial (out, log-sum-exp) that is merged afterwards.
+reference builds; the g query heads of a KV head share each K/V load. Contexts longer than ``SPLIT_TOKENS`` are
+split (flash-decoding): each split of ``SPLIT_TOKENS`` writes a partial (out, log-sum-exp) and a second kernel
+merges a row's partials in split order. The split size is fixed, so a row's result is bitwise the same whatever
+else is in the batch and however wide the block table is (what makes a seeded request batch-independent); only
+how many programs share a row's splits follows the batch (``_grid_splits``).
 
 The PyTorch reference (``paged_attention_decode_reference``) gathers each sequence's context by its block
 table in one indexing op and runs a masked softmax for all sequences at once: the readable definition the
@@ -34,12 +37,11 @@ sequence, and attends to the parts in a few length buckets instead of padding ev
 """
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import torch
 
-from reflectevo.kernels._dispatch import HAS_TRITON, interpreting, next_power_of_2, sm_count, use_triton
+from reflectevo.kernels._dispatch import HAS_TRITON, cdiv, interpreting, next_power_of_2, sm_count, use_triton
 
 if HAS_TRITON:
     import triton
@@ -315,6 +317,13 @@ def paged_attention_decode_torch(q, k_cache, v_cache, block_tables, context_lens
 
 
 # ----------------------------------------------------------------------------- Triton
+# Split size. On a 132-SM H100/H200 with 8 KV heads (Llama-3-8B), a 1-2k-token context at batch 1 gets 8-16
+# splits: 64-128 programs, about one per SM (256-token splits would leave half to three quarters of the SMs idle).
+# At batch 64 the grid has 512 (row, head) programs already, each looping over its row's 8-16 splits; the price
+# of splitting is then the partials, G x D fp32 per split against 128 tokens x 2 x D of K/V: ~3% more traffic
+# written and ~3% read back by the merge (512-token splits: ~1.5% but 16-32 programs at batch 1).
+SPLIT_TOKENS = 128
+
 if HAS_TRITON:
 
     @triton.jit
@@ -328,17 +337,20 @@ if HAS_TRITON:
                 tl.store(kc_ptr + slot * row + offs, tl.load(k_ptr + t * row + offs, mask=m), mask=m)
                 tl.store(vc_ptr + slot * row + offs, tl.load(v_ptr + t * row + offs, mask=m), mask=m)
 
-    @triton.jit
+    # max_splits follows the table width; unspecialised, every width runs the same compiled code
+    @triton.jit(do_not_specialize=["max_splits"])
     def _paged_decode_kernel(
         q_ptr, kc_ptr, vc_ptr, bt_ptr, lens_ptr, out_ptr, lse_ptr, scale,
-        stride_bt, blocks_per_split,
+        stride_bt, blocks_per_split, max_splits,
         HKV: tl.constexpr, G: tl.constexpr, D: tl.constexpr, BS: tl.constexpr,
-        BLOCK_G: tl.constexpr, BLOCK_D: tl.constexpr, NUM_SPLITS: tl.constexpr, PREC: tl.constexpr,
-        UPCAST: tl.constexpr,
+        BLOCK_G: tl.constexpr, BLOCK_D: tl.constexpr, PREC: tl.constexpr, UPCAST: tl.constexpr,
     ):
+        """Program (s, h, z) computes splits z, z + grid_z, ... of row s, KV head h: each split is a fresh online
+        softmax over its own blocks, so its partial does not depend on grid_z."""
         s = tl.program_id(0)
         h = tl.program_id(1)
-        split = tl.program_id(2)
+        first = tl.program_id(2)
+        grid_z = tl.num_programs(2)
         ctx = tl.load(lens_ptr + s)
         offs_g = tl.arange(0, BLOCK_G)
         offs_d = tl.arange(0, BLOCK_D)
@@ -349,34 +361,59 @@ if HAS_TRITON:
         q = tl.load(q_ptr + q_rows[:, None] * D + offs_d[None, :], mask=g_ok[:, None] & d_ok[None, :], other=0.0)
         dot_ty = tl.float32 if UPCAST else kc_ptr.dtype.element_ty  # the interpreter's tl.dot lacks bf16
         q = (q.to(tl.float32) * scale).to(dot_ty)
-        m_i = tl.full([BLOCK_G], float("-inf"), tl.float32)
-        l_i = tl.zeros([BLOCK_G], tl.float32)
-        acc = tl.zeros([BLOCK_G, BLOCK_D], tl.float32)
         n_blocks = (ctx + BS - 1) // BS
-        b_start = split * blocks_per_split
-        b_end = tl.minimum(b_start + blocks_per_split, n_blocks)
-        for b in range(b_start, b_end):
-            block = tl.load(bt_ptr + s * stride_bt + b).to(tl.int64)
-            tok = b * BS + offs_t
-            t_ok = tok < ctx
-            kv_off = (block * BS + offs_t)[:, None] * (HKV * D) + h * D + offs_d[None, :]
-            kv_mask = t_ok[:, None] & d_ok[None, :]
-            k = tl.load(kc_ptr + kv_off, mask=kv_mask, other=0.0).to(dot_ty)
-            v = tl.load(vc_ptr + kv_off, mask=kv_mask, other=0.0).to(dot_ty)
-            scores = tl.dot(q, tl.trans(k), input_precision=PREC, out_dtype=tl.float32)
-            scores = tl.where(t_ok[None, :], scores, float("-inf"))
-            m_new = tl.maximum(m_i, tl.max(scores, axis=1))
-            alpha = tl.exp(m_i - m_new)
-            p = tl.exp(scores - m_new[:, None])
-            l_i = l_i * alpha + tl.sum(p, axis=1)
-            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PREC, out_dtype=tl.float32)
-            m_i = m_new
-        empty = l_i == 0.0
-        out = acc / tl.where(empty, 1.0, l_i)[:, None]
-        lse = tl.where(empty, float("-inf"), m_i + tl.log(tl.where(empty, 1.0, l_i)))
-        out_rows = (s * HKV * G + h * G + offs_g) * NUM_SPLITS + split
-        tl.store(out_ptr + out_rows[:, None] * D + offs_d[None, :], out, mask=g_ok[:, None] & d_ok[None, :])
-        tl.store(lse_ptr + out_rows, lse, mask=g_ok)
+        n_splits = (n_blocks + blocks_per_split - 1) // blocks_per_split
+        for split in range(first, n_splits, grid_z):
+            m_i = tl.full([BLOCK_G], float("-inf"), tl.float32)
+            l_i = tl.zeros([BLOCK_G], tl.float32)
+            acc = tl.zeros([BLOCK_G, BLOCK_D], tl.float32)
+            b_start = split * blocks_per_split
+            b_end = tl.minimum(b_start + blocks_per_split, n_blocks)
+            for b in range(b_start, b_end):
+                block = tl.load(bt_ptr + s * stride_bt + b).to(tl.int64)
+                tok = b * BS + offs_t
+                t_ok = tok < ctx
+                kv_off = (block * BS + offs_t)[:, None] * (HKV * D) + h * D + offs_d[None, :]
+                kv_mask = t_ok[:, None] & d_ok[None, :]
+                k = tl.load(kc_ptr + kv_off, mask=kv_mask, other=0.0).to(dot_ty)
+                v = tl.load(vc_ptr + kv_off, mask=kv_mask, other=0.0).to(dot_ty)
+                scores = tl.dot(q, tl.trans(k), input_precision=PREC, out_dtype=tl.float32)
+                scores = tl.where(t_ok[None, :], scores, float("-inf"))
+                m_new = tl.maximum(m_i, tl.max(scores, axis=1))
+                alpha = tl.exp(m_i - m_new)
+                p = tl.exp(scores - m_new[:, None])
+                l_i = l_i * alpha + tl.sum(p, axis=1)
+                acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PREC, out_dtype=tl.float32)
+                m_i = m_new
+            out_rows = (s * HKV * G + h * G + offs_g) * max_splits + split
+            tl.store(out_ptr + out_rows[:, None] * D + offs_d[None, :], acc / l_i[:, None],
+                     mask=g_ok[:, None] & d_ok[None, :])
+            tl.store(lse_ptr + out_rows, m_i + tl.log(l_i), mask=g_ok)
+
+    @triton.jit(do_not_specialize=["max_splits"])
+    def _merge_splits_kernel(part_ptr, lse_ptr, lens_ptr, out_ptr, blocks_per_split, max_splits,
+                             HQ: tl.constexpr, D: tl.constexpr, BS: tl.constexpr, BLOCK_D: tl.constexpr):
+        """out[s, h] = sum_i w_i part_i / sum_i w_i, w_i = exp(lse_i - max lse), over row s's own splits in order
+        (a row of one split copies it): the same arithmetic whatever the other rows or the table width."""
+        s = tl.program_id(0)
+        h = tl.program_id(1)
+        ctx = tl.load(lens_ptr + s)
+        n = ((ctx + BS - 1) // BS + blocks_per_split - 1) // blocks_per_split
+        offs_d = tl.arange(0, BLOCK_D)
+        d_ok = offs_d < D
+        base = (s * HQ + h) * max_splits
+        top = tl.load(lse_ptr + base)
+        for i in range(1, n):
+            top = tl.maximum(top, tl.load(lse_ptr + base + i))
+        first = tl.load(part_ptr + base * D + offs_d, mask=d_ok, other=0.0)
+        acc = tl.zeros([BLOCK_D], tl.float32)
+        den = 0.0
+        for i in range(0, n):
+            w = tl.exp(tl.load(lse_ptr + base + i) - top)
+            acc += w * tl.load(part_ptr + (base + i) * D + offs_d, mask=d_ok, other=0.0)
+            den += w
+        out = tl.where(n == 1, first, acc / tl.where(den > 0, den, 1.0))  # a row of no context: zeros
+        tl.store(out_ptr + (s * HQ + h) * D + offs_d, out, mask=d_ok)
 
 
 def _store_kv_triton(k, v, k_cache, v_cache, slot_mapping):
@@ -387,36 +424,44 @@ def _store_kv_triton(k, v, k_cache, v_cache, slot_mapping):
                            slot_mapping.to(torch.int32).contiguous(), row, block)
 
 
-def _num_splits(S, Hkv, max_blocks, device):
-    if not torch.cuda.is_available() or device.type != "cuda":
-        return 1
-    sms = sm_count(device)
-    if S * Hkv >= 2 * sms or max_blocks < 16:
-        return 1
-    return int(min(max_blocks // 8, math.ceil(2 * sms / (S * Hkv)), 16)) or 1
+def split_blocks(block_size: int) -> int:
+    """Blocks per flash-decoding split: SPLIT_TOKENS of context, whatever the batch or the table width."""
+    return max(1, SPLIT_TOKENS // block_size)
 
 
-def _paged_decode_triton(q, k_cache, v_cache, block_tables, context_lens, scale, num_splits=None):
+def _grid_splits(S, Hkv, max_splits, device) -> int:
+    """Programs per (row, KV head): enough for about two per SM (a row's splits beyond them are looped over by
+    the same programs). Only the parallelism depends on the batch, never the arithmetic."""
+    if device.type != "cuda":
+        return max_splits
+    return max(1, min(max_splits, cdiv(2 * sm_count(device), S * Hkv)))
+
+
+def _paged_decode_triton(q, k_cache, v_cache, block_tables, context_lens, scale, num_splits=None,
+                         blocks_per_split=None):
     S, Hq, D = q.shape
     _, bs, Hkv, _ = k_cache.shape
     G = Hq // Hkv
-    max_blocks = block_tables.shape[1]
-    splits = num_splits or _num_splits(S, Hkv, max_blocks, q.device)
-    per_split = max(1, math.ceil(max_blocks / splits))
-    out = torch.empty(S, Hq, splits, D, device=q.device, dtype=torch.float32)
-    lse = torch.empty(S, Hq, splits, device=q.device, dtype=torch.float32)
+    width = block_tables.shape[1]
+    if num_splits:  # forced count (tests): the split size then depends on the table width
+        blocks_per_split = cdiv(width, num_splits)
+    per_split = blocks_per_split or split_blocks(bs)
+    max_splits = cdiv(width, per_split)
+    out = torch.empty(S, Hq, max_splits, D, device=q.device, dtype=torch.float32)
+    lse = torch.empty(S, Hq, max_splits, device=q.device, dtype=torch.float32)
     bt = block_tables.to(torch.int32).contiguous()
-    _paged_decode_kernel[(S, Hkv, splits)](
-        q.contiguous(), k_cache, v_cache, bt, context_lens.to(torch.int32).contiguous(), out, lse, float(scale),
-        bt.stride(0), per_split,
-        HKV=Hkv, G=G, D=D, BS=bs, BLOCK_G=max(16, next_power_of_2(G)),
-        BLOCK_D=max(16, next_power_of_2(D)), NUM_SPLITS=splits,
+    lens = context_lens.to(torch.int32).contiguous()
+    _paged_decode_kernel[(S, Hkv, _grid_splits(S, Hkv, max_splits, q.device))](
+        q.contiguous(), k_cache, v_cache, bt, lens, out, lse, float(scale), bt.stride(0), per_split, max_splits,
+        HKV=Hkv, G=G, D=D, BS=bs, BLOCK_G=max(16, next_power_of_2(G)), BLOCK_D=max(16, next_power_of_2(D)),
         PREC="ieee" if k_cache.dtype == torch.float32 else "tf32", UPCAST=interpreting(),
     )
-    if splits == 1:
+    if max_splits == 1:
         return out[:, :, 0].to(q.dtype)
-    w = torch.softmax(lse, dim=-1).nan_to_num(nan=0.0)
-    return (w[..., None] * out).sum(2).to(q.dtype)
+    merged = torch.empty(S, Hq, D, device=q.device, dtype=torch.float32)
+    _merge_splits_kernel[(S, Hq)](out, lse, lens, merged, per_split, max_splits, HQ=Hq, D=D, BS=bs,
+                                  BLOCK_D=next_power_of_2(D))
+    return merged.to(q.dtype)
 
 
 # ----------------------------------------------------------------------------- dispatch
@@ -427,12 +472,15 @@ def store_kv(k, v, k_cache, v_cache, slot_mapping):
     return store_kv_torch(k, v, k_cache, v_cache, slot_mapping)
 
 
-def paged_attention_decode(q, k_cache, v_cache, block_tables, context_lens, scale, common_blocks=0, num_splits=None):
+def paged_attention_decode(q, k_cache, v_cache, block_tables, context_lens, scale, common_blocks=0, num_splits=None,
+                           blocks_per_split=None):
     """q [S,Hq,D], caches [num_blocks, block_size, Hkv, D], block_tables [S, max_blocks] int32,
     context_lens [S] int32 -> [S,Hq,D]. ``common_blocks``: leading table columns shared by every row (CPU
-    cascade path); ``num_splits``: force the flash-decoding split count on the Triton path."""
+    cascade path). Triton path: ``blocks_per_split`` overrides the split size (default ``split_blocks``);
+    ``num_splits`` (tests) forces the count instead, a size then tied to the table width."""
     if q.shape[1] % k_cache.shape[2]:
         raise ValueError(f"paged_attention_decode: {q.shape[1]} query heads is not a multiple of {k_cache.shape[2]}")
     if use_triton(q):
-        return _paged_decode_triton(q, k_cache, v_cache, block_tables, context_lens, scale, num_splits)
+        return _paged_decode_triton(q, k_cache, v_cache, block_tables, context_lens, scale, num_splits,
+                                    blocks_per_split)
     return paged_attention_decode_torch(q, k_cache, v_cache, block_tables, context_lens, scale, common_blocks)

@@ -168,14 +168,17 @@ class LoRALinear(nn.Module):
                 and self.lora_A.weight.dtype == w.dtype and (self.dropout_p == 0 or not self.training))
 
     def _merged_weight(self) -> torch.Tensor:
-        """W + scaling · B A, rebuilt when any of the three tensors changed since the last call."""
+        """W + scaling · B A, rebuilt when any of the three tensors changed since the last call. The frozen W is
+        known by (id, pointer, version); A and B are compared by content with the copies taken at the last
+        build (a fused optimizer step updates them without bumping the version; they are small)."""
         a, b, w = self.lora_A.weight, self.lora_B.weight, self.base.weight
-        key = tuple((id(t), t.data_ptr(), t._version) for t in (a, b, w)) + (self.scaling,)
-        if self._merged_key != key:
+        ident = tuple((id(t), t.data_ptr(), t._version) for t in (a, b, w)) + (self.scaling,)
+        kept = self._merged_key
+        if kept is None or kept[0] != ident or not (torch.equal(kept[1], a) and torch.equal(kept[2], b)):
             # not an inference tensor even when built in the sampler: a training forward may reuse it
             with torch.inference_mode(False), torch.no_grad():
                 self._merged = torch.addmm(w, b, a, alpha=self.scaling)
-            self._merged_key = key
+                self._merged_key = (ident, a.detach().clone(), b.detach().clone())
         return self._merged
 
     def _apply(self, fn, recurse=True):
