@@ -112,6 +112,7 @@ def test_loop_conversation_records_train_with_one_template(tmp_path):
     stored conversations as they are (one template rendering) and puts labels on the response only."""
     from reflectevo.data import get_task
     from reflectevo.data.curate import curate_records
+    from reflectevo.data.eval_run import run_eval
     from reflectevo.data.jsonl import read_jsonl
     from reflectevo.data.loop import LoopConfig, ReflectLoop
     from reflectevo.data.prompts import Prompts
@@ -146,6 +147,16 @@ def test_loop_conversation_records_train_with_one_template(tmp_path):
         P.trial2_messages(item, refl_msgs, rec["reflections"]), add_generation_prompt=True) + "Thought:"
     assert pair["reflection_prompt"] == tok.apply_chat_template(P.test_reflection_messages(task, item, t1),
                                                                 add_generation_prompt=True)
+    # correct trains on trial 2 as eval sends it: after the test-time request, not the data-generation one
+    test_msgs = P.test_reflection_messages(task, item, t1)
+    assert rec["test_trial2_prompt"] == tok.apply_chat_template(
+        P.trial2_messages(item, test_msgs, rec["reflections"]), add_generation_prompt=True) + "Thought:"
+    assert rec["test_trial2_prompt"] != rec["reason_prompt"][1]
+    run_eval(task, [item], engine, engine, tok, tmp_path / "eval.json", LoopConfig(), prompts=P, log=None)
+    (at_eval,) = read_jsonl(tmp_path / "eval.raw.jsonl")
+    assert at_eval["output"][1]["reflections"] == [rec["reflections"]]
+    assert at_eval["output"][1]["reason_prompt"] == at_eval["output"][1]["test_reason_prompt"] \
+        == rec["test_trial2_prompt"]
     start = tok.token_to_id("<|im_start|>")
     second = "Thought: alpha step\nAction: Finish[7]"
     # reflect / one-stage train on the prompt eval reflects on (the pair's), or with "stored" on reflect_prompt
@@ -154,7 +165,8 @@ def test_loop_conversation_records_train_with_one_template(tmp_path):
              ("one-stage", "test-time", rec["test_reflection_prompt"], rec["reflections"] + "\n\n" + second, 4),
              ("reflect", "stored", rec["reflect_prompt"], rec["reflections"], 4),
              ("one-stage", "stored", rec["reflect_prompt"], rec["reflections"] + "\n\n" + second, 4),
-             ("correct", "test-time", rec["reason_prompt"][1], second[len("Thought:"):], 6)]  # "Thought:" opens it
+             ("correct", "test-time", rec["test_trial2_prompt"], second[len("Thought:"):], 6),  # "Thought:" opens it
+             ("correct", "stored", rec["reason_prompt"][1], second[len("Thought:"):], 6)]
     for mode, sft_prompt, prompt, response, turns in cases:
         (ex,), _ = tokenize_records([(1, rec)], tok, cfg(mode=mode, sft_prompt=sft_prompt, max_length=512), False,
                                     "d_plus")
@@ -268,3 +280,16 @@ def test_official_d_plus_trains_on_the_test_time_reflection_prompt():
     assert sft_texts(rec, "reflect", "f")[0] == expected
     assert sft_texts(rec, "reflect", "f", sft_prompt="stored")[0] == rec["reflect_prompt"]
     assert sft_texts(d_plus(1)[0], "reflect", "f")[0] == d_plus(1)[0]["reflect_prompt"]  # nothing to rebuild from
+
+
+def test_correct_stage_prompt_falls_back_to_the_stored_trial2_prompt():
+    """--mode correct: test_trial2_prompt (our curation's, eval's trial 2) when the record has it, else (official
+    D+) reason_prompt[1]; --sft-prompt stored keeps reason_prompt[1]. A leaked trial-2 answer leaves either."""
+    rec = d_plus(1)[0]
+    assert "test_trial2_prompt" not in rec
+    target = sft_texts(rec, "correct", "f")[1]
+    assert sft_texts(rec, "correct", "f")[0] == rec["reason_prompt"][1]
+    ours = dict(rec, test_trial2_prompt="eval trial two alpha " + rec["second_trial_reasoning"])  # leaked answer
+    assert sft_texts(ours, "correct", "f") == ("eval trial two alpha ", target)
+    assert sft_texts(ours, "correct", "f", sft_prompt="stored")[0] == rec["reason_prompt"][1]
+    assert sft_texts(dict(rec, test_trial2_prompt="  "), "correct", "f")[0] == rec["reason_prompt"][1]

@@ -12,7 +12,9 @@ last element of its ``reflections``.
   second_trial_answer, reflections`` (the reflection text), ``reason_prompt`` ([trial-1 prompt, trial-2
   prompt]), ``reflect_prompt`` (the prompt the reflection was sampled with: data generation, with a demand)
   and one field of ours, ``test_reflection_prompt``: the test-time reflection prompt on the trial-1 transcript
-  (the prompt the reflector gets at evaluation; the same text as the pairs' default ``reflection_prompt``).
+  (the prompt the reflector gets at evaluation; the same text as the pairs' default ``reflection_prompt``),
+  and, when the raw trial-2 entry has it (our loop's ``test_reason_prompt``), ``test_trial2_prompt``: that trial
+  2's prompt as eval renders it (after the test-time reflection request; the "correct" SFT stage's prompt).
 * D± (``d_pm``): every (correct, wrong) pair of distinct reflections of the same question: chosen = the
   reflection whose trial 2 is correct, rejected = one whose trial 2 is still wrong.
 * Dpref (``d_pref``): every pair of distinct reflections whose trial 2s are both correct, ordered by ``judge``
@@ -190,11 +192,14 @@ def _curate_one(rec: dict, judge: Judge | None, prompts: Prompts, pair_prompt: s
     test_prompt = stored if isinstance(stored, str) and stored.strip() else \
         prompts.test_reflection_prompt(rec, _reasoning(first))
     for refl, out in correct:
-        result["d_plus"].append({**base, "second_trial_reasoning": _reasoning(out),
-                                 "second_trial_answer": out["generated_answer"], "reflections": refl,
-                                 "reason_prompt": [first_prompt, _field(out, "reason_prompt", default="") or ""],
-                                 "reflect_prompt": _field(out, "reflection_prompt", default="") or "",
-                                 "test_reflection_prompt": test_prompt})
+        row = {**base, "second_trial_reasoning": _reasoning(out), "second_trial_answer": out["generated_answer"],
+               "reflections": refl, "reason_prompt": [first_prompt, _field(out, "reason_prompt", default="") or ""],
+               "reflect_prompt": _field(out, "reflection_prompt", default="") or "",
+               "test_reflection_prompt": test_prompt}
+        test_trial2 = out.get("test_reason_prompt")
+        if isinstance(test_trial2, str) and test_trial2.strip():
+            row["test_trial2_prompt"] = test_trial2
+        result["d_plus"].append(row)
 
     def pair(chosen, rejected) -> dict:
         (rc, oc), (rr, orj) = chosen, rejected

@@ -33,7 +33,9 @@ template's rendering of the conversation): ``reason_prompt`` / ``reflection_prom
 first call (for a forced action, the second call's prompt is ``reason_prompt`` + the generated text + the
 "Action:" cue, recoverable from the record). A record whose trial 1 failed also stores
 ``test_reflection_prompt``: the test-time reflection conversation on its trial 1 (the prompt of the DPO pairs
-curated from it; equal to ``reflection_prompt`` in evaluation mode).
+curated from it; equal to ``reflection_prompt`` in evaluation mode), and each of its trial-2 entries an extra
+``test_reason_prompt``: that trial 2 as eval would render it (test-time request, the same reflection, the retry
+request), which the "correct" SFT stage trains on; equal to ``reason_prompt`` in evaluation mode.
 
 Records use the official raw schema (``id, question, answer, [test_list], output: [...]``, ``output[0]`` =
 trial 1, then one trial-2 entry per reflection) and are appended one line each (flushed) when their chunk
@@ -203,6 +205,13 @@ class ReflectLoop:
         messages = self.P.trial2_messages(p.item, p.reflection_messages, p.reflections[j])
         return self.build.follow(p.reflection_paths[j], self.build.render(messages, self.P.response_prefix))
 
+    def test_trial2_text(self, p: _Pending, reflection: str, prompt: Prompt) -> str:
+        """Trial 2 on ``reflection`` as evaluation renders it (after the test-time reflection request)."""
+        if self.cfg.test_time:
+            return prompt.text
+        messages = self.P.test_reflection_messages(self.task, p.item, p.t1_transcript)
+        return self.build.render(self.P.trial2_messages(p.item, messages, reflection), self.P.response_prefix)
+
     def demand_for(self, item: dict):
         if self.cfg.test_time:
             return None
@@ -295,7 +304,8 @@ class ReflectLoop:
         if p.test_reflection_prompt:
             rec["test_reflection_prompt"] = p.test_reflection_prompt
         first = dict(p.t1) if isinstance(p.t1, dict) else self._entry(p.t1, 1, [], "")
-        rec["output"] = [first] + [self._entry(t2, 2, [r], p.reflection_prompt.text)
+        rec["output"] = [first] + [{**self._entry(t2, 2, [r], p.reflection_prompt.text),
+                                    "test_reason_prompt": self.test_trial2_text(p, r, t2.prompt)}
                                    for r, t2 in zip(p.reflections, p.t2)]
         return rec
 

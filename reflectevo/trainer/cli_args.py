@@ -21,9 +21,9 @@ def add_train_args(parser: argparse.ArgumentParser, dpo: bool) -> argparse.Argum
           help="one-stage: prompt -> reflection + corrected answer; reflect: -> reflection; "
                "correct: prompt + reflection -> corrected trial")
         a("--sft-prompt", default="test-time", choices=SFT_PROMPTS,
-          help="prompt of --mode reflect / one-stage: test-time = the reflection prompt eval uses (the record's "
-               "test_reflection_prompt, else built from question + first_trial_reasoning); stored = the record's "
-               "reflect_prompt (the data-generation request)")
+          help="test-time = train on the prompts eval uses: reflect / one-stage the record's test_reflection_prompt "
+               "(else built from question + first_trial_reasoning), correct its test_trial2_prompt (else "
+               "reason_prompt[1]); stored = the data-generation prompts (reflect_prompt, reason_prompt[1])")
     a("--model", default="smollm2-135m", help="smollm2-135m | Hugging Face model dir | .gguf file")
     a("--out", required=True, help="run directory (metrics.jsonl, adapter/, state/, summary.json)")
     a("--adapter", default=None, help="start from this PEFT LoRA adapter" +

@@ -22,7 +22,7 @@ class TrainError(ReflectEvoError, ValueError):
 class TrainConfig:
     # data
     mode: str = "one-stage"                 # SFT only: one-stage | reflect | correct
-    sft_prompt: str = "test-time"           # reflect / one-stage prompt: "test-time" (eval's) | "stored" (reflect_prompt)
+    sft_prompt: str = "test-time"           # SFT prompts: "test-time" (what eval sends) | "stored" (as recorded)
     max_length: int = 1024                  # tokens per sequence (prompt + response [+ eot])
     max_prompt_length: int | None = None    # DPO: prompt tokens kept (the end of the prompt); None = 7/8 of max_length
     on_too_long: str = "error"              # a response that cannot fit max_length: "error" | "skip"

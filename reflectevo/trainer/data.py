@@ -4,7 +4,7 @@ Prompts and targets per setting (docs/paper.md), taken from the official fields:
 
     one-stage  prompt = test-time reflection**    response = reflection + "\\n\\n" + second_trial_reasoning*
     reflect    prompt = test-time reflection**    response = reflection
-    correct    prompt = reason_prompt[1]          response = second_trial_reasoning*
+    correct    prompt = test-time trial 2***      response = second_trial_reasoning*
     dpo        prompt = reflection_prompt         chosen / rejected = reflection_chosen / reflection_rejected
 
 (``reflections`` may be a string or a list: its last non-empty entry is used, the reflection that trial 2 was
@@ -17,6 +17,9 @@ oracle Observation line that ends it (feedback from the environment, not text th
 on another): the record's ``test_reflection_prompt`` (our curation writes it), else built from ``question`` and
 ``first_trial_reasoning``; ``reflect_prompt`` (the data-generation request) when neither is there, or with
 ``--sft-prompt stored``.
+*** The trial-2 prompt eval answers (after the test-time reflection request, not the data-generation one): the
+record's ``test_trial2_prompt`` (curation copies it from our loop's raw records), else ``reason_prompt[1]``, which
+``--sft-prompt stored`` always uses. Either loses a leaked trial-2 answer (*).
 
 Token layout: a plain-text prompt (the official data) is rendered with the model's chat template (one user turn,
 generation prompt added); a prompt stored already rendered with this template (our raw records save prompts
@@ -145,9 +148,14 @@ def reflection_prompt_text(record: dict, where: str, dpo: bool, sft_prompt: str 
     return _built_prompt("reflect", record, where, names)
 
 
-def trial2_prompt_text(record: dict, where: str, answer_text: str) -> str:
+def trial2_prompt_text(record: dict, where: str, answer_text: str, sft_prompt: str = "test-time") -> str:
+    """The trial-2 prompt of --mode correct: with "test-time", the one eval answers (``test_trial2_prompt``) when
+    the record has it; else (or "stored") ``reason_prompt[1]``, the data-generation conversation."""
     rp = record.get("reason_prompt")
     prompt = rp[1] if isinstance(rp, list) and len(rp) > 1 and isinstance(rp[1], str) else None
+    test = record.get("test_trial2_prompt")
+    if sft_prompt == "test-time" and isinstance(test, str) and test.strip():
+        prompt = test
     if prompt is None:
         return _built_prompt("trial2", record, where, ("reason_prompt",))
     leaked = answer_text.strip()
@@ -186,7 +194,7 @@ def sft_texts(record: dict, mode: str, where: str, sft_prompt: str = "test-time"
     second = _text(_field(record, "second_trial_reasoning", where, "the target of --mode correct"),
                    "second_trial_reasoning", where)
     # the leak check looks for the whole stored transcript, observation included (the official leak holds it)
-    return trial2_prompt_text(record, where, second), strip_observation(second)
+    return trial2_prompt_text(record, where, second, sft_prompt), strip_observation(second)
 
 
 def dpo_texts(record: dict, where: str) -> tuple[str, str, str]:
