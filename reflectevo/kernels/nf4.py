@@ -158,7 +158,8 @@ def _quantize_8bit_dynamic(x: torch.Tensor, code: torch.Tensor, blocksize: int) 
     padded = torch.nn.functional.pad(x, (0, nb * blocksize - n)).view(nb, blocksize)
     absmax = padded.abs().amax(dim=1)
     inv = torch.where(absmax == 0, torch.zeros_like(absmax), 1.0 / absmax)
-    v = (padded * inv[:, None]).clamp(-1.0, 1.0)
+    # a denormal absmax has an infinite inverse: 0 * inf is nan, which bitsandbytes' CPU code maps to code 0
+    v = torch.nan_to_num((padded * inv[:, None]).clamp(-1.0, 1.0), nan=-1.0)
     bins = ((((v + 1.0) * 0.5) * float(_LUT_BINS - 1)) + 0.5).to(torch.int64)
     q = _code_lut(code)[bins]
     q = torch.where((absmax == 0)[:, None], torch.zeros_like(q), q)
@@ -175,6 +176,10 @@ def nf4_quantize(weight: torch.Tensor, blocksize: int = 64, double_quant: bool =
     if weight.numel() == 0:
         raise ValueError("weight is empty")
     flat = weight.detach().reshape(-1).float()
+    if not bool(torch.isfinite(flat).all()):
+        bad = int((~torch.isfinite(flat)).sum())
+        raise ValueError(f"nf4_quantize: the weight holds {bad} nan / inf values (of {flat.numel()}); NF4 needs "
+                         f"finite weights")
     cuda_rules = flat.is_cuda
     if cuda_rules:
         idx, absmax = bnb_cuda.nf4_indices(flat, blocksize, NF4_BOUNDS_CUDA.to(flat.device))

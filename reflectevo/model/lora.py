@@ -80,6 +80,31 @@ class NF4Linear(nn.Module):
             self.q.dtype = probe.dtype
         return super()._apply(fn, recurse)
 
+    def _save_to_state_dict(self, destination, prefix, keep_vars):
+        """The NF4 storage goes in as ``weight.data``, ``weight.absmax``, ... (NF4Tensor.state_dict), so a
+        quantised model's state_dict holds its base weights."""
+        super()._save_to_state_dict(destination, prefix, keep_vars)
+        for key, t in self.q.state_dict().items():
+            destination[f"{prefix}weight.{key}"] = t
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                              error_msgs):
+        names = {key: f"{prefix}weight.{key}" for key in self.q.state_dict()}
+        found = {key: state_dict[name] for key, name in names.items() if name in state_dict}
+        if len(found) == len(names):
+            loaded = NF4Tensor.from_state_dict(found)
+            if loaded.shape != self.q.shape or loaded.blocksize != self.q.blocksize:
+                error_msgs.append(f"{prefix}weight: NF4 shape {tuple(loaded.shape)} / blocksize {loaded.blocksize}, "
+                                  f"this layer has {tuple(self.q.shape)} / {self.q.blocksize}")
+            else:
+                self.q = loaded.to(self.q.device, self.compute_dtype)
+        else:
+            missing_keys.extend(name for name in names.values() if name not in state_dict)
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                                      error_msgs)
+        ours = f"{prefix}weight."
+        unexpected_keys[:] = [k for k in unexpected_keys if not k.startswith(ours)]
+
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
                 f"nf4 blocksize={self.q.blocksize}, compute_dtype={self.compute_dtype}")

@@ -20,6 +20,15 @@ from reflectevo.errors import ModelLoadError
 from reflectevo.model.lora import attach_lora, lora_modules, merged_state_dict
 
 CONFIG_NAME = "adapter_config.json"
+# adapter_config.json keys that may hold any value: bookkeeping, initialisation-only settings, or ones whose
+# effect the loader derives from the weight file (which layers carry adapters). Any other key, when set, is refused.
+HARMLESS_CONFIG_KEYS = {"peft_type", "task_type", "r", "lora_alpha", "lora_dropout", "use_rslora", "target_modules",
+                        "exclude_modules", "layers_to_transform", "layers_pattern", "base_model_name_or_path",
+                        "revision", "inference_mode", "init_lora_weights", "auto_mapping", "bias", "megatron_config",
+                        "megatron_core", "eva_config", "runtime_config", "peft_version", "ensure_weight_tying",
+                        "qalora_group_size"}
+BASE_CHANGING_INITS = ("pissa", "olora", "corda", "loftq")  # PEFT inits that rewrite the base weights
+PEFT_DEFAULT_ALPHA = 8
 WEIGHTS_NAME = "adapter_model.safetensors"
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "generation_config.json",
                    "tokenizer.model", "vocab.json", "merges.txt", "chat_template.jinja")
@@ -148,14 +157,15 @@ def _read_adapter(adapter_dir: Path) -> tuple[dict, dict]:
         raise ModelLoadError(f"{cfg_path}:{e.lineno}: invalid JSON ({e.msg})") from None
     if cfg.get("peft_type", "LORA") != "LORA":
         raise ModelLoadError(f"{cfg_path}: peft_type {cfg.get('peft_type')!r} is not supported (only LORA)")
-    for flag in ("use_dora", "fan_in_fan_out"):
-        if cfg.get(flag):
-            raise ModelLoadError(f"{cfg_path}: {flag}=true is not supported")
-    for pat in ("rank_pattern", "alpha_pattern"):
-        if cfg.get(pat):
-            raise ModelLoadError(f"{cfg_path}: a non-empty {pat} is not supported")
-    if cfg.get("bias", "none") != "none" or cfg.get("modules_to_save"):
-        raise ModelLoadError(f"{cfg_path}: bias/modules_to_save adapters are not supported")
+    if cfg.get("bias", "none") != "none":
+        raise ModelLoadError(f"{cfg_path}: bias={cfg['bias']!r} adapters are not supported (only 'none')")
+    init = cfg.get("init_lora_weights", True)
+    if isinstance(init, str) and init.lower().startswith(BASE_CHANGING_INITS):
+        raise ModelLoadError(f"{cfg_path}: init_lora_weights={init!r} changes the base weights the adapter goes with "
+                             f"(save it converted to plain LoRA)")
+    for key, value in cfg.items():  # anything else that is set changes the forward pass in ways we do not model
+        if key not in HARMLESS_CONFIG_KEYS and value not in (None, False, {}, [], ""):
+            raise ModelLoadError(f"{cfg_path}: {key}={json.dumps(value)[:60]} is not supported")
     wpath = adapter_dir / WEIGHTS_NAME
     if wpath.is_file():
         from safetensors.torch import load_file
@@ -175,7 +185,7 @@ def load_adapter(model: torch.nn.Module, adapter_dir) -> torch.nn.Module:
     adapter_dir = Path(adapter_dir)
     cfg, weights = _read_adapter(adapter_dir)
     wpath = adapter_dir / WEIGHTS_NAME
-    r, alpha = int(cfg["r"]), float(cfg.get("lora_alpha", cfg["r"]))
+    r, alpha = int(cfg["r"]), float(cfg.get("lora_alpha", PEFT_DEFAULT_ALPHA))
     rslora = bool(cfg.get("use_rslora", False))
     scaling = alpha / (math.sqrt(r) if rslora else r)
     targets = cfg.get("target_modules")
@@ -206,6 +216,9 @@ def load_adapter(model: torch.nn.Module, adapter_dir) -> torch.nn.Module:
         expected[peft_key(name, "lora_B")] = m.lora_B.weight
     normalised = {}
     for key, t in weights.items():
+        if key.endswith(".base_layer.weight"):  # PEFT stores a head / embedding base beside its adapter
+            _check_base_copy(model, key, t, wpath)
+            continue
         parsed = _our_path(key)
         if parsed is None:
             raise ModelLoadError(f"{wpath}: unexpected key {key!r} (not a LoRA A/B weight)")
@@ -222,6 +235,26 @@ def load_adapter(model: torch.nn.Module, adapter_dir) -> torch.nn.Module:
     for k, t in normalised.items():
         expected[k].copy_(t.to(dtype=expected[k].dtype, device=expected[k].device))
     return model
+
+
+def _check_base_copy(model, key: str, t: torch.Tensor, wpath: Path) -> None:
+    """A base weight PEFT saved beside an adapter must be this model's: error naming the key otherwise."""
+    path = key.removeprefix("base_model.model.").removesuffix(".base_layer.weight")
+    candidates = [path, path.removeprefix("model.")]
+    for name in candidates:
+        try:
+            mod = model.get_submodule(name)
+        except AttributeError:
+            continue
+        mod = getattr(mod, "base", mod)
+        weight = getattr(mod, "weight", None)
+        if isinstance(weight, torch.Tensor) and tuple(weight.shape) == tuple(t.shape):
+            ref = weight.detach().float().cpu()
+            if torch.allclose(t.float(), ref, rtol=1e-2, atol=1e-3 * float(ref.abs().max().clamp(min=1e-12))):
+                return
+        raise ModelLoadError(f"{wpath}: key {key!r} holds a base weight that differs from this model's "
+                             f"(made for another model)")
+    raise ModelLoadError(f"{wpath}: key {key!r} names no layer of this model")
 
 
 def _re_escape(s: str) -> str:
@@ -251,13 +284,13 @@ def export_merged(model: torch.nn.Module, out_dir, tokenizer_dir=None, dtype: to
         raise ValueError("export_merged: the model has no ModelConfig (.config.to_hf)")
     dtype = dtype or model.embed_tokens.weight.dtype
     state = merged_state_dict(model, dtype)
-    if config.tie_word_embeddings:
-        if "lm_head" in lora_modules(model):
-            raise ValueError("export_merged: lm_head has a LoRA adapter but its weight is tied to embed_tokens "
-                             "(tie_word_embeddings=true); the merged head cannot be stored")
+    untie = config.tie_word_embeddings and "lm_head" in lora_modules(model)  # the merged head is its own weight
+    if config.tie_word_embeddings and not untie:
         state.pop("lm_head.weight", None)
     tensors = {(k if k.startswith("lm_head.") else f"model.{k}"): v.to("cpu").contiguous() for k, v in state.items()}
     hf = config.to_hf()
+    if untie:
+        hf["tie_word_embeddings"] = False
     hf["torch_dtype"] = str(dtype).removeprefix("torch.")
     if config.name_or_path:
         hf["_name_or_path"] = config.name_or_path
