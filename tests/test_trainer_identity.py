@@ -41,6 +41,18 @@ def test_reference_cache_is_not_reused_for_other_base_weights(tmp_path):
         assert cached[key] == pytest.approx(value, rel=1e-5)
 
 
+def test_base_digest_samples_stay_in_bounds_on_large_tensors():
+    """float32 index arithmetic would round 28311551 up to 28311552 (the embedding of SmolLM2-135M)."""
+    model = torch.nn.Module()
+    model.embed = torch.nn.Parameter(torch.zeros(49152 * 576), requires_grad=False)
+    with torch.no_grad():
+        model.embed[-1] = 1.0
+    digest = base_weights_digest(model)
+    with torch.no_grad():
+        model.embed[-1] = 2.0  # the last element is sampled
+    assert base_weights_digest(model) != digest
+
+
 def test_base_digest_tells_checkpoints_and_forms_apart():
     a, b = tiny_model(seed=0), tiny_model(seed=1)
     assert base_weights_digest(a) == base_weights_digest(tiny_model(seed=0))

@@ -82,7 +82,7 @@ def base_weights_digest(model, samples: int = 1024) -> str:
     for name, t in tensors:
         flat = t.detach().reshape(-1)
         if flat.numel() > samples:
-            flat = flat[torch.linspace(0, flat.numel() - 1, samples, device=flat.device).long()]
+            flat = flat[torch.arange(samples, device=flat.device) * (flat.numel() - 1) // (samples - 1)]  # int64
         h.update(f"{name} {tuple(t.shape)} {t.dtype}".encode())
         h.update(flat.to(torch.float64 if flat.is_floating_point() else torch.int64).cpu().numpy().tobytes())
     return h.hexdigest()[:16]
