@@ -30,3 +30,14 @@ def test_non_finite_gradient_with_finite_loss_stops_before_stepping(tmp_path):
         train_sft(model, tok, d_plus(2), cfg(max_steps=2), tmp_path / "run")
     assert not (tmp_path / "run" / "adapter").exists()
     assert not (tmp_path / "run" / "metrics.jsonl").exists() or read_metrics(tmp_path / "run") == []
+
+
+def test_progress_to_a_file_is_plain_lines(capsys):
+    from reflectevo.trainer.loop import Progress
+
+    bar = Progress(3, enabled=True, log_every=1, label="sft")  # asked for, but stderr is not a terminal here
+    for step in (1, 2, 3):
+        bar.update(step, 1.0 / step, 100.0)
+    err = capsys.readouterr().err
+    assert "\r" not in err and "\x1b" not in err
+    assert err.count("[reflectevo] sft step") == 3

@@ -156,7 +156,7 @@ def step_examples(step: int, n: int, cfg: TrainConfig) -> int:
 class Progress:
     def __init__(self, total: int, enabled: bool | None, log_every: int, label: str):
         self.total, self.log_every, self.label = total, log_every, label
-        self.bar = sys.stderr.isatty() if enabled is None else enabled
+        self.bar = sys.stderr.isatty() and enabled is not False  # a file or pipe gets plain lines
         self.t0 = time.perf_counter()
         self.start_step = None
 
