@@ -34,7 +34,7 @@ COMMANDS = {
 def _user_errors() -> tuple[type[BaseException], ...]:
     from reflectevo.errors import ReflectEvoError
 
-    errors: list[type[BaseException]] = [ReflectEvoError, FileNotFoundError]
+    errors: list[type[BaseException]] = [ReflectEvoError, OSError]  # OSError: unreadable / unwritable paths
     try:
         from reflectevo.data.jsonl import DataError
 
@@ -55,6 +55,17 @@ def _cmd_bench(args) -> int:
     from reflectevo.bench.runner import failed, run_bench
     from reflectevo.cli_loop import LoopArgError, check_out_path
 
+    if args.device is not None:
+        import torch
+
+        try:
+            device = torch.device(args.device)
+        except RuntimeError:
+            raise LoopArgError(f"--device {args.device}: expected cpu or cuda[:N]") from None
+        if device.type not in ("cpu", "cuda"):
+            raise LoopArgError(f"--device {args.device}: expected cpu or cuda[:N]")
+        if device.type == "cuda" and not torch.cuda.is_available():
+            raise LoopArgError(f"--device {args.device}: CUDA is not available on this machine")
     if args.out is not None:  # before the first benchmark runs, not when its result is saved
         if args.out.suffix == ".md":
             raise LoopArgError(f"--out {args.out}: name the JSON file (FILE.json); the .md table goes beside it")
@@ -65,7 +76,7 @@ def _cmd_bench(args) -> int:
     def save(results, table):  # after each benchmark: print its table, rewrite the files with all done so far
         print(table[printed[0]:].lstrip("\n"), flush=True)
         printed[0] = len(table)
-        if args.out is not None:
+        if args.out is not None and len(failed(results)) < len(results):  # a failure alone keeps older files
             args.out.parent.mkdir(parents=True, exist_ok=True)
             for path, text in ((args.out, json.dumps(results, indent=2, default=str)),
                                (args.out.with_suffix(".md"), table + "\n")):
@@ -74,7 +85,7 @@ def _cmd_bench(args) -> int:
                 tmp.replace(path)
 
     result, _ = run_bench(args.what, device=args.device, quick=args.quick, on_result=save)
-    if args.out is not None:
+    if args.out is not None and len(failed(result)) < len(result):
         print(f"wrote {args.out}")
     bad = failed(result)
     if bad:
