@@ -91,6 +91,8 @@ def add_eval_args(p):
     p.add_argument("--trial1-cache", default=None,
                    help="JSONL of trial-1 outputs keyed by id (read if present, missing ids appended)")
     p.add_argument("--resume", action="store_true", help="keep RESULT.raw.jsonl and continue it")
+    p.add_argument("--overwrite", action="store_true",
+                   help="delete an existing RESULT.raw.jsonl and start over (without it or --resume: an error)")
     _gen_args(p, n_reflections=False)
     return p
 
@@ -247,6 +249,10 @@ def cmd_curate(args) -> int:
     if not 0.0 <= args.eval_fraction < 1.0:
         raise LoopArgError(f"--eval-fraction must be in [0, 1), got {args.eval_fraction}")
     check_out_path(args.out, "--out", directory=True)
+    if not raw.read_bytes().strip():  # before a judge model loads (curate_file refuses it too)
+        from reflectevo.data.jsonl import DataError
+
+        raise DataError(f"{raw}: no records")
     kwargs = {"eval_fraction": args.eval_fraction, "pair_prompt": args.pair_prompt}
     if args.judge:
         from reflectevo.data.judge import BatchedJudge, curate_with_judge
@@ -268,7 +274,7 @@ def cmd_curate(args) -> int:
 
 
 def cmd_eval(args) -> int:
-    from reflectevo.data.eval_run import check_trial1_cache, format_table, raw_path_for, run_eval
+    from reflectevo.data.eval_run import check_eval_raw, check_trial1_cache, format_table, raw_path_for, run_eval
 
     task, items = load_task_items(args)
     prompts = load_prompts(args)
@@ -281,6 +287,9 @@ def cmd_eval(args) -> int:
         Path(args.trial1_cache).parent.mkdir(parents=True, exist_ok=True)
     check_adapter_dir(args.adapter)
     check_adapter_dir(args.trial2_adapter, "--trial2-adapter")
+    if args.resume and args.overwrite:
+        raise LoopArgError("--resume and --overwrite exclude each other")
+    check_eval_raw(args.out, items, cfg, args.resume, args.overwrite, args.trial1_cache)
     t0 = time.perf_counter()
     model, tok = load_generation_model(args, args.adapter)
     # both models before any engine: an engine without --kv-cache-gib sizes its cache from the memory left
@@ -300,7 +309,8 @@ def cmd_eval(args) -> int:
     meta = {"model": str(args.model), "adapter": args.adapter, "trial2_adapter": args.trial2_adapter,
             "data": args.data}
     result = run_eval(task, items, trial_engine, refl_engine, tok, args.out, cfg, trial1_cache=args.trial1_cache,
-                      resume=args.resume, prompts=prompts, meta=meta, trial2_engine=trial2_engine)
+                      resume=args.resume, prompts=prompts, meta=meta, trial2_engine=trial2_engine,
+                      overwrite=args.overwrite)
     name = task.name + (" + adapter" if args.adapter else "") + (" + trial-2 adapter" if args.trial2_adapter else "")
     print(format_table({name: result}))
     print(f"wrote {args.out}")

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import math
+from dataclasses import replace
 import shutil
 import sys
 import time
@@ -26,8 +27,9 @@ from pathlib import Path
 
 __all__ = ["add_demo_options", "run_demo", "run_demo_from_args"]
 
-OWNED = ("raw.jsonl", "curated", "trial1_cache.jsonl", "eval_base.json", "eval_base.raw.jsonl", "sft",
-         "eval_sft.json", "eval_sft.raw.jsonl", "dpo", "eval_dpo.json", "eval_dpo.raw.jsonl", "summary.json")
+OWNED = ("raw.jsonl", "curated", "trial1_cache.jsonl", "eval_base.json", "eval_base.raw.jsonl",
+         "eval_base.raw.settings.json", "sft", "eval_sft.json", "eval_sft.raw.jsonl", "eval_sft.raw.settings.json",
+         "dpo", "eval_dpo.json", "eval_dpo.raw.jsonl", "eval_dpo.raw.settings.json", "summary.json")
 
 
 def add_demo_options(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
@@ -78,6 +80,30 @@ def _split_items(args):
     return task, train, held
 
 
+def _configs(args, name: str, out: Path):
+    """The generate / eval LoopConfig options and the SFT / DPO TrainConfigs, validated (one-line errors)."""
+    from reflectevo.cli_loop import LoopArgError
+    from reflectevo.data.loop import LoopConfig
+    from reflectevo.trainer import TrainConfig
+
+    for option in ("sft_steps", "dpo_steps", "difficulty"):
+        if getattr(args, option) < 1:
+            raise LoopArgError(f"--{option.replace('_', '-')} must be >= 1, got {getattr(args, option)}")
+    gen_cfg = dict(seed=args.seed, max_tokens=args.max_tokens, reflection_max_tokens=args.reflection_max_tokens,
+                   reasoning_source=name)
+    LoopConfig(n_reflections=2, reflection_source=name, **gen_cfg).validate()
+    common = dict(lora_r=8, lora_alpha=32, target_modules=("q_proj", "k_proj", "v_proj"), max_length=args.max_length,
+                  on_too_long="skip", warmup_ratio=0.0, seed=args.seed, progress=True, log_every=1,
+                  base_model_name=name)
+    sft = TrainConfig(mode="one-stage", max_steps=args.sft_steps, batch_size=4, lr=1e-3, lora_dropout=0.1,
+                      data_path=str(out / "curated" / "d_plus.jsonl"), **common)
+    dpo = TrainConfig(max_steps=args.dpo_steps, batch_size=2, lr=5e-5, beta=0.1,
+                      data_path=str(out / "curated" / "d_pm.jsonl"), **common)
+    sft.validate(dpo=False)
+    dpo.validate(dpo=True)
+    return gen_cfg, sft, dpo
+
+
 def run_demo(args) -> dict:
     import torch
 
@@ -95,11 +121,13 @@ def run_demo(args) -> dict:
     check_engine_options(args.kv_cache_gib)
     device = default_device(args.device)
     task, train, held = _split_items(args)
+    name = str(args.model)
+    gen_cfg, sft_cfg, dpo_cfg = _configs(args, name, out)  # every option checked before anything is deleted
     model, tok = load_model(args.model, device=device)
     # the options are good: a rerun resumes the expensive generation (raw.jsonl) and redoes everything after it
-    for name in OWNED:
-        if name != "raw.jsonl" or args.fresh:
-            path = out / name
+    for owned in OWNED:
+        if owned != "raw.jsonl" or args.fresh:
+            path = out / owned
             if path.is_dir():
                 shutil.rmtree(path)
             elif path.exists():
@@ -107,11 +135,8 @@ def run_demo(args) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     log(f"reflectevo demo: {args.model} on {task.name} ({len(train)} questions to learn from, {len(held)} held "
         f"out), {device}, {torch.get_num_threads()} threads -> {out}/")
-    name = str(args.model)
     log(f"[1/6] model loaded: {sum(p.numel() for p in model.parameters()) / 1e6:.0f}M parameters")
     base_engine, _ = build_engines(model, tok, adapter=False, kv_cache_gib=args.kv_cache_gib, progress=True)
-    gen_cfg = dict(seed=args.seed, max_tokens=args.max_tokens, reflection_max_tokens=args.reflection_max_tokens,
-                   reasoning_source=name)
 
     # 1. generate
     raw = out / "raw.jsonl"
@@ -148,7 +173,7 @@ def run_demo(args) -> dict:
     # 4. one-stage SFT on D+
     from reflectevo.data.loop import AdapterOffEngine
     from reflectevo.gen import Engine
-    from reflectevo.trainer import TrainConfig, train_dpo, train_sft
+    from reflectevo.trainer import train_dpo, train_sft
 
     d_plus = read_jsonl(cur / "d_plus.jsonl")
     if not d_plus:
@@ -161,10 +186,7 @@ def run_demo(args) -> dict:
         batch = min(4, len(d_plus))
         steps = max(1, min(args.sft_steps, 3 * math.ceil(len(d_plus) / batch)))
         log(f"[5/6] one-stage LoRA SFT on D+ ({len(d_plus)} records, {steps} steps of {batch})")
-        cfg = TrainConfig(mode="one-stage", max_steps=steps, batch_size=batch, lr=1e-3, lora_r=8, lora_alpha=32,
-                          lora_dropout=0.1, target_modules=("q_proj", "k_proj", "v_proj"), max_length=args.max_length,
-                          on_too_long="skip", warmup_ratio=0.0, seed=args.seed, progress=True, log_every=1,
-                          base_model_name=name, data_path=str(cur / "d_plus.jsonl"))
+        cfg = replace(sft_cfg, max_steps=steps, batch_size=batch)
         summary = train_sft(model, tok, d_plus, cfg, out / "sft")
         model.eval()
         log(f"      trained in {summary.get('seconds', summary.get('train_seconds', 0)) or 0:.0f} s; "
@@ -186,10 +208,7 @@ def run_demo(args) -> dict:
         steps = max(1, min(args.dpo_steps, 2 * math.ceil(len(d_pm) / batch)))
         log(f"[6/6] DPO on D± ({len(d_pm)} pairs, {steps} steps of {batch}) from the base model")
         dpo_model, _ = load_model(args.model, device=device)
-        cfg = TrainConfig(max_steps=steps, batch_size=batch, lr=5e-5, beta=0.1, lora_r=8, lora_alpha=32,
-                          target_modules=("q_proj", "k_proj", "v_proj"), max_length=args.max_length,
-                          on_too_long="skip", warmup_ratio=0.0, seed=args.seed, progress=True, log_every=1,
-                          base_model_name=name, data_path=str(cur / "d_pm.jsonl"))
+        cfg = replace(dpo_cfg, max_steps=steps, batch_size=batch)
         train_dpo(dpo_model, tok, d_pm, cfg, out / "dpo")
         dpo_model.eval()
         evaluate("DPO on D±", AdapterOffEngine(base_engine, model), Engine(dpo_model, tok, kv_cache_gib=args.kv_cache_gib / 2, progress=True),

@@ -274,6 +274,9 @@ def curate_file(raw_path, out_dir, eval_fraction: float = 0.1, judge: Judge | No
                 yield rec
 
     sets, counts = curate_records(records(), eval_fraction, judge, prompts, pair_prompt, source=str(raw_path))
+    if not counts["records"]:  # nothing to curate: an error (like generate's "no questions"), no empty sets
+        raise DataError(f"{raw_path}: no records"
+                        + ("" if wanted is None else f" with the {len(wanted)} requested ids"))
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     for name, rows in sets.items():

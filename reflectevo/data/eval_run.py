@@ -14,8 +14,10 @@
 * Acc@t2 = (correct at t1 + wrong at t1 but correct at trial 2 with the first reflection) / N
   (``reflectevo.data.evaluate.evaluate_records``); for free-text BIG-bench the token-F1 gain too.
 
-The raw records of the run go to ``RESULT.raw.jsonl`` beside RESULT.json (rewritten unless ``resume``), the
-result JSON is written atomically.
+The raw records of the run go to ``RESULT.raw.jsonl`` beside RESULT.json, the result JSON is written atomically.
+An existing raw file with records is an error unless ``resume`` (continue it) or ``overwrite`` (start over). The
+sampling settings of a raw file go to ``RESULT.raw.settings.json``; a resume with other settings, or whose raw
+records name another model / adapter (reasoning_source, reflection_source), is an error before anything runs.
 """
 from __future__ import annotations
 
@@ -27,10 +29,14 @@ from pathlib import Path
 from ..atomic import atomic_write_bytes
 from .evaluate import evaluate_records, format_table
 from .jsonl import DataError, append_jsonl, iter_jsonl, read_jsonl, repair_tail
-from .loop import LoopConfig, ReflectLoop
+from .loop import LoopConfig, ReflectLoop, check_resumed_sources
 
 __all__ = ["run_eval", "load_trial1_cache", "raw_path_for", "check_trial1_cache", "write_json_atomic",
-           "format_table"]
+           "format_table", "check_eval_raw", "settings_path_for"]
+
+# the settings a raw file's records depend on (the sources are checked on the records themselves)
+_SETTINGS = ("seed", "max_tokens", "action_max_tokens", "reflection_max_tokens", "reflection_temperature",
+             "reflection_top_p", "force_action", "reasoning_source", "reflection_source", "trial2_source")
 
 
 def raw_path_for(out_json) -> Path:
@@ -45,6 +51,45 @@ def check_trial1_cache(out_json, trial1_cache) -> None:
     if trial1_cache is not None and Path(trial1_cache).resolve() == raw_path_for(out_json).resolve():
         raise DataError(f"--trial1-cache {trial1_cache}: is the raw file of this run's own --out {out_json}; "
                         "pass another file (e.g. an earlier run's raw file, copied)")
+
+
+def settings_path_for(out_json) -> Path:
+    raw = raw_path_for(out_json)
+    return raw.with_name(raw.name[:-len(".jsonl")] + ".settings.json")
+
+
+def _settings(cfg: LoopConfig) -> dict:
+    return {name: getattr(cfg, name) for name in _SETTINGS}
+
+
+def check_eval_raw(out_json, items: list[dict], cfg: LoopConfig, resume: bool = False, overwrite: bool = False,
+                   trial1_cache=None) -> None:
+    """Before anything runs: refuse to delete a raw file holding records (neither ``resume`` nor ``overwrite``),
+    and refuse to resume one written with other settings or by another model / adapter."""
+    raw = raw_path_for(out_json)
+    if not raw.exists():
+        return
+    if not resume:
+        if not overwrite and raw.read_bytes().strip():
+            raise DataError(f"{raw}: holds records of an earlier run; pass --resume to continue it or --overwrite "
+                            "to start over (or choose another --out)")
+        return
+    if not raw.read_bytes().strip():
+        return
+    sidecar = settings_path_for(out_json)
+    if sidecar.exists():
+        try:
+            old = json.loads(sidecar.read_text(encoding="utf-8"))
+        except (OSError, ValueError) as e:
+            raise DataError(f"{sidecar}: unreadable ({e})") from None
+        for name, value in _settings(cfg).items():
+            if name in old and old[name] != value:
+                raise DataError(f"{raw}: was written with {name} {old[name]!r}, this run has {value!r}; "
+                                "--resume needs the same settings (or pass --overwrite)")
+    cache = load_trial1_cache(trial1_cache)
+    t1_ids = [it["id"] for it in items if _key(it) in cache]
+    repair_tail(raw)
+    check_resumed_sources(raw, cfg, [it["id"] for it in items], t1_ids)
 
 
 def write_json_atomic(path, obj) -> None:
@@ -90,7 +135,7 @@ def _append_trial1(path, records: list[dict], known: set) -> None:
 
 def run_eval(task, items: list[dict], trial_engine, reflect_engine, tokenizer, out_json,
              cfg: LoopConfig | None = None, trial1_cache=None, resume: bool = False, prompts=None,
-             meta: dict | None = None, log=None, trial2_engine=None) -> dict:
+             meta: dict | None = None, log=None, trial2_engine=None, overwrite: bool = False) -> dict:
     """Evaluate on ``items``; writes RESULT.json (+ RESULT.raw.jsonl) and returns the result dict.
     ``trial2_engine``: answers trial 2 instead of ``trial_engine`` (two-stage SFT: the "correct" adapter)."""
     cfg = cfg or LoopConfig()
@@ -99,8 +144,12 @@ def run_eval(task, items: list[dict], trial_engine, reflect_engine, tokenizer, o
     out_json = Path(out_json)
     check_trial1_cache(out_json, trial1_cache)
     raw = raw_path_for(out_json)
+    check_eval_raw(out_json, items, cfg, resume, overwrite, trial1_cache)
     if raw.exists() and not resume:
         raw.unlink()
+    if not raw.exists() or not raw.read_bytes().strip():
+        raw.parent.mkdir(parents=True, exist_ok=True)
+        write_json_atomic(settings_path_for(out_json), _settings(cfg))
     cache_raw = load_trial1_cache(trial1_cache)
     cached_ids = {key[0] for key in cache_raw}
     cache = {}

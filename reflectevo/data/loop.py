@@ -62,10 +62,10 @@ from typing import Callable
 
 from .conversation import Prompt, PromptBuilder, Segment
 from .instructions import parse_demand, sample_demand
-from .jsonl import DataError, append_jsonl, completed_records
+from .jsonl import DataError, append_jsonl, completed_records, iter_jsonl
 from .prompts import DEFAULT, Prompts, Trial, action_answer, answer_format, format_action
 
-__all__ = ["LoopConfig", "ReflectLoop", "AdapterOffEngine", "question_seed"]
+__all__ = ["LoopConfig", "ReflectLoop", "AdapterOffEngine", "question_seed", "check_resumed_sources"]
 
 
 @dataclass
@@ -96,6 +96,37 @@ class LoopConfig:
                 raise DataError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
         if str(self.demand).strip().lower() != "random":
             parse_demand(self.demand)
+
+
+def check_resumed_sources(path, cfg: LoopConfig, ids, trial1_ids=()) -> None:
+    """Refuse to resume ``path`` when a record of one of ``ids`` was written by another model / adapter than
+    ``cfg`` names (its entries' reasoning_source / reflection_source); trial-1 entries of ``trial1_ids`` (from a
+    trial-1 cache) are not checked. One-line DataError naming file:line and both values."""
+    path = Path(path)
+    if not path.exists():
+        return
+    wanted, seen = {repr(i) for i in ids}, set()
+    trial2 = cfg.trial2_source or cfg.reasoning_source
+    skip_t1 = {repr(i) for i in trial1_ids}
+    for line, rec in iter_jsonl(path, ("id",)):
+        key = repr(rec["id"])
+        if key not in wanted or key in seen:
+            continue
+        seen.add(key)
+        for entry in rec.get("output") or []:
+            if not isinstance(entry, dict):
+                continue
+            t2 = int(entry.get("trail", entry.get("trial", 1)) or 1) == 2
+            expect = {"reasoning_source": trial2 if t2 else cfg.reasoning_source}
+            if t2:
+                expect["reflection_source"] = cfg.reflection_source
+            elif key in skip_t1:
+                continue
+            for name, want in expect.items():
+                got = entry.get(name)
+                if got is not None and got != want:
+                    raise DataError(f"{path}:{line}: id {rec['id']!r} was written with {name} {got!r}, this run "
+                                    f"has {want!r}; write this run to another file (or start it over)")
 
 
 def question_seed(seed: int, item_id) -> int:
@@ -378,6 +409,8 @@ class ReflectLoop:
                 raise DataError(f"{out_path}:{line_no}: id {it['id']!r} is already there with another question than "
                                 "the input's (records of another data file?); write this run to another file")
         if done:
+            check_resumed_sources(out_path, self.cfg, [it["id"] for it in items if it["id"] in done],
+                                  [i for i in (trial1_cache or {})])
             self.log(f"{out_path}: {len(items) - len(todo)} of {len(items)} questions already complete, resuming")
         start = time.perf_counter()
         size = self.cfg.chunk_size
