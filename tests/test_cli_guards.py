@@ -105,21 +105,6 @@ def test_curate_empty_raw_is_an_error(tmp_path, capsys):
     assert "no records" in line and not (tmp_path / "cur2").exists()
 
 
-@pytest.mark.parametrize("bad", [["--sft-steps", "-5"], ["--dpo-steps", "0"], ["--max-length", "4"],
-                                 ["--max-tokens", "0"], ["--reflection-max-tokens", "0"]])
-def test_demo_bad_training_option_keeps_the_earlier_results(tmp_path, capsys, bad):
-    out = tmp_path / "demo_out"
-    (out / "sft" / "adapter").mkdir(parents=True)
-    kept = {out / "raw.jsonl": '{"id": 1}\n', out / "eval_base.json": '{"acc_t1": 12.5}\n',
-            out / "sft" / "adapter" / "adapter_config.json": "{}\n"}
-    for path, text in kept.items():
-        path.write_text(text)
-    line = _one_line_error(capsys, main(["demo", "--out", str(out), "--n-train", "2", "--n-eval", "1",
-                                         "--model", NO_MODEL, *bad]))
-    assert bad[0] in line and NO_MODEL not in line
-    for path, text in kept.items():
-        assert path.read_text() == text
-
 
 def test_generate_resume_with_another_adapter_is_refused(tmp_path):
     from reflectevo.data.loop import ReflectLoop

@@ -87,7 +87,11 @@ def test_bench_out_checked_before_any_benchmark_runs(places, capsys, monkeypatch
 
 
 @pytest.mark.parametrize("bad", [["--n-train", "0"], ["--n-eval", "-1"], ["--model", NO_MODEL],
-                                 ["--task", "logiqa"], ["--kv-cache-gib", "0"], ["--device", "tpu"]])
+                                 ["--task", "logiqa"], ["--kv-cache-gib", "0"], ["--device", "tpu"],
+                                 # checked before the model loads: the error names the option, not the model
+                                 *([opt, v, "--model", NO_MODEL] for opt, v in (
+                                     ("--sft-steps", "-5"), ("--dpo-steps", "0"), ("--max-length", "4"),
+                                     ("--max-tokens", "0"), ("--reflection-max-tokens", "0")))])
 def test_demo_bad_option_keeps_the_earlier_results(tmp_path, capsys, bad):
     out = tmp_path / "demo_out"
     (out / "sft" / "adapter").mkdir(parents=True)

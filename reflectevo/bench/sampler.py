@@ -314,7 +314,7 @@ def decode_floor(device, quantize, batch=64, prompt_tokens=512, max_tokens=64, h
                                                       cuda_graphs=False)[0]
         if quantize == "nf4":  # the same step with the NF4 layers on the fused kernel instead of the auto path
             row["decode_step_ms_fused"] = _with_fused_nf4(
-                lambda: _decode_step_ms(model, step_prompts, max_tokens, device, kv_cache_gib)[0], batch)
+                lambda m=model: _decode_step_ms(m, step_prompts, max_tokens, device, kv_cache_gib)[0], batch)
     cfg = model.config
     kv_token = 2 * cfg.num_layers * cfg.num_kv_heads * cfg.head_dim * 2
     mean_ctx = sum(len(p) for p in step_prompts) / batch + max_tokens / 2
