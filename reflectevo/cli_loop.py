@@ -218,6 +218,7 @@ def loop_config(args, test_time: bool):
 
 # ---------------------------------------------------------------------------------------------------- commands
 def cmd_generate(args) -> int:
+    from reflectevo.data.eval_run import check_raw_settings, generate_settings, write_json_atomic
     from reflectevo.data.loop import ReflectLoop
 
     task, items = load_task_items(args)
@@ -225,6 +226,12 @@ def cmd_generate(args) -> int:
     cfg = loop_config(args, test_time=False)
     check_out_path(args.out, "--out")
     out = Path(args.out)
+    settings, sidecar = generate_settings(cfg, task.name), out.with_name(f"{out.stem}.settings.json")
+    if out.exists() and out.read_bytes().strip():  # a rerun adds to these records: they must match
+        check_raw_settings(out, sidecar, settings, "a rerun into the same file needs the same settings (or "
+                                                   "another --out)")
+    else:
+        write_json_atomic(sidecar, settings)
     _log(f"generate: {len(items)} {task.name} questions, {cfg.n_reflections} reflections per failure -> {out}")
     t0 = time.perf_counter()
     model, tok = load_generation_model(args, args.adapter)

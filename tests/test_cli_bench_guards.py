@@ -50,3 +50,13 @@ def test_an_unwritable_path_is_one_line(tmp_path, capsys):
     err = capsys.readouterr().err.strip().splitlines()
     assert rc == 2 and len(err) == 1
     assert err[0].startswith("reflectevo curate: error:") and "/proc/reflectevo-no-such" in err[0]
+
+
+def test_sampler_table_names_versions_and_date():
+    from reflectevo.bench import sampler
+    from reflectevo.bench.common import env_info
+
+    env = env_info("cpu")
+    table = sampler.format_table({"env": env, "reflectevo_shape": {"error": "no model"}})
+    first = table.splitlines()[0]
+    assert env["date"] in first and f"torch {env['torch']}" in first and f"triton {env['triton']}" in first

@@ -119,3 +119,20 @@ def test_generate_resume_with_another_adapter_is_refused(tmp_path):
     with pytest.raises(DataError, match=r"RAW\.jsonl:2: .*reflection_source 'm'.*'m \+ adapter A'"):
         loop.run(ITEMS, raw)
     assert eng.calls == []
+
+
+def test_generate_rerun_with_other_settings_is_refused_before_the_model_loads(tmp_path, capsys):
+    raw = tmp_path / "raw.jsonl"
+    args = ["generate", "--task", "arithmetic", "--limit", "2", "--model", NO_MODEL, "--out", str(raw)]
+
+    def last_error(code):
+        assert code == 2
+        return capsys.readouterr().err.strip().splitlines()[-1]
+
+    assert NO_MODEL in last_error(main([*args, "--n-reflections", "2", "--seed", "0"]))  # got as far as the model
+    assert json.loads((tmp_path / "raw.settings.json").read_text())["n_reflections"] == 2
+    raw.write_text('{"id": 0}\n')  # records of that run
+    for changed in (["--n-reflections", "3", "--seed", "0"], ["--n-reflections", "2", "--seed", "7"]):
+        line = _one_line_error(capsys, main([*args, *changed]))
+        assert "was written with" in line and NO_MODEL not in line
+    assert NO_MODEL in last_error(main([*args, "--n-reflections", "2", "--seed", "0"]))  # same settings: goes on

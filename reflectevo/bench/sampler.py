@@ -368,7 +368,9 @@ def _load(r: dict) -> str:
 
 def format_table(result: dict) -> str:
     r = result["reflectevo_shape"]
-    lines = []
+    e = result["env"]
+    lines = [f"Run {e.get('date')}: torch {e.get('torch')}, triton {e.get('triton')}, python {e.get('python')}, "
+             f"{e.get('cpu')} x{e.get('cpu_count')}, {e.get('torch_threads')} torch threads.", ""]
     if "error" in r:
         lines += [f"## Batched sampler ({result['env']['device']}): embedded-model run FAILED ({r['error'][:200]})"]
     else:

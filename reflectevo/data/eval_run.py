@@ -32,11 +32,13 @@ from .jsonl import DataError, append_jsonl, iter_jsonl, read_jsonl, repair_tail
 from .loop import LoopConfig, ReflectLoop, check_resumed_sources
 
 __all__ = ["run_eval", "load_trial1_cache", "raw_path_for", "check_trial1_cache", "write_json_atomic",
-           "format_table", "check_eval_raw", "settings_path_for"]
+           "format_table", "check_eval_raw", "settings_path_for",
+           "check_raw_settings", "generate_settings"]
 
 # the settings a raw file's records depend on (the sources are checked on the records themselves)
 _SETTINGS = ("seed", "max_tokens", "action_max_tokens", "reflection_max_tokens", "reflection_temperature",
              "reflection_top_p", "force_action", "reasoning_source", "reflection_source", "trial2_source")
+GENERATE_SETTINGS = ("n_reflections", "demand", "test_time", *_SETTINGS)
 
 
 def raw_path_for(out_json) -> Path:
@@ -58,8 +60,27 @@ def settings_path_for(out_json) -> Path:
     return raw.with_name(raw.name[:-len(".jsonl")] + ".settings.json")
 
 
-def _settings(cfg: LoopConfig) -> dict:
-    return {name: getattr(cfg, name) for name in _SETTINGS}
+def _settings(cfg: LoopConfig, names=_SETTINGS) -> dict:
+    return {name: getattr(cfg, name) for name in names}
+
+
+def check_raw_settings(raw: Path, sidecar: Path, current: dict, remedy: str) -> None:
+    """Refuse to add to ``raw`` when its ``sidecar`` says it was written with other settings (a file without a
+    sidecar, from an older version, is not checked)."""
+    if not sidecar.exists():
+        return
+    try:
+        old = json.loads(sidecar.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:
+        raise DataError(f"{sidecar}: unreadable ({e})") from None
+    for name, value in current.items():
+        if name in old and old[name] != value:
+            raise DataError(f"{raw}: was written with {name} {old[name]!r}, this run has {value!r}; {remedy}")
+
+
+def generate_settings(cfg: LoopConfig, task_name: str) -> dict:
+    """What the records of a ``generate`` RAW file depend on besides the questions (kept in RAW.settings.json)."""
+    return {"task": task_name, **_settings(cfg, GENERATE_SETTINGS)}
 
 
 def check_eval_raw(out_json, items: list[dict], cfg: LoopConfig, resume: bool = False, overwrite: bool = False,
@@ -76,16 +97,8 @@ def check_eval_raw(out_json, items: list[dict], cfg: LoopConfig, resume: bool = 
         return
     if not raw.read_bytes().strip():
         return
-    sidecar = settings_path_for(out_json)
-    if sidecar.exists():
-        try:
-            old = json.loads(sidecar.read_text(encoding="utf-8"))
-        except (OSError, ValueError) as e:
-            raise DataError(f"{sidecar}: unreadable ({e})") from None
-        for name, value in _settings(cfg).items():
-            if name in old and old[name] != value:
-                raise DataError(f"{raw}: was written with {name} {old[name]!r}, this run has {value!r}; "
-                                "--resume needs the same settings (or pass --overwrite)")
+    check_raw_settings(raw, settings_path_for(out_json), _settings(cfg),
+                       "--resume needs the same settings (or pass --overwrite)")
     cache = load_trial1_cache(trial1_cache)
     t1_ids = [it["id"] for it in items if _key(it) in cache]
     repair_tail(raw)
