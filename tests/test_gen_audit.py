@@ -278,3 +278,13 @@ def test_terminal_progress_clears_the_rest_of_the_line():
     bar.close()
     redraws = stream.getvalue().split("\r")[1:]
     assert len(redraws) == 3 and all(r.rstrip("\n").endswith("\x1b[K") for r in redraws)
+
+
+def test_decode_row_without_context_is_zeros():
+    """Padded rows of a captured decode graph have no context: their output is zeros, the others unchanged."""
+    q, kc, vc, tables, lens = _decode_problem([300, 0, 129], width=24, seed=2)
+    with kernel_backend("triton"):
+        out = pa.paged_attention_decode(q, kc, vc, tables, lens, 0.2)
+        rest = pa.paged_attention_decode(q[[0, 2]], kc, vc, tables[[0, 2]], lens[[0, 2]], 0.2)
+    assert torch.equal(out[1], torch.zeros_like(out[1]))
+    assert torch.equal(out[[0, 2]], rest)
