@@ -258,3 +258,23 @@ def test_storage_bytes_match_layout():
     n = 512 * 512
     assert q.nbytes() == n // 2 + n // 64 + 4 * (n // 64 // 256) + 256 * 4 + 4
     assert (q.data.numel() + q.absmax.numel() + 4 * q.absmax2.numel()) / n <= 0.52
+
+
+def test_absmax_codes_as_words_or_bytes_give_the_same_products():
+    """The kernels read the uint8 absmax codes as int32 words (a whole number of words, 4-byte aligned) or, when
+    that does not hold, byte by byte: both forms, in the fused kernel's two directions and the GEMV, equal the
+    reference."""
+    import dataclasses
+
+    nm, q, a, bias, expect = _fused_case(False, 24, 9)
+    shifted = torch.zeros(q.absmax.numel() + 1, dtype=torch.uint8)
+    shifted[1:] = q.absmax
+    q_bytes = dataclasses.replace(q, absmax=shifted[1:])  # same codes at an odd address: no words
+    assert nm._q_args(q)[1] and not nm._q_args(q_bytes)[1]
+    w = nf4_dequantize_reference(q, torch.float32)
+    dy = torch.randn(24, 136, generator=torch.Generator().manual_seed(3))
+    with kernel_backend("triton"):
+        for form in (q, q_bytes):
+            torch.testing.assert_close(nm._fused(a, form, bias, False), expect, rtol=1e-5, atol=1e-5)
+            torch.testing.assert_close(nm._fused(dy, form, None, True), dy @ w, rtol=1e-5, atol=1e-5)
+            torch.testing.assert_close(nm._gemv(a[:3], form, bias), expect[:3], rtol=1e-5, atol=1e-5)

@@ -71,7 +71,7 @@ def _variants():
 
     # NF4: dequantisation, the fused in-loop-decode matmul (forward and input gradient), the small-batch gemv
     nf4_ptrs = dict(data_ptr="*u8", absmax_ptr="*fp32", absmax2_ptr="*fp32", code2_ptr="*fp32", offset_ptr="*fp32",
-                    table_ptr="*fp32")
+                    pairs_ptr="*fp32")
     for dt in ("bf16", "fp16", "fp32"):
         for double in (True, False):
             sig = dict(nf4_ptrs, out_ptr=f"*{dt}", n="i64", n_bytes="i64")
@@ -97,23 +97,26 @@ def _variants():
     # decode-sized inputs: the fixed split-R tiles, fp32 partial sums
     fused += [("bf16", trans, True, triton.Config(dict(BLOCK_M=m, BLOCK_P=64, BLOCK_R=64), num_warps=4,
                                                   num_stages=3), True) for trans in (False, True) for m in (16, 32, 64)]
+    # absmax codes as int32 words (WORDS) on the aligned shapes of real models, as bytes on the odd ones
     for dt, trans, aligned, cfg, split in fused:
         sig = dict(nf4_ptrs, a_ptr=f"*{dt}", bias_ptr=f"*{dt}", out_ptr="*fp32" if split else f"*{dt}", M="i32",
                    N="i32", K="i32", stride_am="i32", stride_om="i32", m_bucket="i32", r_per_split="i32",
-                   absmax_ptr="*u8")
+                   absmax_ptr="*i32" if aligned else "*u8")
         out.append((nm._fused_kernel, sig,
                     dict(BLOCKSIZE=64, DOUBLE=True, HAS_BIAS=not trans, IEEE=dt == "fp32", DOT_FP32=False,
-                         TRANS=trans, K_ALIGNED=aligned, SPLIT=split, **cfg.kwargs),
+                         TRANS=trans, K_ALIGNED=aligned, SPLIT=split, WORDS=aligned, **cfg.kwargs),
                     dict(enable_fp_fusion=False, num_warps=cfg.num_warps, num_stages=cfg.num_stages)))
-    gemv = [("bf16", rows, True, True) for rows in (2, 4, 8)] + [("bf16", 2, False, False), ("fp16", 8, True, True),
-                                                                 ("fp32", 8, True, True)]
-    for dt, rows, pairs, per_line in gemv:
+    gemv = [("bf16", rows, True, True, 3) for rows in (2, 4, 8)] + [("bf16", 2, False, False, 3),
+                                                                    ("fp16", 8, True, True, 3),
+                                                                    ("fp32", 8, True, True, 3), ("bf16", 2, True, True, 1)]
+    for dt, rows, pairs, per_line, stages in gemv:
         bk = 64
         sig = dict(nf4_ptrs, x_ptr=f"*{dt}", part_ptr="*fp32", M="i32", N="i32", K="i32", stride_xm="i32",
-                   k_per_split="i32", absmax_ptr="*u8")
+                   k_per_split="i32", absmax_ptr="*i32" if per_line else "*u8")
         out.append((k["nf4_matmul"]._gemv_kernel, sig,
-                    dict(BLOCKSIZE=64, DOUBLE=True, PAIRS=pairs, PER_LINE=per_line, ROWS=rows,
-                         BLOCK_N=max(16, 4096 // (rows * bk)), BLOCK_K=bk), dict(enable_fp_fusion=False)))
+                    dict(BLOCKSIZE=64, DOUBLE=True, WORDS=per_line, PAIRS=pairs, PER_LINE=per_line, ROWS=rows,
+                         BLOCK_N=max(16, 4096 // (rows * bk)), BLOCK_K=bk, STAGES=stages),
+                    dict(enable_fp_fusion=False)))
 
     # paged attention: KV store and the split-K decode, Llama-3-8B (G=4, D=128) and SmolLM2 (G=3, D=64) heads
     for dt in ("bf16", "fp16", "fp32"):

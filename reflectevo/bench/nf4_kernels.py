@@ -100,6 +100,9 @@ def _matmul_rows(device, n, k, tokens, dtype, repeats):
                 row[f"{path}_ms"] = time_fn(lambda: nf4_matmul(x, q, path=path), device, repeats=repeats)
                 if m <= GRAPH_MAX_TOKENS:
                     row[f"{path}_graph_ms"] = time_fn_graph(lambda: nf4_matmul(x, q, path=path), device)
+        if device.type == "cuda" and m <= GEMV_MAX_ROWS:  # the GEMV with its K loop software-pipelined
+            with torch.no_grad():
+                row["gemv_pipelined_graph_ms"] = time_fn_graph(lambda: nm._gemv(x, q, None, stages=3), device)
         if device.type == "cuda" and m > GEMV_MAX_ROWS:
             row["fused_tile"] = _fused_tile(m, n, k, False, device)
             dy = torch.randn(m, n, device=device, dtype=dtype)
@@ -170,14 +173,17 @@ def format_table(result: dict) -> str:
                      f"{_f(r.get('fused_dx_ms'))} | {_f(r.get('dequant_dx_ms'))} | {tiles} |")
     graphed = [r for r in result["matmul"] if any(v for k, v in r.items() if k.endswith("_graph_ms"))]
     if graphed:
-        lines += ["", "| matmul [out, in] | tokens | gemv graph ms | fused graph ms | dequant+mm graph ms "
-                      "| bnb graph ms | weight GB/s of the best (0.52 B/param) |", "|---|---|---|---|---|---|---|"]
+        lines += ["", "| matmul [out, in] | tokens | gemv graph ms | gemv pipelined graph ms | fused graph ms "
+                      "| dequant+mm graph ms | bnb graph ms | weight GB/s of the best (0.52 B/param) | % of copy |",
+                  "|---|---|---|---|---|---|---|---|---|"]
         for r in graphed:
-            ours = [r.get(f"{p}_graph_ms") for p in ("gemv", "fused", "dequant")]
+            ours = [r.get(f"{p}_graph_ms") for p in ("gemv", "gemv_pipelined", "fused", "dequant")]
             best = min((t for t in ours if t), default=None)
             gbs = r["shape"][0] * r["shape"][1] * 0.5159 / best / 1e6 if best else None
+            share = 100 * gbs / result["copy_gbs"] if gbs else None
             lines.append(f"| {r['shape'][0]}x{r['shape'][1]} | {r['tokens']} | {_f(ours[0])} | {_f(ours[1])} | "
-                         f"{_f(ours[2])} | {_f(r.get('bnb_graph_ms'))} | {_f(gbs, '{:.0f}')} |")
+                         f"{_f(ours[2])} | {_f(ours[3])} | {_f(r.get('bnb_graph_ms'))} | {_f(gbs, '{:.0f}')} | "
+                         f"{_f(share, '{:.0f}')} |")
     return "\n".join(lines)
 
 

@@ -225,23 +225,13 @@ def _absmax_fp32(q: NF4Tensor) -> torch.Tensor:
     return ((codes.view(groups, -1) * q.absmax2[:, None]).reshape(-1)[:nb]) + q.offset
 
 
-_TABLES: dict = {}
-
-
-def nf4_table(device) -> torch.Tensor:
-    """NF4_TABLE on ``device``, copied there once: a per-call ``.to(device)`` is a host-to-device copy that
-    synchronises with the host and costs more than a small kernel's launch."""
-    key = str(device)
-    if key not in _TABLES:
-        _TABLES[key] = NF4_TABLE.to(device)
-    return _TABLES[key]
-
-
 _BYTE_PAIRS: dict = {}
 
 
-def _byte_pairs(device) -> torch.Tensor:
-    """[256, 2]: the two NF4 levels a packed byte holds, element 2j (high nibble) first."""
+def nf4_byte_pairs(device) -> torch.Tensor:
+    """[256, 2] fp32: the two NF4 levels a packed byte holds, element 2j (high nibble) first; entry (v, 1) is level
+    v. The Triton kernels look bytes up in it. Made once per device: a per-call ``.to(device)`` would be a
+    host-to-device copy that synchronises with the host and costs more than a small kernel's launch."""
     key = str(device)
     if key not in _BYTE_PAIRS:
         b = torch.arange(256)
@@ -254,7 +244,7 @@ def nf4_dequantize_reference(q: NF4Tensor, dtype: torch.dtype | None = None) -> 
     dtype = dtype or q.dtype
     n, bs = q.numel(), q.blocksize
     # byte -> (high-nibble level, low-nibble level); index_select is much faster than advanced indexing
-    pairs = _byte_pairs(q.device).index_select(0, q.data.int()).reshape(-1)
+    pairs = nf4_byte_pairs(q.device).index_select(0, q.data.int()).reshape(-1)
     absmax = _absmax_fp32(q)
     nb = absmax.numel()
     if nb * bs != pairs.numel():
@@ -284,7 +274,7 @@ elif HAS_TRITON:
 if HAS_TRITON:
 
     @triton.jit
-    def _nf4_dequant_kernel(data_ptr, absmax_ptr, absmax2_ptr, code2_ptr, offset_ptr, table_ptr, out_ptr, n, n_bytes,
+    def _nf4_dequant_kernel(data_ptr, absmax_ptr, absmax2_ptr, code2_ptr, offset_ptr, pairs_ptr, out_ptr, n, n_bytes,
                             BLOCKSIZE: tl.constexpr, DOUBLE: tl.constexpr, ROWS: tl.constexpr):
         """ROWS quantisation blocks per program, laid out [ROWS, BLOCKSIZE]: each packed byte is read once and
         gives two outputs (high nibble -> element 2j, low -> 2j + 1), each block's absmax is decoded once and
@@ -295,9 +285,8 @@ if HAS_TRITON:
         blk = tl.program_id(0).to(tl.int64) * ROWS + tl.arange(0, ROWS)
         pair = blk[:, None] * HALF + tl.arange(0, HALF)[None, :]
         byte = tl.load(data_ptr + pair, mask=pair < n_bytes, other=0).to(tl.int32)
-        hi = tl.load(table_ptr + (byte >> 4))
-        lo = tl.load(table_ptr + (byte & 0xF))
-        levels = tl.reshape(tl.join(hi, lo), (ROWS, BLOCKSIZE))
+        levels = tl.load(pairs_ptr + byte[:, :, None] * 2 + tl.arange(0, 2)[None, None, :])
+        levels = tl.reshape(levels, (ROWS, BLOCKSIZE))
         blk_ok = blk * BLOCKSIZE < n
         if DOUBLE:
             qa = tl.load(absmax_ptr + blk, mask=blk_ok, other=0).to(tl.int32)
@@ -321,7 +310,7 @@ def _dequantize_triton(q: NF4Tensor, dtype: torch.dtype) -> torch.Tensor:
     dummy = q.absmax
     _nf4_dequant_kernel[(cdiv(cdiv(n, q.blocksize), rows),)](
         q.data, q.absmax, q.absmax2 if dq else dummy, q.code2 if dq else dummy, q.offset if dq else dummy,
-        nf4_table(q.device), out, n, (n + 1) // 2, BLOCKSIZE=q.blocksize, DOUBLE=dq, ROWS=rows,
+        nf4_byte_pairs(q.device), out, n, (n + 1) // 2, BLOCKSIZE=q.blocksize, DOUBLE=dq, ROWS=rows,
         num_warps=8 if q.device.type == "cuda" else 4,
         enable_fp_fusion=False,  # keep code2 * absmax2 + offset two roundings, as the reference does
     )

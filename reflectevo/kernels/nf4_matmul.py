@@ -6,9 +6,12 @@ to ``tl.dot``: the dense weight is never written to memory, so a forward pass re
 of 2 (bf16) and allocates nothing of size N*K. When K is a multiple of the quantisation block (every real model),
 each tile row lies in one block (one absmax per row), each packed byte is loaded once for its two values, and the
 tile pointers advance by a constant per step (sm_90 SASS of the 64x64x64 bf16 forward: 108 registers, no spills,
-1120 instructions; the per-element addressing it replaced took 174 registers and 2528). What remains per decoded
-value in that loop (~13 instructions for each thread's 32 values): a 64-bit table address, the table gather (staged
-through shared memory by the software pipeliner), nibble extraction, the scale multiply and the bf16 cast.
+1120 instructions; the per-element addressing it replaced took 174 registers and 2528). Each byte is then looked
+up once in a [256, 2] table of level pairs (``_pair_levels``), and the absmax codes are read as int32 words
+(``_scales``): with Triton 3.6 (the H200 machine's), the loop of every CUDA tile has no load that waits on global
+memory (before: one per K step, the 1-byte code), and 6-15 % fewer instructions. What remains per decoded value:
+a 64-bit address for the pair gather (staged through shared memory by the software pipeliner), the scale multiply
+and the bf16 cast.
 
 Paths (``nf4_matmul(path=...)`` forces one; ``choose_path`` picks one from measured thresholds):
 - ``gemv``     up to GEMV_MAX_ROWS (8) rows, the sampler's decode step: programs over (BLOCK_N output features) x
@@ -40,7 +43,7 @@ import torch
 
 from reflectevo.kernels._dispatch import HAS_TRITON, cdiv, next_power_of_2, sm_count, use_triton
 from reflectevo.kernels.nf4 import (DOUBLE_QUANT_BLOCKSIZE, NF4Tensor, _dequantize_triton, nf4_dequantize,
-                                    nf4_dequantize_reference, nf4_table)
+                                    nf4_byte_pairs, nf4_dequantize_reference)
 
 if HAS_TRITON:
     import triton
@@ -49,6 +52,7 @@ if HAS_TRITON:
     from reflectevo.kernels.nf4 import cast_rne
 
 GEMV_MAX_ROWS = 8  # what the GEMV kernel handles
+GEMV_STAGES = 1  # software-pipeline depth of the GEMV's K loop on CUDA (1: none); see _gemv_kernel
 SPLIT_MAX_ROWS = 64  # the fused kernel splits R over programs up to this many rows (decode batches), on CUDA
 AUTO_GEMV_MAX_ROWS = 0  # measured: see the module docstring
 AUTO_FUSED_MAX_ROWS = 0
@@ -58,17 +62,26 @@ PATHS = ("gemv", "fused", "dequant")
 if HAS_TRITON:
 
     @triton.jit
-    def _levels(data_ptr, table_ptr, flat, mask):
-        """NF4 levels (fp32, in [-1, 1]) at flat element indices ``flat`` (any tile shape)."""
+    def _levels(data_ptr, pairs_ptr, flat, mask):
+        """NF4 levels (fp32, in [-1, 1]) at flat element indices ``flat`` (any tile shape). ``pairs_ptr``: the
+        [256, 2] byte-pair table, whose entry (v, 1) is level v."""
         byte = tl.load(data_ptr + (flat >> 1), mask=mask, other=0).to(tl.int32)
         nib = (byte >> ((1 - (flat & 1)) * 4).to(tl.int32)) & 0xF
-        return tl.load(table_ptr + nib, mask=mask, other=0.0)
+        return tl.load(pairs_ptr + nib * 2 + 1, mask=mask, other=0.0)
 
     @triton.jit
-    def _scales(absmax_ptr, absmax2_ptr, code2_ptr, offset_ptr, blk, mask, DOUBLE: tl.constexpr):
-        """fp32 absmax of blocks ``blk``: ``code2[qabsmax] * absmax2[blk // 256] + offset`` (or stored fp32)."""
+    def _scales(absmax_ptr, absmax2_ptr, code2_ptr, offset_ptr, blk, mask, DOUBLE: tl.constexpr,
+                WORDS: tl.constexpr):
+        """fp32 absmax of blocks ``blk``: ``code2[qabsmax] * absmax2[blk // 256] + offset`` (or stored fp32).
+        WORDS: ``absmax_ptr`` is the uint8 codes viewed as int32 (little-endian, 4 codes a word): each code is
+        read with the 4-byte word that holds it. A 1-byte load cannot go through cp.async, so Triton's software
+        pipeliner leaves it a synchronous load inside the K loop, and the code2 gather waits on it: a full
+        global-memory round trip every K step (sm_90 SASS, Triton 3.6). The word load is pipelined like the others."""
         if DOUBLE:
-            qa = tl.load(absmax_ptr + blk, mask=mask, other=0).to(tl.int32)
+            if WORDS:
+                qa = (tl.load(absmax_ptr + blk // 4, mask=mask, other=0) >> ((blk % 4) * 8).to(tl.int32)) & 0xFF
+            else:
+                qa = tl.load(absmax_ptr + blk, mask=mask, other=0).to(tl.int32)
             c = tl.load(code2_ptr + qa, mask=mask, other=0.0)
             a2 = tl.load(absmax2_ptr + blk // 256, mask=mask, other=0.0)
             return c * a2 + tl.load(offset_ptr)
@@ -76,13 +89,14 @@ if HAS_TRITON:
             return tl.load(absmax_ptr + blk, mask=mask, other=0.0)
 
     @triton.jit
-    def _pair_levels(byte_ptrs, table_ptr, mask, ROWS: tl.constexpr, COLS: tl.constexpr):
+    def _pair_levels(byte_ptrs, pairs_ptr, mask, ROWS: tl.constexpr, COLS: tl.constexpr):
         """[ROWS, COLS] NF4 levels from a [ROWS, COLS // 2] tile of packed-byte pointers: each byte is loaded once
-        for its two values (high nibble first)."""
+        and looked up once in the [256, 2] byte-pair table (its two levels, high nibble first, one 8-byte gather).
+        Against two 16-entry lookups per byte: half the gathers and no nibble split; the sm_90 loops (Triton 3.6)
+        are 6-15 % shorter in instructions (fused tiles 262 -> 230, 424 -> 365, 481 -> 449; GEMV 228 -> 193)."""
         byte = tl.load(byte_ptrs, mask=mask, other=0).to(tl.int32)
-        hi = tl.load(table_ptr + (byte >> 4))
-        lo = tl.load(table_ptr + (byte & 0xF))
-        return tl.reshape(tl.join(hi, lo), (ROWS, COLS))
+        pair = tl.load(pairs_ptr + byte[:, :, None] * 2 + tl.arange(0, 2)[None, None, :])
+        return tl.reshape(pair, (ROWS, COLS))
 
     @triton.jit
     def _dot(acc, a, b, IEEE: tl.constexpr, DOT_FP32: tl.constexpr):
@@ -94,11 +108,11 @@ if HAS_TRITON:
             return acc + tl.dot(a, b)
 
     @triton.jit
-    def _fused_kernel(a_ptr, data_ptr, absmax_ptr, absmax2_ptr, code2_ptr, offset_ptr, table_ptr, bias_ptr, out_ptr,
+    def _fused_kernel(a_ptr, data_ptr, absmax_ptr, absmax2_ptr, code2_ptr, offset_ptr, pairs_ptr, bias_ptr, out_ptr,
                       M, N, K, stride_am, stride_om, m_bucket, r_per_split,
                       BLOCKSIZE: tl.constexpr, DOUBLE: tl.constexpr, HAS_BIAS: tl.constexpr, IEEE: tl.constexpr,
                       DOT_FP32: tl.constexpr, TRANS: tl.constexpr, K_ALIGNED: tl.constexpr, SPLIT: tl.constexpr,
-                      BLOCK_M: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_R: tl.constexpr):
+                      WORDS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_R: tl.constexpr):
         """out[M, P] = a[M, R] · B[R, P], B decoded from the NF4 weight W [N, K] inside the R loop.
         Forward (TRANS=0): a = x, R = K, P = N, B = Wᵀ. Input gradient (TRANS=1): a = dy, R = N, P = K, B = W.
         The W tile is decoded as [W rows, K] (K, contiguous in memory, fast) and transposed in registers when B = Wᵀ.
@@ -130,8 +144,8 @@ if HAS_TRITON:
                     n_ok = r0 + rr < R
                     a = tl.load(a_ptrs, mask=m_ok[:, None] & n_ok[None, :], other=0.0)
                     blk = (r0 + rr).to(tl.int64) * (K // BLOCKSIZE) + k0 // BLOCKSIZE
-                    scale = _scales(absmax_ptr, absmax2_ptr, code2_ptr, offset_ptr, blk, n_ok, DOUBLE)
-                    level = _pair_levels(byte_ptrs, table_ptr, n_ok[:, None], BLOCK_R, BLOCK_P)
+                    scale = _scales(absmax_ptr, absmax2_ptr, code2_ptr, offset_ptr, blk, n_ok, DOUBLE, WORDS)
+                    level = _pair_levels(byte_ptrs, pairs_ptr, n_ok[:, None], BLOCK_R, BLOCK_P)
                     acc = _dot(acc, a, cast_rne(level * scale[:, None], dtype), IEEE, DOT_FP32)
                     a_ptrs += BLOCK_R
                     byte_ptrs += BLOCK_R * (K // 2)
@@ -145,8 +159,8 @@ if HAS_TRITON:
                 for r0 in range(r_lo, r_hi, BLOCK_R):
                     a = tl.load(a_ptrs, mask=m_ok[:, None], other=0.0)
                     scale = _scales(absmax_ptr, absmax2_ptr, code2_ptr, offset_ptr, blk0 + r0 // BLOCKSIZE, n_ok,
-                                    DOUBLE)
-                    level = _pair_levels(byte_ptrs, table_ptr, n_ok[:, None], BLOCK_P, BLOCK_R)
+                                    DOUBLE, WORDS)
+                    level = _pair_levels(byte_ptrs, pairs_ptr, n_ok[:, None], BLOCK_P, BLOCK_R)
                     acc = _dot(acc, a, tl.trans(cast_rne(level * scale[:, None], dtype)), IEEE, DOT_FP32)
                     a_ptrs += BLOCK_R
                     byte_ptrs += BLOCK_R // 2
@@ -161,8 +175,9 @@ if HAS_TRITON:
                     flat = rr[:, None].to(tl.int64) * K + rp[None, :]
                 else:  # B[r, p] = W[p, r]
                     flat = rp[None, :].to(tl.int64) * K + rr[:, None]
-                level = _levels(data_ptr, table_ptr, flat, w_mask)
-                scale = _scales(absmax_ptr, absmax2_ptr, code2_ptr, offset_ptr, flat // BLOCKSIZE, w_mask, DOUBLE)
+                level = _levels(data_ptr, pairs_ptr, flat, w_mask)
+                scale = _scales(absmax_ptr, absmax2_ptr, code2_ptr, offset_ptr, flat // BLOCKSIZE, w_mask, DOUBLE,
+                                WORDS)
                 acc = _dot(acc, a, cast_rne(level * scale, dtype), IEEE, DOT_FP32)
         rp = pid_p * BLOCK_P + tl.arange(0, BLOCK_P)
         out_mask = m_ok[:, None] & (rp[None, :] < P)
@@ -175,15 +190,21 @@ if HAS_TRITON:
                      cast_rne(acc, out_ptr.dtype.element_ty), mask=out_mask)
 
     @triton.jit
-    def _gemv_kernel(x_ptr, data_ptr, absmax_ptr, absmax2_ptr, code2_ptr, offset_ptr, table_ptr, part_ptr,
+    def _gemv_kernel(x_ptr, data_ptr, absmax_ptr, absmax2_ptr, code2_ptr, offset_ptr, pairs_ptr, part_ptr,
                      M, N, K, stride_xm, k_per_split,
-                     BLOCKSIZE: tl.constexpr, DOUBLE: tl.constexpr, PAIRS: tl.constexpr, PER_LINE: tl.constexpr,
-                     ROWS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+                     BLOCKSIZE: tl.constexpr, DOUBLE: tl.constexpr, WORDS: tl.constexpr, PAIRS: tl.constexpr,
+                     PER_LINE: tl.constexpr, ROWS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                     STAGES: tl.constexpr):
         """part[split, m, n] = sum over k in this split's range of x[m, k] · W[n, k], fp32, for M <= ROWS (a power
         of two <= 8). Programs cover (BLOCK_N features) x (one K range): a decode step's few output features still
         spread over every SM. Each W tile is decoded once for all rows; with K even (PAIRS) each packed byte is
         read once for its two values. Products accumulate elementwise in a [ROWS, BLOCK_N, BLOCK_K] tile (one FMA
-        each) and are summed over K once, after the loop."""
+        each) and are summed over K once, after the loop. STAGES > 1 software-pipelines the loop's loads (cp.async
+        into shared memory, STAGES - 1 tiles ahead). Unpipelined (a loop without tl.dot is not pipelined unless
+        asked), every K step waits for its packed bytes, then for the table gather (sm_90 SASS, Triton 3.6, 2 rows,
+        32 x 64 tile: 193 instructions a step); pipelined, no step waits on global memory but a step takes 295
+        instructions and more barriers (the tile is reshuffled through shared memory). Which wins is for a GPU to
+        say: ``bench kernels`` times both (GEMV_STAGES, and its "gemv pipelined" column)."""
         rn = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
         split = tl.program_id(1)
         rm = tl.arange(0, ROWS)
@@ -195,25 +216,25 @@ if HAS_TRITON:
         x_ptrs = x_ptr + rm[:, None] * stride_xm + (k_lo + rk)[None, :]
         byte_ptrs = data_ptr + rn[:, None].to(tl.int64) * (K // 2) + (k_lo // 2 + half)[None, :]
         acc = tl.zeros((ROWS, BLOCK_N, BLOCK_K), dtype=tl.float32)
-        for k0 in range(k_lo, k_hi, BLOCK_K):
+        for k0 in tl.range(k_lo, k_hi, BLOCK_K, num_stages=STAGES):
             k_ok = k0 + rk < k_hi
             if PER_LINE:  # whole K tiles: masks along K would hide the runs of bytes from the vectoriser
-                level = _pair_levels(byte_ptrs, table_ptr, n_ok[:, None], BLOCK_N, BLOCK_K)
+                level = _pair_levels(byte_ptrs, pairs_ptr, n_ok[:, None], BLOCK_N, BLOCK_K)
                 byte_ptrs += BLOCK_K // 2
             elif PAIRS:
-                level = _pair_levels(byte_ptrs, table_ptr, n_ok[:, None] & (k0 + 2 * half < k_hi)[None, :],
+                level = _pair_levels(byte_ptrs, pairs_ptr, n_ok[:, None] & (k0 + 2 * half < k_hi)[None, :],
                                      BLOCK_N, BLOCK_K)
                 byte_ptrs += BLOCK_K // 2
             else:
                 flat = rn[:, None].to(tl.int64) * K + (k0 + rk)[None, :]
-                level = _levels(data_ptr, table_ptr, flat, n_ok[:, None] & k_ok[None, :])
+                level = _levels(data_ptr, pairs_ptr, flat, n_ok[:, None] & k_ok[None, :])
             if PER_LINE:
                 blk = rn.to(tl.int64) * (K // BLOCKSIZE) + k0 // BLOCKSIZE
-                scale = _scales(absmax_ptr, absmax2_ptr, code2_ptr, offset_ptr, blk, n_ok, DOUBLE)[:, None]
+                scale = _scales(absmax_ptr, absmax2_ptr, code2_ptr, offset_ptr, blk, n_ok, DOUBLE, WORDS)[:, None]
             else:
                 flat = rn[:, None].to(tl.int64) * K + (k0 + rk)[None, :]
                 scale = _scales(absmax_ptr, absmax2_ptr, code2_ptr, offset_ptr, flat // BLOCKSIZE,
-                                n_ok[:, None] & k_ok[None, :], DOUBLE)
+                                n_ok[:, None] & k_ok[None, :], DOUBLE, WORDS)
             w = cast_rne(level * scale, x_ptr.dtype.element_ty).to(tl.float32)
             if PER_LINE:
                 x = tl.load(x_ptrs, mask=rm[:, None] < M, other=0.0).to(tl.float32)
@@ -226,9 +247,14 @@ if HAS_TRITON:
 
 
 def _q_args(q: NF4Tensor):
+    """The NF4 pointers for the kernels, and WORDS: whether the uint8 absmax codes go as int32 words (a whole number
+    of words at a 4-byte aligned address; see ``_scales``)."""
     dq = q.double_quant
     a = q.absmax
-    return (q.data, a, q.absmax2 if dq else a, q.code2 if dq else a, q.offset if dq else a, nf4_table(q.device))
+    words = dq and a.numel() % 4 == 0 and a.data_ptr() % 4 == 0 and a.is_contiguous()
+    codes = a.view(torch.int32) if words else a
+    return (q.data, codes, q.absmax2 if dq else a, q.code2 if dq else a, q.offset if dq else a,
+            nf4_byte_pairs(q.device)), words
 
 
 def _tile_configs(trans: bool) -> list:
@@ -279,7 +305,8 @@ def _fused(a2d: torch.Tensor, q: NF4Tensor, bias, transpose_w: bool, tile=None, 
     n_out, k_in = q.shape
     M = a2d.shape[0]
     P, R = (k_in, n_out) if transpose_w else (n_out, k_in)
-    flags = dict(BLOCKSIZE=q.blocksize, DOUBLE=q.double_quant, HAS_BIAS=bias is not None,
+    q_args, words = _q_args(q)
+    flags = dict(BLOCKSIZE=q.blocksize, DOUBLE=q.double_quant, WORDS=words, HAS_BIAS=bias is not None,
                  IEEE=a2d.dtype == torch.float32, DOT_FP32=not a2d.is_cuda, TRANS=transpose_w,
                  K_ALIGNED=k_in % q.blocksize == 0, enable_fp_fusion=False)
     m_bucket = max(16, min(4096, next_power_of_2(M)))
@@ -291,7 +318,7 @@ def _fused(a2d: torch.Tensor, q: NF4Tensor, bias, transpose_w: bool, tile=None, 
     elif aligned_cuda:
         out = torch.empty(M, P, dtype=a2d.dtype, device=a2d.device)
         grid = lambda meta: (cdiv(M, meta["BLOCK_M"]), cdiv(P, meta["BLOCK_P"]), 1)  # noqa: E731
-        _fused_tuned[transpose_w][grid](a2d, *_q_args(q), bias if bias is not None else a2d, out, M, n_out, k_in,
+        _fused_tuned[transpose_w][grid](a2d, *q_args, bias if bias is not None else a2d, out, M, n_out, k_in,
                                         a2d.stride(0), out.stride(0), m_bucket, R, SPLIT=False, **flags)
         return out
     if tile is None:
@@ -303,7 +330,7 @@ def _fused(a2d: torch.Tensor, q: NF4Tensor, bias, transpose_w: bool, tile=None, 
            else torch.empty(M, P, dtype=a2d.dtype, device=a2d.device))
     launch = dict(num_warps=tile.num_warps, num_stages=tile.num_stages) if a2d.is_cuda else {}
     grid = (cdiv(M, tile.kwargs["BLOCK_M"]), cdiv(P, tile.kwargs["BLOCK_P"]), splits)
-    _fused_kernel[grid](a2d, *_q_args(q), bias if bias is not None else a2d, out, M, n_out, k_in, a2d.stride(0),
+    _fused_kernel[grid](a2d, *q_args, bias if bias is not None else a2d, out, M, n_out, k_in, a2d.stride(0),
                         out.stride(-2), m_bucket, r_per_split if split else R, SPLIT=split, **flags, **tile.kwargs,
                         **launch)
     if not split:
@@ -328,7 +355,7 @@ def _gemv_plan(n_out: int, k_in: int, rows: int, blocksize: int, cuda: bool, sms
     return bn, bk, k_per_split
 
 
-def _gemv(x2d: torch.Tensor, q: NF4Tensor, bias) -> torch.Tensor:
+def _gemv(x2d: torch.Tensor, q: NF4Tensor, bias, stages: int = GEMV_STAGES) -> torch.Tensor:
     n_out, k_in = q.shape
     M = x2d.shape[0]
     rows = max(2, next_power_of_2(M))
@@ -336,11 +363,12 @@ def _gemv(x2d: torch.Tensor, q: NF4Tensor, bias) -> torch.Tensor:
     bn, bk, k_per_split = _gemv_plan(n_out, k_in, rows, q.blocksize, x2d.is_cuda, sms)
     splits = cdiv(k_in, k_per_split)
     part = torch.empty(splits, M, n_out, dtype=torch.float32, device=x2d.device)
+    q_args, words = _q_args(q)
     _gemv_kernel[(cdiv(n_out, bn), splits)](
-        x2d, *_q_args(q), part, M, n_out, k_in, x2d.stride(0), k_per_split,
-        BLOCKSIZE=q.blocksize, DOUBLE=q.double_quant, PAIRS=k_in % 2 == 0,
+        x2d, *q_args, part, M, n_out, k_in, x2d.stride(0), k_per_split,
+        BLOCKSIZE=q.blocksize, DOUBLE=q.double_quant, WORDS=words, PAIRS=k_in % 2 == 0,
         PER_LINE=k_in % q.blocksize == 0 and q.blocksize % bk == 0 and k_in % 2 == 0, ROWS=rows, BLOCK_N=bn, BLOCK_K=bk,
-        enable_fp_fusion=False,
+        STAGES=stages if x2d.is_cuda else 1, enable_fp_fusion=False,
     )
     out = part[0] if splits == 1 else part.sum(0)
     if bias is not None:
