@@ -82,7 +82,7 @@ def test_nf4_bench_names_the_split_tile_for_decode_batches(monkeypatch):
     from reflectevo.bench import nf4_kernels
 
     monkeypatch.setattr(nf4_kernels.nm, "sm_count", lambda device: 132)
-    assert nf4_kernels._fused_tile(64, 4096, 4096, False, "cuda") == "64x64x64 w4 s3, 5 R splits"
+    assert nf4_kernels._fused_tile(64, 4096, 4096, False, "cuda") == "64x64x64 w4 s3 swap, 5 R splits"
     assert nf4_kernels._fused_tile(16, 1024, 4096, True, "cuda").startswith("16x64x64 w4 s3, ")
 
 

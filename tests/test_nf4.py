@@ -214,12 +214,14 @@ def test_fused_kernel_with_every_cuda_tile(transpose_w):
             torch.testing.assert_close(got, expect, rtol=1e-5, atol=1e-5, msg=lambda s: f"{tile}: {s}")
 
 
-@pytest.mark.parametrize("transpose_w,r_per_split", [(False, 32), (False, 64), (True, 32), (True, 96)])
-def test_fused_kernel_split_over_r(transpose_w, r_per_split):
+@pytest.mark.parametrize("transpose_w,r_per_split,swap", [(False, 32, False), (False, 64, False), (False, 64, True),
+                                                           (True, 32, False), (True, 96, False)])
+def test_fused_kernel_split_over_r(transpose_w, r_per_split, swap):
     """R split over programs (decode-sized inputs on CUDA): fp32 partial sums, then bias and the cast; splits of
-    one and two quantisation blocks, a ragged last split (R = 136 rows of W in the input-gradient direction)."""
+    one and two quantisation blocks, a ragged last split (R = 136 rows of W in the input-gradient direction); the
+    forward also as outᵀ = W · xᵀ (SWAP, what the CUDA decode tile runs)."""
     nm, q, a, bias, expect = _fused_case(transpose_w, 20, 8)
-    tile = nm.triton.Config(dict(BLOCK_M=16, BLOCK_P=32 if transpose_w else 16, BLOCK_R=32))
+    tile = nm.triton.Config(dict(BLOCK_M=16, BLOCK_P=32 if transpose_w else 16, BLOCK_R=32, SWAP=swap))
     with kernel_backend("triton"):
         got = nm._fused(a, q, bias, transpose_w, tile=tile, r_per_split=r_per_split)
     torch.testing.assert_close(got, expect, rtol=1e-5, atol=1e-5)

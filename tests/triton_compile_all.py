@@ -95,8 +95,9 @@ def _variants():
     fused += [(dt, trans, False, unaligned) for dt in ("bf16", "fp32") for trans in (False, True)]
     fused = [(dt, trans, aligned, cfg, False) for dt, trans, aligned, cfg in fused]
     # decode-sized inputs: the fixed split-R tiles, fp32 partial sums
-    fused += [("bf16", trans, True, triton.Config(dict(BLOCK_M=m, BLOCK_P=64, BLOCK_R=64), num_warps=4,
-                                                  num_stages=3), True) for trans in (False, True) for m in (16, 32, 64)]
+    fused += [("bf16", trans, True, triton.Config(dict(BLOCK_M=m, BLOCK_P=64, BLOCK_R=64, SWAP=swap), num_warps=4,
+                                                  num_stages=3), True)
+              for trans in (False, True) for m in (16, 32, 64) for swap in ((True, False) if not trans else (False,))]
     # absmax codes as int32 words (WORDS) on the aligned shapes of real models, as bytes on the odd ones
     for dt, trans, aligned, cfg, split in fused:
         sig = dict(nf4_ptrs, a_ptr=f"*{dt}", bias_ptr=f"*{dt}", out_ptr="*fp32" if split else f"*{dt}", M="i32",

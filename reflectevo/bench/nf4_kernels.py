@@ -66,7 +66,8 @@ def _dequant_row(device, n, k, dtype, repeats):
 def _tile_name(cfg) -> str:
     """'BLOCK_M x BLOCK_P x BLOCK_R, warps, stages' of an autotuner choice."""
     kw = cfg.kwargs
-    return f"{kw['BLOCK_M']}x{kw['BLOCK_P']}x{kw['BLOCK_R']} w{cfg.num_warps} s{cfg.num_stages}"
+    swap = " swap" if kw.get("SWAP") else ""
+    return f"{kw['BLOCK_M']}x{kw['BLOCK_P']}x{kw['BLOCK_R']} w{cfg.num_warps} s{cfg.num_stages}{swap}"
 
 
 def _fused_tile(m, n, k, transpose_w, device) -> str:
@@ -75,7 +76,8 @@ def _fused_tile(m, n, k, transpose_w, device) -> str:
         bm = max(16, nm.next_power_of_2(m))
         p, r = (k, n) if transpose_w else (n, k)
         per = nm._split_plan(m, p, r, bm, 64, 64, nm.sm_count(device))
-        return f"{bm}x64x64 w4 s3, {-(-r // per)} R splits"
+        swap = " swap" if nm.SPLIT_SWAP and not transpose_w else ""
+        return f"{bm}x64x64 w4 s3{swap}, {-(-r // per)} R splits"
     return _tile_name(nm._fused_tuned[transpose_w].best_config)
 
 
@@ -100,6 +102,10 @@ def _matmul_rows(device, n, k, tokens, dtype, repeats):
                 row[f"{path}_ms"] = time_fn(lambda: nf4_matmul(x, q, path=path), device, repeats=repeats)
                 if m <= GRAPH_MAX_TOKENS:
                     row[f"{path}_graph_ms"] = time_fn_graph(lambda: nf4_matmul(x, q, path=path), device)
+        if device.type == "cuda" and GEMV_MAX_ROWS < m <= nm.SPLIT_MAX_ROWS:  # the split tile the other way round
+            with torch.no_grad():
+                row["fused_other_swap_graph_ms"] = time_fn_graph(
+                    lambda: nm._fused(x, q, None, False, split_swap=not nm.SPLIT_SWAP), device)
         if device.type == "cuda" and m <= GEMV_MAX_ROWS:  # the GEMV with its K loop software-pipelined
             with torch.no_grad():
                 row["gemv_pipelined_graph_ms"] = time_fn_graph(lambda: nm._gemv(x, q, None, stages=3), device)
@@ -173,17 +179,18 @@ def format_table(result: dict) -> str:
                      f"{_f(r.get('fused_dx_ms'))} | {_f(r.get('dequant_dx_ms'))} | {tiles} |")
     graphed = [r for r in result["matmul"] if any(v for k, v in r.items() if k.endswith("_graph_ms"))]
     if graphed:
-        lines += ["", "| matmul [out, in] | tokens | gemv graph ms | gemv pipelined graph ms | fused graph ms "
-                      "| dequant+mm graph ms | bnb graph ms | weight GB/s of the best (0.52 B/param) | % of copy |",
-                  "|---|---|---|---|---|---|---|---|---|"]
+        other = "unswapped" if nm.SPLIT_SWAP else "swapped"
+        lines += ["", f"| matmul [out, in] | tokens | gemv graph ms | gemv pipelined graph ms | fused graph ms "
+                      f"| fused {other} graph ms | dequant+mm graph ms | bnb graph ms "
+                      "| weight GB/s of the best (0.52 B/param) | % of copy |", "|---|---|---|---|---|---|---|---|---|---|"]
         for r in graphed:
-            ours = [r.get(f"{p}_graph_ms") for p in ("gemv", "gemv_pipelined", "fused", "dequant")]
+            ours = [r.get(f"{p}_graph_ms") for p in ("gemv", "gemv_pipelined", "fused", "fused_other_swap", "dequant")]
             best = min((t for t in ours if t), default=None)
             gbs = r["shape"][0] * r["shape"][1] * 0.5159 / best / 1e6 if best else None
             share = 100 * gbs / result["copy_gbs"] if gbs else None
-            lines.append(f"| {r['shape'][0]}x{r['shape'][1]} | {r['tokens']} | {_f(ours[0])} | {_f(ours[1])} | "
-                         f"{_f(ours[2])} | {_f(ours[3])} | {_f(r.get('bnb_graph_ms'))} | {_f(gbs, '{:.0f}')} | "
-                         f"{_f(share, '{:.0f}')} |")
+            lines.append(f"| {r['shape'][0]}x{r['shape'][1]} | {r['tokens']} | "
+                         + " | ".join(_f(t) for t in ours) + f" | {_f(r.get('bnb_graph_ms'))} | "
+                         f"{_f(gbs, '{:.0f}')} | {_f(share, '{:.0f}')} |")
     return "\n".join(lines)
 
 

@@ -54,6 +54,7 @@ if HAS_TRITON:
 GEMV_MAX_ROWS = 8  # what the GEMV kernel handles
 GEMV_STAGES = 1  # software-pipeline depth of the GEMV's K loop on CUDA (1: none); see _gemv_kernel
 SPLIT_MAX_ROWS = 64  # the fused kernel splits R over programs up to this many rows (decode batches), on CUDA
+SPLIT_SWAP = True  # the split (decode) tile computes outᵀ = W · xᵀ: see _tile_configs
 AUTO_GEMV_MAX_ROWS = 0  # measured: see the module docstring
 AUTO_FUSED_MAX_ROWS = 0
 PATHS = ("gemv", "fused", "dequant")
@@ -112,7 +113,8 @@ if HAS_TRITON:
                       M, N, K, stride_am, stride_om, m_bucket, r_per_split,
                       BLOCKSIZE: tl.constexpr, DOUBLE: tl.constexpr, HAS_BIAS: tl.constexpr, IEEE: tl.constexpr,
                       DOT_FP32: tl.constexpr, TRANS: tl.constexpr, K_ALIGNED: tl.constexpr, SPLIT: tl.constexpr,
-                      WORDS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_R: tl.constexpr):
+                      WORDS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_R: tl.constexpr,
+                      SWAP: tl.constexpr):
         """out[M, P] = a[M, R] · B[R, P], B decoded from the NF4 weight W [N, K] inside the R loop.
         Forward (TRANS=0): a = x, R = K, P = N, B = Wᵀ. Input gradient (TRANS=1): a = dy, R = N, P = K, B = W.
         The W tile is decoded as [W rows, K] (K, contiguous in memory, fast) and transposed in registers when B = Wᵀ.
@@ -156,14 +158,21 @@ if HAS_TRITON:
                 a_ptrs = a_ptr + rm[:, None].to(tl.int64) * stride_am + (r_lo + rk)[None, :]
                 byte_ptrs = data_ptr + rn[:, None].to(tl.int64) * (K // 2) + (r_lo // 2 + half)[None, :]
                 blk0 = rn.to(tl.int64) * (K // BLOCKSIZE)
+                acc_t = tl.zeros((BLOCK_P, BLOCK_M), dtype=tl.float32)  # SWAP: outᵀ = W · aᵀ
                 for r0 in range(r_lo, r_hi, BLOCK_R):
                     a = tl.load(a_ptrs, mask=m_ok[:, None], other=0.0)
                     scale = _scales(absmax_ptr, absmax2_ptr, code2_ptr, offset_ptr, blk0 + r0 // BLOCKSIZE, n_ok,
                                     DOUBLE, WORDS)
                     level = _pair_levels(byte_ptrs, pairs_ptr, n_ok[:, None], BLOCK_P, BLOCK_R)
-                    acc = _dot(acc, a, tl.trans(cast_rne(level * scale[:, None], dtype)), IEEE, DOT_FP32)
+                    w = cast_rne(level * scale[:, None], dtype)
+                    if SWAP:
+                        acc_t = _dot(acc_t, w, tl.trans(a), IEEE, DOT_FP32)
+                    else:
+                        acc = _dot(acc, a, tl.trans(w), IEEE, DOT_FP32)
                     a_ptrs += BLOCK_R
                     byte_ptrs += BLOCK_R // 2
+                if SWAP:
+                    acc = tl.trans(acc_t)
         else:
             rp = pid_p * BLOCK_P + tl.arange(0, BLOCK_P)
             for r0 in range(r_lo, r_hi, BLOCK_R):
@@ -258,21 +267,29 @@ def _q_args(q: NF4Tensor):
 
 
 def _tile_configs(trans: bool) -> list:
-    """CUDA tile shapes the autotuner tries, (BLOCK_M, BLOCK_P, BLOCK_R, warps, stages). The tile's K extent
-    (BLOCK_R forward, BLOCK_P for the input gradient) stays <= 64 so a tile row lies in one quantisation block."""
+    """CUDA tile shapes the autotuner tries, (BLOCK_M, BLOCK_P, BLOCK_R, warps, stages, SWAP). The tile's K
+    extent (BLOCK_R forward, BLOCK_P for the input gradient) stays <= 64 so a tile row lies in one quantisation
+    block. SWAP (forward only) computes outᵀ = W · xᵀ: the decoded weight tile is the MMA's first operand, which
+    sm_90's wgmma takes from registers, so it is not staged through shared memory (sm_90 SASS, Triton 3.6, per K
+    step: 128x128x32 tile 230 -> 213 instructions, 64x64x64 365 -> 351, no fence), and the weights fill the MMA's
+    64-row side while the tokens fill its narrow side (a 16-token decode tile: wgmma 64x16x16 instead of mma.sync)."""
     if trans:
         shapes = [(16, 32, 64, 4, 4), (16, 64, 64, 4, 3), (32, 64, 64, 4, 3), (64, 64, 64, 4, 3),
                   (64, 64, 128, 4, 3), (128, 64, 64, 4, 3), (128, 64, 128, 8, 3)]
+        shapes = [s + (False,) for s in shapes]
     else:
         shapes = [(16, 32, 64, 4, 4), (16, 64, 64, 4, 3), (32, 64, 64, 4, 3), (64, 64, 64, 4, 3),
                   (128, 64, 64, 4, 3), (64, 128, 64, 4, 3), (128, 128, 64, 8, 3), (128, 128, 32, 8, 4)]
-    return [triton.Config(dict(BLOCK_M=m, BLOCK_P=p, BLOCK_R=r), num_warps=w, num_stages=s)
-            for m, p, r, w, s in shapes]
+        swapped = [(16, 64, 64, 4, 3), (64, 64, 64, 4, 3), (64, 128, 64, 4, 3), (128, 128, 64, 8, 3),
+                   (128, 128, 32, 8, 4)]
+        shapes = [s + (False,) for s in shapes] + [s + (True,) for s in swapped]
+    return [triton.Config(dict(BLOCK_M=m, BLOCK_P=p, BLOCK_R=r, SWAP=swap), num_warps=w, num_stages=s)
+            for m, p, r, w, s, swap in shapes]
 
 
 def _unaligned_tile():
     """The fixed CUDA tile of the element-wise path (64-wide, two stages: ~72 KB of shared memory at sm_90)."""
-    return triton.Config(dict(BLOCK_M=64, BLOCK_P=64, BLOCK_R=64), num_warps=4, num_stages=2)
+    return triton.Config(dict(BLOCK_M=64, BLOCK_P=64, BLOCK_R=64, SWAP=False), num_warps=4, num_stages=2)
 
 
 def _prune_by_rows(configs, named_args, **kwargs):
@@ -297,11 +314,13 @@ def _split_plan(rows: int, p: int, r: int, block_m: int, block_p: int, block_r: 
     return cdiv(cdiv(r, splits), block_r) * block_r
 
 
-def _fused(a2d: torch.Tensor, q: NF4Tensor, bias, transpose_w: bool, tile=None, r_per_split=None) -> torch.Tensor:
+def _fused(a2d: torch.Tensor, q: NF4Tensor, bias, transpose_w: bool, tile=None, r_per_split=None,
+           split_swap: bool = None) -> torch.Tensor:
     """Launch the fused kernel. CUDA, K a multiple of the block size of 64: up to SPLIT_MAX_ROWS rows a fixed tile
     with R split over programs (``_split_plan``), more rows the autotuned tile. Otherwise ``tile`` (a
     triton.Config) or a fixed one (``_unaligned_tile`` on CUDA; small tiles in the interpreter), with
-    ``r_per_split`` (a multiple of the tile's BLOCK_R) splitting R when given."""
+    ``r_per_split`` (a multiple of the tile's BLOCK_R) splitting R when given. ``split_swap`` overrides SPLIT_SWAP
+    for the split tile (the benchmark times both)."""
     n_out, k_in = q.shape
     M = a2d.shape[0]
     P, R = (k_in, n_out) if transpose_w else (n_out, k_in)
@@ -313,7 +332,8 @@ def _fused(a2d: torch.Tensor, q: NF4Tensor, bias, transpose_w: bool, tile=None, 
     # every tile's K extent (<= 64) divides a block size that is a multiple of 64: the aligned path
     aligned_cuda = tile is None and a2d.is_cuda and flags["K_ALIGNED"] and q.blocksize % 64 == 0
     if aligned_cuda and M <= SPLIT_MAX_ROWS:
-        tile = triton.Config(dict(BLOCK_M=m_bucket, BLOCK_P=64, BLOCK_R=64), num_warps=4, num_stages=3)
+        swap = SPLIT_SWAP if split_swap is None else split_swap
+        tile = triton.Config(dict(BLOCK_M=m_bucket, BLOCK_P=64, BLOCK_R=64, SWAP=swap), num_warps=4, num_stages=3)
         r_per_split = _split_plan(M, P, R, m_bucket, 64, 64, sm_count(a2d.device))
     elif aligned_cuda:
         out = torch.empty(M, P, dtype=a2d.dtype, device=a2d.device)
@@ -323,7 +343,7 @@ def _fused(a2d: torch.Tensor, q: NF4Tensor, bias, transpose_w: bool, tile=None, 
         return out
     if tile is None:
         tile = (_unaligned_tile() if a2d.is_cuda
-                else triton.Config(dict(BLOCK_M=16, BLOCK_P=16, BLOCK_R=32)))
+                else triton.Config(dict(BLOCK_M=16, BLOCK_P=16, BLOCK_R=32, SWAP=False)))
     splits = cdiv(R, r_per_split) if r_per_split else 1
     split = splits > 1
     out = (torch.empty(splits, M, P, dtype=torch.float32, device=a2d.device) if split
@@ -331,7 +351,8 @@ def _fused(a2d: torch.Tensor, q: NF4Tensor, bias, transpose_w: bool, tile=None, 
     launch = dict(num_warps=tile.num_warps, num_stages=tile.num_stages) if a2d.is_cuda else {}
     grid = (cdiv(M, tile.kwargs["BLOCK_M"]), cdiv(P, tile.kwargs["BLOCK_P"]), splits)
     _fused_kernel[grid](a2d, *q_args, bias if bias is not None else a2d, out, M, n_out, k_in, a2d.stride(0),
-                        out.stride(-2), m_bucket, r_per_split if split else R, SPLIT=split, **flags, **tile.kwargs,
+                        out.stride(-2), m_bucket, r_per_split if split else R, SPLIT=split, **flags,
+                        **{"SWAP": False, **tile.kwargs},
                         **launch)
     if not split:
         return out
