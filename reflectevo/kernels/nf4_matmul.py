@@ -8,8 +8,8 @@ each tile row lies in one block (one absmax per row), each packed byte is loaded
 tile pointers advance by a constant per step (sm_90 SASS of the 64x64x64 bf16 forward: 108 registers, no spills,
 1120 instructions; the per-element addressing it replaced took 174 registers and 2528). Each byte is then looked
 up once in a [256, 2] table of level pairs (``_pair_levels``), and the absmax codes are read as int32 words
-(``_scales``): with Triton 3.6 (the H200 machine's), the loop of every CUDA tile has no load that waits on global
-memory (before: one per K step, the 1-byte code), and 6-15 % fewer instructions. What remains per decoded value:
+(``_scales``): with Triton 3.6 (the H200 machine's), the loop of every fused CUDA tile has no load that waits on
+global memory (before: one per K step, the 1-byte code), and 6-15 % fewer instructions. What remains per decoded value:
 a 64-bit address for the pair gather (staged through shared memory by the software pipeliner), the scale multiply
 and the bf16 cast.
 
@@ -208,12 +208,10 @@ if HAS_TRITON:
         of two <= 8). Programs cover (BLOCK_N features) x (one K range): a decode step's few output features still
         spread over every SM. Each W tile is decoded once for all rows; with K even (PAIRS) each packed byte is
         read once for its two values. Products accumulate elementwise in a [ROWS, BLOCK_N, BLOCK_K] tile (one FMA
-        each) and are summed over K once, after the loop. STAGES > 1 software-pipelines the loop's loads (cp.async
-        into shared memory, STAGES - 1 tiles ahead). Unpipelined (a loop without tl.dot is not pipelined unless
-        asked), every K step waits for its packed bytes, then for the table gather (sm_90 SASS, Triton 3.6, 2 rows,
-        32 x 64 tile: 193 instructions a step); pipelined, no step waits on global memory but a step takes 295
-        instructions and more barriers (the tile is reshuffled through shared memory). Which wins is for a GPU to
-        say: ``bench kernels`` times both (GEMV_STAGES, and its "gemv pipelined" column)."""
+        each) and are summed over K once, after the loop. STAGES > 1 software-pipelines the loads (cp.async,
+        STAGES - 1 tiles ahead). sm_90, Triton 3.6, 2 rows, 32 x 64 tile: unpipelined, each K step waits for its
+        bytes, then their table gather (193 instructions a step); pipelined, no wait on global memory but 295
+        instructions and more barriers. ``bench kernels`` times both ("gemv pipelined" column)."""
         rn = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
         split = tl.program_id(1)
         rm = tl.arange(0, ROWS)
