@@ -80,7 +80,7 @@ def _elementwise(dev):
 CASES = {
     "loss": _loss,                                       # _rows_kernel (+ cuBLAS chunks)
     "dequant": _dequant,                                 # _nf4_dequant_kernel
-    "gemv": _nf4("gemv", 1),                             # _gemv_kernel, one decode token
+    "gemv": _nf4("gemv", 1),                             # _gemv_blocks_kernel, one decode token
     "fused": _nf4("fused", 512),                         # _fused_kernel, forward
     "fused_decode": _nf4("fused", 64),                   # _fused_kernel split over K: a decode batch of 64
     "decode": _decode,                                   # _paged_decode_kernel, 64 sequences x 1024 tokens

@@ -12,7 +12,7 @@ out="${1:-${OUT:-bench/results/ncu-$(date +%Y-%m-%d)}}"
 shift || true
 mkdir -p "$out"
 export PYTHONPATH="$PWD:${PYTHONPATH:-}"
-kernels='regex:_rows_kernel|_nf4_dequant_kernel|_gemv_kernel|_fused_kernel|_paged_decode_kernel|_store_kv_kernel|_rms_norm_.*|_rope_kernel|_swiglu_.*'
+kernels='regex:_rows_kernel|_nf4_dequant_kernel|_gemv_kernel|_gemv_blocks_kernel|_fused_kernel|_paged_decode_kernel|_store_kv_kernel|_rms_norm_.*|_rope_kernel|_swiglu_.*'
 timeout -k 10 "${NCU_S:-420}" ncu --profile-from-start off --kernel-name "$kernels" \
     --section SpeedOfLight --section MemoryWorkloadAnalysis --section Occupancy --section LaunchStats \
     --section SchedulerStats --section WarpStateStats \

@@ -9,12 +9,15 @@ from reflectevo.kernels import kernel_backend
 from reflectevo.kernels.nf4 import (
     NF4_TABLE,
     NF4Tensor,
+    _dequantize_triton,
     dynamic_code,
+    kernel_args,
     nf4_dequantize,
     nf4_dequantize_reference,
     nf4_from_bnb,
     nf4_quantize,
 )
+from reflectevo.kernels.nf4_gemv import gemv
 from reflectevo.kernels.nf4_matmul import llama3_8b_nf4_bytes_per_param, nf4_matmul
 
 bnbf = pytest.importorskip("bitsandbytes.functional")
@@ -108,6 +111,8 @@ def test_triton_dequant_matches_reference(name, w, double_quant):
         with kernel_backend("triton"):
             out = nf4_dequantize(q, dtype)
         assert torch.equal(out, nf4_dequantize_reference(q, dtype))
+        for byte_table in (True, False):  # one lookup per byte in the pair table, or one per nibble
+            assert torch.equal(_dequantize_triton(q, dtype, byte_table), out)
 
 
 def test_triton_dequant_across_double_quant_blocks():
@@ -272,11 +277,44 @@ def test_absmax_codes_as_words_or_bytes_give_the_same_products():
     shifted = torch.zeros(q.absmax.numel() + 1, dtype=torch.uint8)
     shifted[1:] = q.absmax
     q_bytes = dataclasses.replace(q, absmax=shifted[1:])  # same codes at an odd address: no words
-    assert nm._q_args(q)[1] and not nm._q_args(q_bytes)[1]
+    assert kernel_args(q)[1] and not kernel_args(q_bytes)[1]
     w = nf4_dequantize_reference(q, torch.float32)
     dy = torch.randn(24, 136, generator=torch.Generator().manual_seed(3))
     with kernel_backend("triton"):
         for form in (q, q_bytes):
             torch.testing.assert_close(nm._fused(a, form, bias, False), expect, rtol=1e-5, atol=1e-5)
             torch.testing.assert_close(nm._fused(dy, form, None, True), dy @ w, rtol=1e-5, atol=1e-5)
-            torch.testing.assert_close(nm._gemv(a[:3], form, bias), expect[:3], rtol=1e-5, atol=1e-5)
+            for blocks in (True, False):
+                torch.testing.assert_close(gemv(a[:3], form, bias, blocks=blocks), expect[:3], rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("rows", [1, 2, 3, 8])
+def test_gemv_kernels_and_level_lookups_agree(rows):
+    """The GEMV's block kernel (one scale per block sum) and its elementwise kernel, each with the pair-table and
+    the nibble lookups, and the fused kernel's two lookups, against the fp64 product: K = 320 (five blocks) split
+    over programs, 72 features (ragged against the 16-wide tile)."""
+    nm = pytest.importorskip("reflectevo.kernels.nf4_matmul")
+    if not nm.HAS_TRITON:
+        pytest.skip("no triton")
+    g = torch.Generator().manual_seed(rows)
+    q = nf4_quantize(torch.randn(72, 320, generator=g))
+    w = nf4_dequantize_reference(q, torch.float32).double()
+    x = torch.randn(rows, 320, generator=g)
+    bias = torch.randn(72, generator=g)
+    expect = (x.double() @ w.t() + bias.double()).float()
+    dy = torch.randn(rows, 72, generator=g)
+    with kernel_backend("triton"):
+        for byte_table in (True, False):
+            for blocks in (True, False):
+                got = gemv(x, q, bias, blocks=blocks, byte_table=byte_table)
+                torch.testing.assert_close(got, expect, rtol=1e-5, atol=1e-5, msg=lambda m: f"{blocks} {byte_table} {m}")
+            torch.testing.assert_close(nm._fused(x, q, bias, False, byte_table=byte_table), expect, rtol=1e-5, atol=1e-5)
+            torch.testing.assert_close(nm._fused(dy, q, None, True, byte_table=byte_table),
+                                       (dy.double() @ w).float(), rtol=1e-5, atol=1e-5)
+        if rows == 1:  # bf16: the block kernel does not round W to bf16; against the exact product of bf16 x
+            xb = x.bfloat16()
+            exact = xb.double() @ w.t() + bias.bfloat16().double()
+            got = gemv(xb, q, bias.bfloat16(), blocks=True).double()
+            assert ((got - exact).abs() <= 2 ** -8 * exact.abs() + 1e-6).all()  # the output's rounding alone
+    with pytest.raises(ValueError, match="at most 8 rows"):
+        gemv(torch.randn(9, 320), q, None)

@@ -77,14 +77,16 @@ def _variants():
             sig = dict(nf4_ptrs, out_ptr=f"*{dt}", n="i64", n_bytes="i64")
             if double:
                 sig["absmax_ptr"] = "*u8"
-            out.append((k["nf4"]._nf4_dequant_kernel, sig, dict(BLOCKSIZE=64, DOUBLE=double, ROWS=64),
-                        dict(enable_fp_fusion=False, num_warps=8)))
+            for byte_table in ((False, True) if dt == "bf16" else (False,)):
+                out.append((k["nf4"]._nf4_dequant_kernel, sig,
+                            dict(BLOCKSIZE=64, DOUBLE=double, ROWS=64, BYTE_TABLE=byte_table),
+                            dict(enable_fp_fusion=False, num_warps=8)))
     out.append((k["nf4_bnb_cuda"]._rcp_approx_kernel, dict(x_ptr="*fp32", out_ptr="*fp32", n="i32"),
                 dict(BLOCK=1024), {}))
     for blocksize in (32, 4096):  # the extremes of bitsandbytes' block sizes: many rows, one row per program
         out.append((k["nf4"]._nf4_dequant_kernel,
                     dict(nf4_ptrs, absmax_ptr="*u8", out_ptr="*bf16", n="i64", n_bytes="i64"),
-                    dict(BLOCKSIZE=blocksize, DOUBLE=True, ROWS=max(1, 4096 // blocksize)),
+                    dict(BLOCKSIZE=blocksize, DOUBLE=True, ROWS=max(1, 4096 // blocksize), BYTE_TABLE=False),
                     dict(enable_fp_fusion=False, num_warps=8)))
     # every autotuner tile (aligned K, the real models) for bf16 in both directions, fp32 and fp16 once per direction
     # (their dots differ: ieee fp32, fp16 operands); the fixed tile of the unaligned path
@@ -93,31 +95,43 @@ def _variants():
     fused = [("bf16", trans, True, cfg) for trans in (False, True) for cfg in nm._tile_configs(trans)]
     fused += [(dt, trans, True, nm._tile_configs(trans)[3]) for dt in ("fp32", "fp16") for trans in (False, True)]
     fused += [(dt, trans, False, unaligned) for dt in ("bf16", "fp32") for trans in (False, True)]
-    fused = [(dt, trans, aligned, cfg, False) for dt, trans, aligned, cfg in fused]
+    fused = [(dt, trans, aligned, cfg, False, False) for dt, trans, aligned, cfg in fused]
+    fused += [("bf16", trans, True, nm._tile_configs(trans)[3], False, True) for trans in (False, True)]  # pair table
     # decode-sized inputs: the fixed split-R tiles, fp32 partial sums
     fused += [("bf16", trans, True, triton.Config(dict(BLOCK_M=m, BLOCK_P=64, BLOCK_R=64, SWAP=swap), num_warps=4,
-                                                  num_stages=3), True)
+                                                  num_stages=3), True, False)
               for trans in (False, True) for m in (16, 32, 64) for swap in ((True, False) if not trans else (False,))]
     # absmax codes as int32 words (WORDS) on the aligned shapes of real models, as bytes on the odd ones
-    for dt, trans, aligned, cfg, split in fused:
+    for dt, trans, aligned, cfg, split, byte_table in fused:
         sig = dict(nf4_ptrs, a_ptr=f"*{dt}", bias_ptr=f"*{dt}", out_ptr="*fp32" if split else f"*{dt}", M="i32",
                    N="i32", K="i32", stride_am="i32", stride_om="i32", m_bucket="i32", r_per_split="i32",
                    absmax_ptr="*i32" if aligned else "*u8")
         out.append((nm._fused_kernel, sig,
                     dict(BLOCKSIZE=64, DOUBLE=True, HAS_BIAS=not trans, IEEE=dt == "fp32", DOT_FP32=False,
-                         TRANS=trans, K_ALIGNED=aligned, SPLIT=split, WORDS=aligned, **cfg.kwargs),
+                         TRANS=trans, K_ALIGNED=aligned, SPLIT=split, WORDS=aligned, BYTE_TABLE=byte_table,
+                         **cfg.kwargs),
                     dict(enable_fp_fusion=False, num_warps=cfg.num_warps, num_stages=cfg.num_stages)))
     gemv = [("bf16", rows, True, True, 3) for rows in (2, 4, 8)] + [("bf16", 2, False, False, 3),
                                                                     ("fp16", 8, True, True, 3),
                                                                     ("fp32", 8, True, True, 3), ("bf16", 2, True, True, 1)]
+    nf4_gemv = importlib.import_module("reflectevo.kernels.nf4_gemv")
     for dt, rows, pairs, per_line, stages in gemv:
         bk = 64
         sig = dict(nf4_ptrs, x_ptr=f"*{dt}", part_ptr="*fp32", M="i32", N="i32", K="i32", stride_xm="i32",
                    k_per_split="i32", absmax_ptr="*i32" if per_line else "*u8")
-        out.append((k["nf4_matmul"]._gemv_kernel, sig,
-                    dict(BLOCKSIZE=64, DOUBLE=True, WORDS=per_line, PAIRS=pairs, PER_LINE=per_line, ROWS=rows,
-                         BLOCK_N=max(16, 4096 // (rows * bk)), BLOCK_K=bk, STAGES=stages),
-                    dict(enable_fp_fusion=False)))
+        for byte_table in ((False, True) if rows == 2 else (False,)):
+            out.append((nf4_gemv._gemv_kernel, sig,
+                        dict(BLOCKSIZE=64, DOUBLE=True, WORDS=per_line, PAIRS=pairs, PER_LINE=per_line,
+                             BYTE_TABLE=byte_table, ROWS=rows, BLOCK_N=max(16, 4096 // (rows * bk)), BLOCK_K=bk,
+                             STAGES=stages),
+                        dict(enable_fp_fusion=False)))
+    # the one-row block GEMV, each width its plan picks
+    for dt in ("bf16", "fp16", "fp32"):
+        sig = dict(nf4_ptrs, x_ptr=f"*{dt}", part_ptr="*fp32", N="i32", K="i32", k_per_split="i32",
+                   absmax_ptr="*i32")
+        for bn in ((256, 128, 64) if dt == "bf16" else (256,)):
+            out.append((nf4_gemv._gemv_blocks_kernel, sig, dict(BLOCKSIZE=64, DOUBLE=True, WORDS=True, BLOCK_N=bn),
+                        {}))
 
     # paged attention: KV store and the split-K decode, Llama-3-8B (G=4, D=128) and SmolLM2 (G=3, D=64) heads
     for dt in ("bf16", "fp16", "fp32"):

@@ -16,7 +16,8 @@ import torch
 
 from reflectevo.bench.common import copy_bandwidth_gbs, env_info, time_fn, time_fn_graph
 from reflectevo.kernels import kernel_backend
-from reflectevo.kernels.nf4 import nf4_dequantize, nf4_quantize
+from reflectevo.kernels.nf4 import _dequantize_triton, nf4_dequantize, nf4_quantize
+from reflectevo.kernels.nf4_gemv import gemv
 from reflectevo.kernels.nf4_matmul import (
     AUTO_FUSED_MAX_ROWS,
     AUTO_GEMV_MAX_ROWS,
@@ -28,6 +29,7 @@ from reflectevo.kernels.nf4_matmul import (
 
 # the module, not the function of the same name that reflectevo.kernels exports
 nm = importlib.import_module("reflectevo.kernels.nf4_matmul")
+nf4_mod = importlib.import_module("reflectevo.kernels.nf4")
 
 CUDA_SHAPES = [(4096, 4096), (1024, 4096), (14336, 4096), (4096, 14336)]
 CUDA_TOKENS = [1, 16, 64, 512, 4096]
@@ -55,6 +57,9 @@ def _dequant_row(device, n, k, dtype, repeats):
     ms = time_fn(lambda: nf4_dequantize(q, dtype), device, repeats=repeats)
     row["ours_ms"], row["ours_gbs"] = ms, nbytes / ms / 1e6
     row["ours_graph_ms"] = time_fn_graph(lambda: nf4_dequantize(q, dtype), device)
+    if device.type == "cuda":  # the other level lookup (see nf4.BYTE_TABLE)
+        row["ours_other_table_graph_ms"] = time_fn_graph(
+            lambda: _dequantize_triton(q, dtype, byte_table=not nf4_mod.BYTE_TABLE), device)
     if bnbf is not None:
         packed, state = bnbf.quantize_4bit(w, blocksize=64, compress_statistics=True, quant_type="nf4")
         ms = time_fn(lambda: bnbf.dequantize_4bit(packed, state), device, repeats=repeats)
@@ -106,9 +111,16 @@ def _matmul_rows(device, n, k, tokens, dtype, repeats):
             with torch.no_grad():
                 row["fused_other_swap_graph_ms"] = time_fn_graph(
                     lambda: nm._fused(x, q, None, False, split_swap=not nm.SPLIT_SWAP), device)
-        if device.type == "cuda" and m <= GEMV_MAX_ROWS:  # the GEMV with its K loop software-pipelined
+        if device.type == "cuda" and m <= GEMV_MAX_ROWS:
+            with torch.no_grad():  # 1 row: the elementwise GEMV kernel instead of the block kernel; pipelined
+                if m == 1:
+                    row["gemv_elementwise_graph_ms"] = time_fn_graph(lambda: gemv(x, q, None, blocks=False), device)
+                row["gemv_pipelined_graph_ms"] = time_fn_graph(lambda: gemv(x, q, None, blocks=False, stages=3),
+                                                               device)
+        if device.type == "cuda" and m <= GRAPH_MAX_TOKENS:  # the fused kernel with the other level lookup
             with torch.no_grad():
-                row["gemv_pipelined_graph_ms"] = time_fn_graph(lambda: nm._gemv(x, q, None, stages=3), device)
+                row["fused_other_table_graph_ms"] = time_fn_graph(
+                    lambda: nm._fused(x, q, None, False, byte_table=not nf4_mod.BYTE_TABLE), device)
         if device.type == "cuda" and m > GEMV_MAX_ROWS:
             row["fused_tile"] = _fused_tile(m, n, k, False, device)
             dy = torch.randn(m, n, device=device, dtype=dtype)
@@ -164,11 +176,14 @@ def format_table(result: dict) -> str:
              "Columns marked *graph* replay the call from a CUDA graph (device time only, no host launch cost: what a "
              "graph-captured decode step pays); the others time eager calls, whose small shapes are bound by the "
              "host's launch cost.", "",
-             "| dequant [out, in] | ours ms | ours GB/s | ours graph ms | bnb ms | bnb GB/s | bnb graph ms | copy GB/s |",
-             "|---|---|---|---|---|---|---|---|"]
+             f"*other table*: the level lookup nf4.BYTE_TABLE={nf4_mod.BYTE_TABLE} does not use (pair table vs "
+             "16 levels).", "",
+             "| dequant [out, in] | ours ms | ours GB/s | ours graph ms | ours other table graph ms | bnb ms | bnb GB/s "
+             "| bnb graph ms | copy GB/s |",
+             "|---|---|---|---|---|---|---|---|---|"]
     for r in result["dequant"]:
         lines.append(f"| {r['shape'][0]}x{r['shape'][1]} | {_f(r['ours_ms'])} | {_f(r['ours_gbs'], '{:.1f}')} | "
-                     f"{_f(r.get('ours_graph_ms'))} | {_f(r.get('bnb_ms'))} | {_f(r.get('bnb_gbs'), '{:.1f}')} | "
+                     f"{_f(r.get('ours_graph_ms'))} | {_f(r.get('ours_other_table_graph_ms'))} | {_f(r.get('bnb_ms'))} | {_f(r.get('bnb_gbs'), '{:.1f}')} | "
                      f"{_f(r.get('bnb_graph_ms'))} | {result['copy_gbs']:.1f} |")
     lines += ["", "| matmul [out, in] | tokens | gemv ms | fused ms | dequant+mm ms | bnb matmul_4bit ms | auto | "
               "fused dx ms | dequant dx ms | fused tile (fwd / dx) |", "|---|---|---|---|---|---|---|---|---|---|"]
@@ -180,11 +195,13 @@ def format_table(result: dict) -> str:
     graphed = [r for r in result["matmul"] if any(v for k, v in r.items() if k.endswith("_graph_ms"))]
     if graphed:
         other = "unswapped" if nm.SPLIT_SWAP else "swapped"
-        lines += ["", f"| matmul [out, in] | tokens | gemv graph ms | gemv pipelined graph ms | fused graph ms "
-                      f"| fused {other} graph ms | dequant+mm graph ms | bnb graph ms "
-                      "| weight GB/s of the best (0.52 B/param) | % of copy |", "|---|---|---|---|---|---|---|---|---|---|"]
+        lines += ["", f"| matmul [out, in] | tokens | gemv graph ms | gemv elementwise graph ms "
+                      f"| gemv pipelined graph ms | fused graph ms | fused {other} graph ms | fused other table graph ms "
+                      "| dequant+mm graph ms | bnb graph ms | weight GB/s of the best (0.52 B/param) | % of copy |",
+                  "|---|---|---|---|---|---|---|---|---|---|---|---|"]
         for r in graphed:
-            ours = [r.get(f"{p}_graph_ms") for p in ("gemv", "gemv_pipelined", "fused", "fused_other_swap", "dequant")]
+            ours = [r.get(f"{p}_graph_ms") for p in ("gemv", "gemv_elementwise", "gemv_pipelined", "fused",
+                                                      "fused_other_swap", "fused_other_table", "dequant")]
             best = min((t for t in ours if t), default=None)
             gbs = r["shape"][0] * r["shape"][1] * 0.5159 / best / 1e6 if best else None
             share = 100 * gbs / result["copy_gbs"] if gbs else None

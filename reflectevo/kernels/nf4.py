@@ -271,11 +271,88 @@ elif HAS_TRITON:
         interpreter's bit arithmetic above costs ~4 more integer instructions per value in the decode loops."""
         return x.to(dtype)
 
+# Level lookups in the kernels. BYTE_TABLE: each packed byte is looked up once in the [256, 2] table of level pairs
+# (``nf4_byte_pairs``, 2 KiB, one 8-byte gather), else each nibble on its own in the 16 levels, entries (v, 1) of the
+# same table, which lie in one 128-byte line (two 4-byte gathers). The pair table takes fewer instructions (sm_90,
+# Triton 3.6: fused K loops 6-15 % shorter) but a warp's 32 random bytes touch ~14 of its 16 lines, and L1 serves
+# a gather one line (wavefront) at a time: ~14 L1 wavefronts per load against one per nibble load, i.e. ~7x the L1
+# traffic per decoded value. NF4 codes are quantiles, so bytes are close to uniform in real weights. Unmeasured:
+# ``bench kernels`` times both ("other table" columns); the default is the one the L1 arithmetic favours.
+BYTE_TABLE = False
+
+if HAS_TRITON:
+
+    @triton.jit
+    def levels_at(data_ptr, pairs_ptr, flat, mask):
+        """NF4 levels (fp32, in [-1, 1]) at flat element indices ``flat`` (any tile shape)."""
+        byte = tl.load(data_ptr + (flat >> 1), mask=mask, other=0).to(tl.int32)
+        nib = (byte >> ((1 - (flat & 1)) * 4).to(tl.int32)) & 0xF
+        return tl.load(pairs_ptr + nib * 2 + 1, mask=mask, other=0.0)
+
+    @triton.jit
+    def byte_levels(byte, pairs_ptr, BYTE_TABLE: tl.constexpr):
+        """[R, C, 2] fp32 levels of the packed bytes ``byte`` (int32 [R, C]), high nibble (element 2j) first."""
+        if BYTE_TABLE:
+            return tl.load(pairs_ptr + byte[:, :, None] * 2 + tl.arange(0, 2)[None, None, :])
+        else:
+            high = tl.load(pairs_ptr + (byte >> 4) * 2 + 1)
+            low = tl.load(pairs_ptr + (byte & 0xF) * 2 + 1)
+            return tl.join(high, low)
+
+    @triton.jit
+    def tile_levels(byte_ptrs, pairs_ptr, mask, ROWS: tl.constexpr, COLS: tl.constexpr, BYTE_TABLE: tl.constexpr):
+        """[ROWS, COLS] NF4 levels from a [ROWS, COLS // 2] tile of packed-byte pointers, each byte loaded once."""
+        byte = tl.load(byte_ptrs, mask=mask, other=0).to(tl.int32)
+        return tl.reshape(byte_levels(byte, pairs_ptr, BYTE_TABLE), (ROWS, COLS))
+
+    @triton.jit
+    def word_levels(word_ptrs, pairs_ptr, mask):
+        """[ROWS, COLS // 8, 8] NF4 levels from a [ROWS, COLS // 8] tile of pointers to the packed bytes read as int32
+        words (little-endian: byte j of a word holds elements 2j, high nibble, and 2j + 1), nibbles shifted out
+        of the word, each looked up in the 16 levels: no per-byte extraction before the shift."""
+        word = tl.load(word_ptrs, mask=mask, other=0)
+        i = tl.arange(0, 8)
+        shift = 8 * (i // 2) + 4 * (1 - i % 2)
+        nib = (word[:, :, None] >> shift[None, None, :]) & 0xF
+        return tl.load(pairs_ptr + nib * 2 + 1)
+
+    @triton.jit
+    def block_scales(absmax_ptr, absmax2_ptr, code2_ptr, offset_ptr, blk, mask, DOUBLE: tl.constexpr,
+                     WORDS: tl.constexpr):
+        """fp32 absmax of blocks ``blk``: ``code2[qabsmax] * absmax2[blk // 256] + offset`` (or stored fp32).
+        WORDS: ``absmax_ptr`` is the uint8 codes viewed as int32 (little-endian, 4 codes a word): each code is
+        read with the 4-byte word that holds it. A 1-byte load cannot go through cp.async, so Triton's software
+        pipeliner leaves it a synchronous load inside a K loop, and the code2 gather waits on it: a full
+        global-memory round trip every K step (sm_90 SASS, Triton 3.6). The word load is pipelined like the others."""
+        if DOUBLE:
+            if WORDS:
+                qa = (tl.load(absmax_ptr + blk // 4, mask=mask, other=0) >> ((blk % 4) * 8).to(tl.int32)) & 0xFF
+            else:
+                qa = tl.load(absmax_ptr + blk, mask=mask, other=0).to(tl.int32)
+            c = tl.load(code2_ptr + qa, mask=mask, other=0.0)
+            a2 = tl.load(absmax2_ptr + blk // 256, mask=mask, other=0.0)
+            return c * a2 + tl.load(offset_ptr)
+        else:
+            return tl.load(absmax_ptr + blk, mask=mask, other=0.0)
+
+
+def kernel_args(q: NF4Tensor):
+    """The NF4 pointers for the kernels, and WORDS: whether the uint8 absmax codes go as int32 words (a whole number
+    of words at a 4-byte aligned address; see ``block_scales``)."""
+    dq = q.double_quant
+    a = q.absmax
+    words = dq and a.numel() % 4 == 0 and a.data_ptr() % 4 == 0 and a.is_contiguous()
+    codes = a.view(torch.int32) if words else a
+    return (q.data, codes, q.absmax2 if dq else a, q.code2 if dq else a, q.offset if dq else a,
+            nf4_byte_pairs(q.device)), words
+
+
 if HAS_TRITON:
 
     @triton.jit
     def _nf4_dequant_kernel(data_ptr, absmax_ptr, absmax2_ptr, code2_ptr, offset_ptr, pairs_ptr, out_ptr, n, n_bytes,
-                            BLOCKSIZE: tl.constexpr, DOUBLE: tl.constexpr, ROWS: tl.constexpr):
+                            BLOCKSIZE: tl.constexpr, DOUBLE: tl.constexpr, ROWS: tl.constexpr,
+                            BYTE_TABLE: tl.constexpr):
         """ROWS quantisation blocks per program, laid out [ROWS, BLOCKSIZE]: each packed byte is read once and
         gives two outputs (high nibble -> element 2j, low -> 2j + 1), each block's absmax is decoded once and
         broadcast along its row, and every row is written as one contiguous run. The byte mask compares against
@@ -285,8 +362,7 @@ if HAS_TRITON:
         blk = tl.program_id(0).to(tl.int64) * ROWS + tl.arange(0, ROWS)
         pair = blk[:, None] * HALF + tl.arange(0, HALF)[None, :]
         byte = tl.load(data_ptr + pair, mask=pair < n_bytes, other=0).to(tl.int32)
-        levels = tl.load(pairs_ptr + byte[:, :, None] * 2 + tl.arange(0, 2)[None, None, :])
-        levels = tl.reshape(levels, (ROWS, BLOCKSIZE))
+        levels = tl.reshape(byte_levels(byte, pairs_ptr, BYTE_TABLE), (ROWS, BLOCKSIZE))
         blk_ok = blk * BLOCKSIZE < n
         if DOUBLE:
             qa = tl.load(absmax_ptr + blk, mask=blk_ok, other=0).to(tl.int32)
@@ -299,7 +375,7 @@ if HAS_TRITON:
         tl.store(out_ptr + offs, cast_rne(levels * scale[:, None], out_ptr.dtype.element_ty), mask=offs < n)
 
 
-def _dequantize_triton(q: NF4Tensor, dtype: torch.dtype) -> torch.Tensor:
+def _dequantize_triton(q: NF4Tensor, dtype: torch.dtype, byte_table: bool | None = None) -> torch.Tensor:
     n = q.numel()
     out = torch.empty(n, dtype=dtype, device=q.device)
     if q.blocksize < 2 or q.blocksize & (q.blocksize - 1):
@@ -311,7 +387,7 @@ def _dequantize_triton(q: NF4Tensor, dtype: torch.dtype) -> torch.Tensor:
     _nf4_dequant_kernel[(cdiv(cdiv(n, q.blocksize), rows),)](
         q.data, q.absmax, q.absmax2 if dq else dummy, q.code2 if dq else dummy, q.offset if dq else dummy,
         nf4_byte_pairs(q.device), out, n, (n + 1) // 2, BLOCKSIZE=q.blocksize, DOUBLE=dq, ROWS=rows,
-        num_warps=8 if q.device.type == "cuda" else 4,
+        BYTE_TABLE=BYTE_TABLE if byte_table is None else byte_table, num_warps=8 if q.device.type == "cuda" else 4,
         enable_fp_fusion=False,  # keep code2 * absmax2 + offset two roundings, as the reference does
     )
     return out.reshape(q.shape)

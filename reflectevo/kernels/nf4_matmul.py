@@ -6,17 +6,18 @@ to ``tl.dot``: the dense weight is never written to memory, so a forward pass re
 of 2 (bf16) and allocates nothing of size N*K. When K is a multiple of the quantisation block (every real model),
 each tile row lies in one block (one absmax per row), each packed byte is loaded once for its two values, and the
 tile pointers advance by a constant per step (sm_90 SASS of the 64x64x64 bf16 forward: 108 registers, no spills,
-1120 instructions; the per-element addressing it replaced took 174 registers and 2528). Each byte is then looked
-up once in a [256, 2] table of level pairs (``_pair_levels``), and the absmax codes are read as int32 words
-(``_scales``): with Triton 3.6 (the H200 machine's), the loop of every fused CUDA tile has no load that waits on
-global memory (before: one per K step, the 1-byte code), and 6-15 % fewer instructions. What remains per decoded value:
-a 64-bit address for the pair gather (staged through shared memory by the software pipeliner), the scale multiply
-and the bf16 cast.
+1120 instructions; the per-element addressing it replaced took 174 registers and 2528). The absmax codes are read
+as int32 words (``nf4.block_scales``): with Triton 3.6 (the H200 machine's), the loop of every fused CUDA tile has
+no load that waits on global memory (before: one per K step, the 1-byte code). Levels come from the 16-entry table
+by default, or from the [256, 2] byte-pair table (``nf4.BYTE_TABLE``): the pair table's loops are 15-25 % shorter
+(sm_90, Triton 3.6, per K step: 64x64x64 swap tile 444 -> 351 instructions, 128x128x64 442 -> 366, the 16-row
+split tile 418 -> 344) but each of its gathers, staged by cp.async, touches ~14 L1 lines against one: per K step
+of the 128x128x64 tile (8 warps) ~1800 L1 wavefronts for the pair gathers against ~900 issue cycles and ~570 of
+tensor-core work, while the nibble gathers take ~256. Unmeasured; the benchmark times both.
 
 Paths (``nf4_matmul(path=...)`` forces one; ``choose_path`` picks one from measured thresholds):
-- ``gemv``     up to GEMV_MAX_ROWS (8) rows, the sampler's decode step: programs over (BLOCK_N output features) x
-               (a slice of K) writing fp32 partial sums, every row of x handled by broadcasting, products summed
-               over K once after the loop, no tensor cores.
+- ``gemv``     up to GEMV_MAX_ROWS (8) rows, the sampler's decode step, no tensor cores: see nf4_gemv (one row:
+               a block kernel with the scale factored out of each block's sum; more rows: an elementwise kernel).
 - ``fused``    tiled tl.dot with in-loop dequantisation; on CUDA the tile (rows x features x K step, warps,
                stages) is autotuned per (power-of-two row bucket, N, K, dtype) from ``_tile_configs``. Up to
                SPLIT_MAX_ROWS (64) rows, a decode batch, the grid of row x feature tiles alone would leave most
@@ -42,17 +43,17 @@ from __future__ import annotations
 import torch
 
 from reflectevo.kernels._dispatch import HAS_TRITON, cdiv, next_power_of_2, sm_count, use_triton
-from reflectevo.kernels.nf4 import (DOUBLE_QUANT_BLOCKSIZE, NF4Tensor, _dequantize_triton, nf4_dequantize,
-                                    nf4_byte_pairs, nf4_dequantize_reference)
+from reflectevo.kernels import nf4 as nf4_mod
+from reflectevo.kernels.nf4 import (DOUBLE_QUANT_BLOCKSIZE, NF4Tensor, _dequantize_triton, kernel_args, nf4_dequantize,
+                                    nf4_dequantize_reference)
+from reflectevo.kernels.nf4_gemv import GEMV_MAX_ROWS, gemv
 
 if HAS_TRITON:
     import triton
     import triton.language as tl
 
-    from reflectevo.kernels.nf4 import cast_rne
+    from reflectevo.kernels.nf4 import block_scales, cast_rne, levels_at, tile_levels
 
-GEMV_MAX_ROWS = 8  # what the GEMV kernel handles
-GEMV_STAGES = 1  # software-pipeline depth of the GEMV's K loop on CUDA (1: none); see _gemv_kernel
 SPLIT_MAX_ROWS = 64  # the fused kernel splits R over programs up to this many rows (decode batches), on CUDA
 SPLIT_SWAP = True  # the split (decode) tile computes outᵀ = W · xᵀ: see _tile_configs
 AUTO_GEMV_MAX_ROWS = 0  # measured: see the module docstring
@@ -61,43 +62,6 @@ PATHS = ("gemv", "fused", "dequant")
 
 
 if HAS_TRITON:
-
-    @triton.jit
-    def _levels(data_ptr, pairs_ptr, flat, mask):
-        """NF4 levels (fp32, in [-1, 1]) at flat element indices ``flat`` (any tile shape). ``pairs_ptr``: the
-        [256, 2] byte-pair table, whose entry (v, 1) is level v."""
-        byte = tl.load(data_ptr + (flat >> 1), mask=mask, other=0).to(tl.int32)
-        nib = (byte >> ((1 - (flat & 1)) * 4).to(tl.int32)) & 0xF
-        return tl.load(pairs_ptr + nib * 2 + 1, mask=mask, other=0.0)
-
-    @triton.jit
-    def _scales(absmax_ptr, absmax2_ptr, code2_ptr, offset_ptr, blk, mask, DOUBLE: tl.constexpr,
-                WORDS: tl.constexpr):
-        """fp32 absmax of blocks ``blk``: ``code2[qabsmax] * absmax2[blk // 256] + offset`` (or stored fp32).
-        WORDS: ``absmax_ptr`` is the uint8 codes viewed as int32 (little-endian, 4 codes a word): each code is
-        read with the 4-byte word that holds it. A 1-byte load cannot go through cp.async, so Triton's software
-        pipeliner leaves it a synchronous load inside the K loop, and the code2 gather waits on it: a full
-        global-memory round trip every K step (sm_90 SASS, Triton 3.6). The word load is pipelined like the others."""
-        if DOUBLE:
-            if WORDS:
-                qa = (tl.load(absmax_ptr + blk // 4, mask=mask, other=0) >> ((blk % 4) * 8).to(tl.int32)) & 0xFF
-            else:
-                qa = tl.load(absmax_ptr + blk, mask=mask, other=0).to(tl.int32)
-            c = tl.load(code2_ptr + qa, mask=mask, other=0.0)
-            a2 = tl.load(absmax2_ptr + blk // 256, mask=mask, other=0.0)
-            return c * a2 + tl.load(offset_ptr)
-        else:
-            return tl.load(absmax_ptr + blk, mask=mask, other=0.0)
-
-    @triton.jit
-    def _pair_levels(byte_ptrs, pairs_ptr, mask, ROWS: tl.constexpr, COLS: tl.constexpr):
-        """[ROWS, COLS] NF4 levels from a [ROWS, COLS // 2] tile of packed-byte pointers: each byte is loaded once
-        and looked up once in the [256, 2] byte-pair table (its two levels, high nibble first, one 8-byte gather).
-        Against two 16-entry lookups per byte: half the gathers and no nibble split; the sm_90 loops (Triton 3.6)
-        are 6-15 % shorter in instructions (fused tiles 262 -> 230, 424 -> 365, 481 -> 449; GEMV 228 -> 193)."""
-        byte = tl.load(byte_ptrs, mask=mask, other=0).to(tl.int32)
-        pair = tl.load(pairs_ptr + byte[:, :, None] * 2 + tl.arange(0, 2)[None, None, :])
-        return tl.reshape(pair, (ROWS, COLS))
 
     @triton.jit
     def _dot(acc, a, b, IEEE: tl.constexpr, DOT_FP32: tl.constexpr):
@@ -113,7 +77,7 @@ if HAS_TRITON:
                       M, N, K, stride_am, stride_om, m_bucket, r_per_split,
                       BLOCKSIZE: tl.constexpr, DOUBLE: tl.constexpr, HAS_BIAS: tl.constexpr, IEEE: tl.constexpr,
                       DOT_FP32: tl.constexpr, TRANS: tl.constexpr, K_ALIGNED: tl.constexpr, SPLIT: tl.constexpr,
-                      WORDS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_R: tl.constexpr,
+                      WORDS: tl.constexpr, BYTE_TABLE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_R: tl.constexpr,
                       SWAP: tl.constexpr):
         """out[M, P] = a[M, R] · B[R, P], B decoded from the NF4 weight W [N, K] inside the R loop.
         Forward (TRANS=0): a = x, R = K, P = N, B = Wᵀ. Input gradient (TRANS=1): a = dy, R = N, P = K, B = W.
@@ -146,8 +110,8 @@ if HAS_TRITON:
                     n_ok = r0 + rr < R
                     a = tl.load(a_ptrs, mask=m_ok[:, None] & n_ok[None, :], other=0.0)
                     blk = (r0 + rr).to(tl.int64) * (K // BLOCKSIZE) + k0 // BLOCKSIZE
-                    scale = _scales(absmax_ptr, absmax2_ptr, code2_ptr, offset_ptr, blk, n_ok, DOUBLE, WORDS)
-                    level = _pair_levels(byte_ptrs, pairs_ptr, n_ok[:, None], BLOCK_R, BLOCK_P)
+                    scale = block_scales(absmax_ptr, absmax2_ptr, code2_ptr, offset_ptr, blk, n_ok, DOUBLE, WORDS)
+                    level = tile_levels(byte_ptrs, pairs_ptr, n_ok[:, None], BLOCK_R, BLOCK_P, BYTE_TABLE)
                     acc = _dot(acc, a, cast_rne(level * scale[:, None], dtype), IEEE, DOT_FP32)
                     a_ptrs += BLOCK_R
                     byte_ptrs += BLOCK_R * (K // 2)
@@ -161,9 +125,9 @@ if HAS_TRITON:
                 acc_t = tl.zeros((BLOCK_P, BLOCK_M), dtype=tl.float32)  # SWAP: outᵀ = W · aᵀ
                 for r0 in range(r_lo, r_hi, BLOCK_R):
                     a = tl.load(a_ptrs, mask=m_ok[:, None], other=0.0)
-                    scale = _scales(absmax_ptr, absmax2_ptr, code2_ptr, offset_ptr, blk0 + r0 // BLOCKSIZE, n_ok,
+                    scale = block_scales(absmax_ptr, absmax2_ptr, code2_ptr, offset_ptr, blk0 + r0 // BLOCKSIZE, n_ok,
                                     DOUBLE, WORDS)
-                    level = _pair_levels(byte_ptrs, pairs_ptr, n_ok[:, None], BLOCK_P, BLOCK_R)
+                    level = tile_levels(byte_ptrs, pairs_ptr, n_ok[:, None], BLOCK_P, BLOCK_R, BYTE_TABLE)
                     w = cast_rne(level * scale[:, None], dtype)
                     if SWAP:
                         acc_t = _dot(acc_t, w, tl.trans(a), IEEE, DOT_FP32)
@@ -184,8 +148,8 @@ if HAS_TRITON:
                     flat = rr[:, None].to(tl.int64) * K + rp[None, :]
                 else:  # B[r, p] = W[p, r]
                     flat = rp[None, :].to(tl.int64) * K + rr[:, None]
-                level = _levels(data_ptr, pairs_ptr, flat, w_mask)
-                scale = _scales(absmax_ptr, absmax2_ptr, code2_ptr, offset_ptr, flat // BLOCKSIZE, w_mask, DOUBLE,
+                level = levels_at(data_ptr, pairs_ptr, flat, w_mask)
+                scale = block_scales(absmax_ptr, absmax2_ptr, code2_ptr, offset_ptr, flat // BLOCKSIZE, w_mask, DOUBLE,
                                 WORDS)
                 acc = _dot(acc, a, cast_rne(level * scale, dtype), IEEE, DOT_FP32)
         rp = pid_p * BLOCK_P + tl.arange(0, BLOCK_P)
@@ -197,71 +161,6 @@ if HAS_TRITON:
                 acc += tl.load(bias_ptr + rp, mask=rp < P, other=0.0).to(tl.float32)[None, :]
             tl.store(out_ptr + rm[:, None].to(tl.int64) * stride_om + rp[None, :],
                      cast_rne(acc, out_ptr.dtype.element_ty), mask=out_mask)
-
-    @triton.jit
-    def _gemv_kernel(x_ptr, data_ptr, absmax_ptr, absmax2_ptr, code2_ptr, offset_ptr, pairs_ptr, part_ptr,
-                     M, N, K, stride_xm, k_per_split,
-                     BLOCKSIZE: tl.constexpr, DOUBLE: tl.constexpr, WORDS: tl.constexpr, PAIRS: tl.constexpr,
-                     PER_LINE: tl.constexpr, ROWS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                     STAGES: tl.constexpr):
-        """part[split, m, n] = sum over k in this split's range of x[m, k] · W[n, k], fp32, for M <= ROWS (a power
-        of two <= 8). Programs cover (BLOCK_N features) x (one K range): a decode step's few output features still
-        spread over every SM. Each W tile is decoded once for all rows; with K even (PAIRS) each packed byte is
-        read once for its two values. Products accumulate elementwise in a [ROWS, BLOCK_N, BLOCK_K] tile (one FMA
-        each) and are summed over K once, after the loop. STAGES > 1 software-pipelines the loads (cp.async,
-        STAGES - 1 tiles ahead). sm_90, Triton 3.6, 2 rows, 32 x 64 tile: unpipelined, each K step waits for its
-        bytes, then their table gather (193 instructions a step); pipelined, no wait on global memory but 295
-        instructions and more barriers. ``bench kernels`` times both ("gemv pipelined" column)."""
-        rn = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
-        split = tl.program_id(1)
-        rm = tl.arange(0, ROWS)
-        rk = tl.arange(0, BLOCK_K)
-        half = tl.arange(0, BLOCK_K // 2)
-        n_ok = rn < N
-        k_lo = split * k_per_split
-        k_hi = tl.minimum(k_lo + k_per_split, K)
-        x_ptrs = x_ptr + rm[:, None] * stride_xm + (k_lo + rk)[None, :]
-        byte_ptrs = data_ptr + rn[:, None].to(tl.int64) * (K // 2) + (k_lo // 2 + half)[None, :]
-        acc = tl.zeros((ROWS, BLOCK_N, BLOCK_K), dtype=tl.float32)
-        for k0 in tl.range(k_lo, k_hi, BLOCK_K, num_stages=STAGES):
-            k_ok = k0 + rk < k_hi
-            if PER_LINE:  # whole K tiles: masks along K would hide the runs of bytes from the vectoriser
-                level = _pair_levels(byte_ptrs, pairs_ptr, n_ok[:, None], BLOCK_N, BLOCK_K)
-                byte_ptrs += BLOCK_K // 2
-            elif PAIRS:
-                level = _pair_levels(byte_ptrs, pairs_ptr, n_ok[:, None] & (k0 + 2 * half < k_hi)[None, :],
-                                     BLOCK_N, BLOCK_K)
-                byte_ptrs += BLOCK_K // 2
-            else:
-                flat = rn[:, None].to(tl.int64) * K + (k0 + rk)[None, :]
-                level = _levels(data_ptr, pairs_ptr, flat, n_ok[:, None] & k_ok[None, :])
-            if PER_LINE:
-                blk = rn.to(tl.int64) * (K // BLOCKSIZE) + k0 // BLOCKSIZE
-                scale = _scales(absmax_ptr, absmax2_ptr, code2_ptr, offset_ptr, blk, n_ok, DOUBLE, WORDS)[:, None]
-            else:
-                flat = rn[:, None].to(tl.int64) * K + (k0 + rk)[None, :]
-                scale = _scales(absmax_ptr, absmax2_ptr, code2_ptr, offset_ptr, flat // BLOCKSIZE,
-                                n_ok[:, None] & k_ok[None, :], DOUBLE, WORDS)
-            w = cast_rne(level * scale, x_ptr.dtype.element_ty).to(tl.float32)
-            if PER_LINE:
-                x = tl.load(x_ptrs, mask=rm[:, None] < M, other=0.0).to(tl.float32)
-            else:
-                x = tl.load(x_ptrs, mask=(rm[:, None] < M) & k_ok[None, :], other=0.0).to(tl.float32)
-            x_ptrs += BLOCK_K
-            acc = tl.fma(x[:, None, :], w[None, :, :], acc)  # masked k: x is 0 there
-        tl.store(part_ptr + (split * M + rm[:, None]).to(tl.int64) * N + rn[None, :], tl.sum(acc, axis=2),
-                 mask=(rm[:, None] < M) & n_ok[None, :])
-
-
-def _q_args(q: NF4Tensor):
-    """The NF4 pointers for the kernels, and WORDS: whether the uint8 absmax codes go as int32 words (a whole number
-    of words at a 4-byte aligned address; see ``_scales``)."""
-    dq = q.double_quant
-    a = q.absmax
-    words = dq and a.numel() % 4 == 0 and a.data_ptr() % 4 == 0 and a.is_contiguous()
-    codes = a.view(torch.int32) if words else a
-    return (q.data, codes, q.absmax2 if dq else a, q.code2 if dq else a, q.offset if dq else a,
-            nf4_byte_pairs(q.device)), words
 
 
 def _tile_configs(trans: bool) -> list:
@@ -313,19 +212,20 @@ def _split_plan(rows: int, p: int, r: int, block_m: int, block_p: int, block_r: 
 
 
 def _fused(a2d: torch.Tensor, q: NF4Tensor, bias, transpose_w: bool, tile=None, r_per_split=None,
-           split_swap: bool = None) -> torch.Tensor:
+           split_swap: bool = None, byte_table: bool | None = None) -> torch.Tensor:
     """Launch the fused kernel. CUDA, K a multiple of the block size of 64: up to SPLIT_MAX_ROWS rows a fixed tile
     with R split over programs (``_split_plan``), more rows the autotuned tile. Otherwise ``tile`` (a
     triton.Config) or a fixed one (``_unaligned_tile`` on CUDA; small tiles in the interpreter), with
     ``r_per_split`` (a multiple of the tile's BLOCK_R) splitting R when given. ``split_swap`` overrides SPLIT_SWAP
-    for the split tile (the benchmark times both)."""
+    for the split tile and ``byte_table`` nf4.BYTE_TABLE (the benchmark times both)."""
     n_out, k_in = q.shape
     M = a2d.shape[0]
     P, R = (k_in, n_out) if transpose_w else (n_out, k_in)
-    q_args, words = _q_args(q)
+    q_args, words = kernel_args(q)
     flags = dict(BLOCKSIZE=q.blocksize, DOUBLE=q.double_quant, WORDS=words, HAS_BIAS=bias is not None,
                  IEEE=a2d.dtype == torch.float32, DOT_FP32=not a2d.is_cuda, TRANS=transpose_w,
-                 K_ALIGNED=k_in % q.blocksize == 0, enable_fp_fusion=False)
+                 K_ALIGNED=k_in % q.blocksize == 0, BYTE_TABLE=nf4_mod.BYTE_TABLE if byte_table is None else byte_table,
+                 enable_fp_fusion=False)
     m_bucket = max(16, min(4096, next_power_of_2(M)))
     # every tile's K extent (<= 64) divides a block size that is a multiple of 64: the aligned path
     aligned_cuda = tile is None and a2d.is_cuda and flags["K_ALIGNED"] and q.blocksize % 64 == 0
@@ -360,41 +260,6 @@ def _fused(a2d: torch.Tensor, q: NF4Tensor, bias, transpose_w: bool, tile=None, 
     return total.to(a2d.dtype)
 
 
-def _gemv_plan(n_out: int, k_in: int, rows: int, blocksize: int, cuda: bool, sms: int) -> tuple[int, int, int]:
-    """(BLOCK_N, BLOCK_K, K per split): about four programs per SM, each with at least four K tiles."""
-    bk = min(64, blocksize)
-    if cuda:
-        bn = max(16, 4096 // (rows * bk))  # rows * bn * bk <= 4096 products in registers per tile
-        target = 4 * sms
-    else:  # interpreter: small tiles, and a K split on small test shapes so both paths are exercised
-        bk, bn, target = min(32, blocksize), 16, 8
-    n_blocks = cdiv(n_out, bn)
-    splits = max(1, min(target // n_blocks, cdiv(k_in, 2 * bk if not cuda else 4 * bk)))
-    k_per_split = cdiv(cdiv(k_in, splits), bk) * bk
-    return bn, bk, k_per_split
-
-
-def _gemv(x2d: torch.Tensor, q: NF4Tensor, bias, stages: int = GEMV_STAGES) -> torch.Tensor:
-    n_out, k_in = q.shape
-    M = x2d.shape[0]
-    rows = max(2, next_power_of_2(M))
-    sms = sm_count(x2d.device) if x2d.is_cuda else 0
-    bn, bk, k_per_split = _gemv_plan(n_out, k_in, rows, q.blocksize, x2d.is_cuda, sms)
-    splits = cdiv(k_in, k_per_split)
-    part = torch.empty(splits, M, n_out, dtype=torch.float32, device=x2d.device)
-    q_args, words = _q_args(q)
-    _gemv_kernel[(cdiv(n_out, bn), splits)](
-        x2d, *q_args, part, M, n_out, k_in, x2d.stride(0), k_per_split,
-        BLOCKSIZE=q.blocksize, DOUBLE=q.double_quant, WORDS=words, PAIRS=k_in % 2 == 0,
-        PER_LINE=k_in % q.blocksize == 0 and q.blocksize % bk == 0 and k_in % 2 == 0, ROWS=rows, BLOCK_N=bn, BLOCK_K=bk,
-        STAGES=stages if x2d.is_cuda else 1, enable_fp_fusion=False,
-    )
-    out = part[0] if splits == 1 else part.sum(0)
-    if bias is not None:
-        out = out + bias.float()
-    return out.to(x2d.dtype)
-
-
 def nf4_matmul_reference(x: torch.Tensor, q: NF4Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     """Dequantise to x's dtype, then a dense matmul (PyTorch)."""
     return torch.nn.functional.linear(x, nf4_dequantize(q, x.dtype), bias)
@@ -424,7 +289,7 @@ def forward_2d(x2d, q, bias, path, triton_ok):
     if path == "dequant":
         return torch.nn.functional.linear(x2d, _dense(q, x2d.dtype, triton_ok), bias)
     if path == "gemv":
-        return _gemv(x2d, q, bias)
+        return gemv(x2d, q, bias)
     return _fused(x2d, q, bias, transpose_w=False)
 
 
