@@ -318,3 +318,16 @@ def test_gemv_kernels_and_level_lookups_agree(rows):
             assert ((got - exact).abs() <= 2 ** -8 * exact.abs() + 1e-6).all()  # the output's rounding alone
     with pytest.raises(ValueError, match="at most 8 rows"):
         gemv(torch.randn(9, 320), q, None)
+
+
+@pytest.mark.parametrize("shape", [(5, 104), (3, 64 * 256 + 24)])
+def test_triton_dequant_from_words_with_a_partial_last_block(shape):
+    """Packed bytes read as int32 words (numel % 8 == 0) when the last quantisation block is cut short, against the
+    reference and the byte-by-byte read, bf16 and fp32."""
+    q = nf4_quantize(torch.randn(*shape, generator=torch.Generator().manual_seed(shape[1])))
+    assert q.numel() % 8 == 0 and q.numel() % 64 != 0
+    for dtype in (torch.float32, torch.bfloat16):
+        with kernel_backend("triton"):
+            words = _dequantize_triton(q, dtype)
+        assert torch.equal(words, nf4_dequantize_reference(q, dtype))
+        assert torch.equal(words, _dequantize_triton(q, dtype, byte_table=True))

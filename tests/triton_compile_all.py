@@ -77,16 +77,17 @@ def _variants():
             sig = dict(nf4_ptrs, out_ptr=f"*{dt}", n="i64", n_bytes="i64")
             if double:
                 sig["absmax_ptr"] = "*u8"
-            for byte_table in ((False, True) if dt == "bf16" else (False,)):
+            for byte_table, words in ((False, True), (False, False), (True, False)):
                 out.append((k["nf4"]._nf4_dequant_kernel, sig,
-                            dict(BLOCKSIZE=64, DOUBLE=double, ROWS=64, BYTE_TABLE=byte_table),
+                            dict(BLOCKSIZE=64, DOUBLE=double, ROWS=64, BYTE_TABLE=byte_table, NIBBLE_WORDS=words),
                             dict(enable_fp_fusion=False, num_warps=8)))
     out.append((k["nf4_bnb_cuda"]._rcp_approx_kernel, dict(x_ptr="*fp32", out_ptr="*fp32", n="i32"),
                 dict(BLOCK=1024), {}))
     for blocksize in (32, 4096):  # the extremes of bitsandbytes' block sizes: many rows, one row per program
         out.append((k["nf4"]._nf4_dequant_kernel,
                     dict(nf4_ptrs, absmax_ptr="*u8", out_ptr="*bf16", n="i64", n_bytes="i64"),
-                    dict(BLOCKSIZE=blocksize, DOUBLE=True, ROWS=max(1, 4096 // blocksize), BYTE_TABLE=False),
+                    dict(BLOCKSIZE=blocksize, DOUBLE=True, ROWS=max(1, 4096 // blocksize), BYTE_TABLE=False,
+                         NIBBLE_WORDS=True),
                     dict(enable_fp_fusion=False, num_warps=8)))
     # every autotuner tile (aligned K, the real models) for bf16 in both directions, fp32 and fp16 once per direction
     # (their dots differ: ieee fp32, fp16 operands); the fixed tile of the unaligned path

@@ -57,7 +57,7 @@ def make_pairs(vocab: int, pairs: int, seq: int, seed: int = 0):
 # ours
 # ------------------------------------------------------------------------------------------------------------
 class Ours:
-    def __init__(self, model, pairs, seq, r, device, sft_seqs):
+    def __init__(self, model, pairs, seq, r, device, sft_seqs, bf16=False):
         from reflectevo.model.lora import attach_lora
         from reflectevo.trainer.config import TrainConfig
         from reflectevo.trainer.data import Example, make_batch
@@ -66,7 +66,7 @@ class Ours:
 
         self.model, self.device = model, torch.device(device)
         cuda = self.device.type == "cuda"
-        self.cfg = TrainConfig(max_length=seq, batch_size=len(pairs), lora_r=r, bf16=cuda)
+        self.cfg = TrainConfig(max_length=seq, batch_size=len(pairs), lora_r=r, bf16=cuda or bf16)
         self.params = attach_lora(model, r=r, alpha=2 * r, dropout=0.0)
         model.gradient_checkpointing = cuda
         self.opt = build_optimizer(self.params, self.cfg, self.device)
@@ -124,7 +124,7 @@ def _optimizer_step(loss, params, opt) -> float:
 
 
 class Reference:
-    def __init__(self, hf, pairs, r, device, sft_seqs):
+    def __init__(self, hf, pairs, r, device, sft_seqs, bf16=False):
         from peft import LoraConfig, get_peft_model
 
         self.device = torch.device(device)
@@ -142,9 +142,10 @@ class Reference:
         plens = [len(p) for p, _, _ in pairs] * 2
         self.dpo_batch = _padded(seqs, plens, self.device)
         self.P = len(pairs)
+        self.bf16 = cuda or bf16
 
     def _autocast(self):
-        return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.device.type == "cuda")
+        return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.bf16)
 
     def _finish(self, loss):
         return _optimizer_step(loss, self.params, self.opt)
@@ -267,7 +268,7 @@ def _peak(fn, device) -> int:
 
 
 def _bench_pair(ours_factory, ref_factory, pairs, seq, device, sft_seqs, warmup, repeats, r, memory_only=False,
-                separate=False):
+                separate=False, bf16=False):
     """Build both stacks, time their steps interleaved; CUDA builds one stack at a time (memory)."""
     cuda = torch.device(device).type == "cuda"
     separate = cuda or separate
@@ -276,8 +277,8 @@ def _bench_pair(ours_factory, ref_factory, pairs, seq, device, sft_seqs, warmup,
     rows, totals = {}, {}
     if not separate:
         model, hf = ours_factory(), ref_factory()
-        ours = Ours(model, pairs, seq, r, device, sft_seqs)
-        ref = Reference(hf, pairs, r, device, sft_seqs)
+        ours = Ours(model, pairs, seq, r, device, sft_seqs, bf16)
+        ref = Reference(hf, pairs, r, device, sft_seqs, bf16)
         fns = {"ours_sft": ours.sft, "ref_sft": ref.sft, "ours_dpo": ours.dpo,
                "ours_dpo_onthefly": lambda: ours.dpo(True), "ref_dpo": ref.dpo}
         if memory_only:
@@ -299,13 +300,13 @@ def _bench_pair(ours_factory, ref_factory, pairs, seq, device, sft_seqs, warmup,
                       f"{peaks[k] / 2**30:.2f} GiB, total {(totals[k] or 0) / 2**30:.2f} GiB", flush=True)
 
         model = ours_factory()
-        ours = Ours(model, pairs, seq, r, device, sft_seqs)
+        ours = Ours(model, pairs, seq, r, device, sft_seqs, bf16)
         ref_s = ours.ref_seconds
         measure({"ours_sft": ours.sft, "ours_dpo": ours.dpo, "ours_dpo_onthefly": lambda: ours.dpo(True)})
         del ours, model
         _free(device)
         try:
-            ref = Reference(ref_factory(), pairs, r, device, sft_seqs)
+            ref = Reference(ref_factory(), pairs, r, device, sft_seqs, bf16)
             measure({"ref_sft": ref.sft, "ref_dpo": ref.dpo})
             del ref
         except Exception as e:  # noqa: BLE001 - keep our rows when the reference stack fails
@@ -325,7 +326,7 @@ def _bench_pair(ours_factory, ref_factory, pairs, seq, device, sft_seqs, warmup,
     return rows
 
 
-def _cpu_memory_subprocess(quick: bool) -> dict | None:
+def _cpu_memory_subprocess(quick: bool, bf16: bool = False) -> dict | None:
     """Peak RSS growth per step, measured in a fresh process with MALLOC_MMAP_THRESHOLD_=65536 (see common.py)."""
     import json
     import os
@@ -334,6 +335,7 @@ def _cpu_memory_subprocess(quick: bool) -> dict | None:
 
     env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536"}
     cmd = [sys.executable, "-m", "reflectevo.bench.train", "--device", "cpu", "--memory-only"] + (["--quick"] if quick else [])
+    cmd += ["--bf16"] if bf16 else []
     res = subprocess.run(cmd, env=env, capture_output=True, text=True)
     if res.returncode != 0:
         return None
@@ -341,8 +343,9 @@ def _cpu_memory_subprocess(quick: bool) -> dict | None:
 
 
 def run(device="cpu", quick=False, warmup=1, repeats=2, source="smollm2-135m", memory=True,
-        memory_only=False, llama8b: bool | None = None, seq: int | None = None) -> dict:
-    """CPU: ``source`` in fp32, both stacks side by side. CUDA (or ``llama8b=True``): Llama-3-8B shapes, QLoRA."""
+        memory_only=False, llama8b: bool | None = None, seq: int | None = None, bf16: bool = False) -> dict:
+    """CPU: ``source`` in fp32, both stacks side by side (``bf16``: both under bf16 autocast, the weights kept in
+    fp32, as ``reflectevo sft --bf16`` trains on a CPU). CUDA (or ``llama8b=True``): Llama-3-8B shapes, QLoRA."""
     device = str(device)
     cuda, seq_override = torch.device(device).type == "cuda", seq
     llama8b = cuda if llama8b is None else llama8b
@@ -365,7 +368,7 @@ def run(device="cpu", quick=False, warmup=1, repeats=2, source="smollm2-135m", m
             return holder["hf"]
 
         vocab, ours_f = 49152, ours_f_model
-        model_name = f"{source} (fp32)"
+        model_name = f"{source} (fp32" + (" weights, bf16 autocast on both stacks)" if bf16 else ")")
     if quick:
         warmup, repeats = 1, 1
     elif llama8b:  # the H200 run of 2026-11-30 spread 0.56-0.90 s over two repeats of one step
@@ -374,11 +377,11 @@ def run(device="cpu", quick=False, warmup=1, repeats=2, source="smollm2-135m", m
     torch.manual_seed(0)
     pairs = make_pairs(vocab, n_pairs, seq)
     rows = _bench_pair(ours_f, ref_f, pairs, seq, device, sft_seqs, warmup, repeats, r, memory_only=memory_only,
-                       separate=llama8b)
+                       separate=llama8b, bf16=bf16 and not llama8b)
     if memory_only:
         return rows
     if not llama8b and memory:
-        peaks = _cpu_memory_subprocess(quick)
+        peaks = _cpu_memory_subprocess(quick, bf16)
         for k, v in (peaks or {}).items():
             rows[k]["peak_extra_bytes"] = v
     return {"env": env_info(device), "model": model_name, "lora_r": r, "seq": seq, "pairs": n_pairs,
@@ -429,11 +432,12 @@ if __name__ == "__main__":  # pragma: no cover
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--out", default=None)
     ap.add_argument("--memory-only", action="store_true", help="print only the peak memory of each step (JSON)")
+    ap.add_argument("--bf16", action="store_true", help="CPU: both stacks under bf16 autocast")
     a = ap.parse_args()
     if a.memory_only:
-        print(json.dumps(run(a.device, quick=a.quick, memory_only=True)))
+        print(json.dumps(run(a.device, quick=a.quick, memory_only=True, bf16=a.bf16)))
         raise SystemExit(0)
-    result = run(a.device, quick=a.quick)
+    result = run(a.device, quick=a.quick, bf16=a.bf16)
     print(format_table(result))
     if a.out:
         with open(a.out, "w") as f:

@@ -58,8 +58,10 @@ def causal_attention(q, k, v, window: int | None = None, seq_ids: torch.Tensor |
     if seq_ids is not None:
         rows = []
         for b, bounds in enumerate(_segments(seq_ids)):
-            parts = [causal_attention(q[b:b + 1, s:e], k[b:b + 1, s:e], v[b:b + 1, s:e], window)
-                     for s, e in zip(bounds[:-1], bounds[1:])]
+            # split views: their backward concatenates the gradients, where slices would each zero-fill a full row
+            lens = [e - s for s, e in zip(bounds[:-1], bounds[1:])]
+            parts = [causal_attention(qs, ks, vs, window)
+                     for qs, ks, vs in zip(*(t[b:b + 1].split(lens, 1) for t in (q, k, v)))]
             rows.append(torch.cat(parts, 1) if len(parts) > 1 else parts[0])
         return torch.cat(rows, 0) if B > 1 else rows[0]
     qt, kt, vt = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
