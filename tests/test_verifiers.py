@@ -49,6 +49,20 @@ MATH_EQUIV = [
     ("864 \\mbox{ inches}^2", "864"), ("864 \\mbox{ inches}^2", "864 \\text{ inches}^2"),
     ("19 \\text{ and }43", "19 \\text{ and } 43"),
 ]
+# a unit group without a leading space is still a unit when it holds letters only (optionally squared or cubed)
+MATH_UNIT_NO_SPACE = [
+    ("18\\text{integers}", "18"), ("5\\text{cm}", "5"), ("864\\mbox{inches}^2", "864"), ("10\\text{ cents}", "10"),
+    ("18\\text{integers}", "18 \\text{ integers}"), ("45\\text{units}^{2}", "45 \\text{ units}^2"),
+    ("8\\text{m}^3", "8"), ("5\\text{cm}.", "5"), ("\\frac{3}{4}\\pi\\text{inches}", "\\frac{3}{4}\\pi\\text{ inches}"),
+    ("$5\\,\\text{cm}$", "5"), ("\\boxed{ \\text{Dana}}", "\\text{Dana}"),
+]
+# a sentence period after an interval or a tuple is not part of it
+MATH_TRAILING_PERIOD = [
+    ("(-\\infty, 3].", "(-\\infty,3]"), ("[2, 5).", "[2,5)"), ("(1, 2).", "(1,2)"), ("\\left( 1, 2 \\right).", "(1,2)"),
+    ("(0.5, 1.5).", "(\\frac12,\\frac32)"), ("\\{1, 2\\}.", "\\{1,2\\}"), ("3.", "3"), ("0.5.", "\\frac12"),
+    ("(1, 2) .", "(1,2)"), ("(-\\infty, \\tfrac37] \\cup [\\tfrac35, \\infty) .", "(-\\infty,\\frac37]\\cup[\\frac35,\\infty)"),
+    ("x = .5", "\\frac12"), ("(.5, 1)", "(0.5,1)"),
+]
 MATH_DIFFERENT = [
     ("5", "6"), ("\\frac{1}{2}", "\\frac{1}{3}"), ("(1,2)", "(2,1)"), ("", "5"), (None, "5"), ("\\sqrt{2}", "2"),
     ("x^2", "x^3"), ("-5", "5"), ("1,000", "100"), ("0.333", "\\frac13"), ("5 \\text{ cm}", "6"),
@@ -58,12 +72,34 @@ MATH_DIFFERENT = [
     ("\\begin{pmatrix} 1 \\\\ 23 \\end{pmatrix}", "\\begin{pmatrix} 12 \\\\ 3 \\end{pmatrix}"),
     # "\\text{ and }" between two numbers is not a unit: the second number counts
     ("19", "19 \\text{ and }43"), ("43", "19 \\text{ and }43"),
+    # a text group followed by more of the answer, or not of letters only, is not a unit; units do not change values
+    ("19\\text{and}43", "19"), ("19\\text{ and}43", "19"), ("18\\text{integers}", "19"), ("5\\text{cm}", "50"),
+    ("3+4\\text{i}", "3+4"), ("2\\text{e}", "2"), ("5\\text{(A)}", "5"), ("5\\text{cm}", "cm"),
+    # a trailing period does not change brackets or eat digits
+    ("(1,2)", "[1,2]"), ("(1, 2).", "[1,2]"), ("[2, 5).", "[2,5]"), ("(-\\infty, 3].", "(-\\infty,3)"),
+    ("3.5", "3"), ("0.5", "5"), ("1.2.", "12"), ("(1.5, 2)", "(15,2)"),
 ]
 
 
 @pytest.mark.parametrize("pred,gold", MATH_EQUIV)
 def test_math_equivalent(pred, gold):
     assert is_equiv(pred, gold) and is_equiv(gold, pred)
+
+
+@pytest.mark.parametrize("pred,gold", MATH_UNIT_NO_SPACE)
+def test_math_unit_without_space(pred, gold):
+    assert is_equiv(pred, gold) and is_equiv(gold, pred)
+
+
+@pytest.mark.parametrize("pred,gold", MATH_TRAILING_PERIOD)
+def test_math_trailing_period(pred, gold):
+    assert is_equiv(pred, gold) and is_equiv(gold, pred)
+
+
+@pytest.mark.parametrize("answer", ["19\\text{ and }43", "\\text{Dana}", "\\boxed{ \\text{Dana}}", "\\text{(E)}",
+                                    "3+4\\text{i}", "(-\\infty, 3]", "3.", "0.5"])
+def test_math_answer_equals_itself(answer):
+    assert is_equiv(answer, answer) and is_equiv(answer + ".", answer)
 
 
 @pytest.mark.parametrize("pred,gold", MATH_DIFFERENT)

@@ -9,11 +9,11 @@ No computer-algebra dependency. Two answers are equivalent when, after :func:`no
    equivalent in order.
 
 The normalisation drops presentation noise: ``\\left``/``\\right``, degrees (``^\\circ``), dollar signs, trailing
-units written as ``\\text{ ...}`` or ``\\mbox{ ...}`` (at the end only), ``\\text{X}`` wrappers, percent
-signs, LaTeX spacing, spaces and a trailing period; ``dfrac``/``tfrac`` become ``frac``; ``\\frac12`` ->
-``\\frac{1}{2}``; ``\\sqrt2`` -> ``\\sqrt{2}``; ``0.5`` -> ``\\frac{1}{2}``; ``a/b`` (integers) -> ``\\frac{a}{b}``;
-a short ``x =`` prefix is dropped; a capital letter in parentheses (a multiple-choice answer, ``\\text{(E)}``) is
-the letter alone.
+units (a final ``\\text{...}`` or ``\\mbox{...}`` group starting with a space or of letters only: ``\\text{ cm}``,
+``\\text{cm}``), ``\\text{X}`` wrappers, percent signs, LaTeX spacing, spaces and a trailing period;
+``dfrac``/``tfrac`` become ``frac``; ``\\frac12`` -> ``\\frac{1}{2}``; ``\\sqrt2`` -> ``\\sqrt{2}``; ``0.5`` ->
+``\\frac{1}{2}``; ``a/b`` (integers) -> ``\\frac{a}{b}``; a short ``x =`` prefix is dropped; a capital letter in
+parentheses (a multiple-choice answer, ``\\text{(E)}``) is the letter alone.
 """
 from __future__ import annotations
 
@@ -109,6 +109,25 @@ def _fix_short_commands(s: str) -> str:
     return "".join(out)
 
 
+def _is_unit(text: str) -> bool:
+    """A unit's text: one starting with a space (" cm", " children tickets "), or letters only ("cm", "integers");
+    a lone "i" or "e" is the imaginary unit or Euler's number, not a unit."""
+    return text.startswith(" ") or (re.fullmatch(r"[A-Za-z]+", text) is not None and text not in ("i", "e"))
+
+
+def _drop_trailing_unit(s: str) -> str:
+    """Drop a unit written as a final ``\\text{...}``/``\\mbox{...}`` group after the value: ``5 \\text{ cm}``,
+    ``18\\text{integers}``, ``864\\mbox{inches}^2``; a group followed by more of the answer (``19\\text{ and }43``)
+    or with nothing before it (``\\text{Dana}``) is kept."""
+    for unit in re.finditer(r"\\(?:text|mbox)\{", s):
+        group = _braced(s, unit.end() - 1)
+        if group is None or not re.fullmatch(r"\s*(?:\^\s*\{?\s*\d\s*\}?)?\s*\.?\s*", s[group[1]:]):
+            continue
+        if s[:unit.start()].strip() and _is_unit(group[0]):
+            return s[:unit.start()]
+    return s
+
+
 def normalize_answer(answer: str | None) -> str | None:
     """Canonical string form of a MATH answer (see module docstring); None stays None."""
     if answer is None:
@@ -124,17 +143,12 @@ def normalize_answer(answer: str | None) -> str | None:
     s = re.sub(r"\^\s*\{\s*\\circ\s*\}", "", s)
     s = s.replace("^\\circ", "").replace("\\circ", "").replace("\\degree", "")
     s = s.replace("\\$", "").replace("$", "")
-    # a trailing unit (a text group starting with a space) is dropped: "5 \text{ cm}", "864 \mbox{ inches}^2";
-    # one followed by more of the answer ("19 \text{ and }43") is not a unit
-    unit = re.search(r"\\(?:text|mbox)\{ ", s)
-    if unit is not None and unit.start() > 0:
-        group = _braced(s, unit.end() - 2)
-        if group is not None and re.fullmatch(r"\s*(?:\^\s*\{?\s*\d\s*\}?)?\s*\.?\s*", s[group[1]:]):
-            s = s[:unit.start()]
+    s = _drop_trailing_unit(s)
     s = _replace_text_wrappers(s)
     s = s.replace("\\%", "").replace("%", "")
     s = s.replace("{,}", ",")
     s = re.sub(r"^\s*\.", "0.", s)
+    s = re.sub(r"\s+\.\s*$", "", s)  # a sentence period after a space is not a decimal point: "(1, 2) ."
     s = s.replace(" .", " 0.").replace("{.", "{0.")
     # a short left-hand side ("x = 3", "k=7") is not part of the answer
     if s.count("=") == 1:
