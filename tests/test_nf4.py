@@ -331,3 +331,24 @@ def test_triton_dequant_from_words_with_a_partial_last_block(shape):
             words = _dequantize_triton(q, dtype)
         assert torch.equal(words, nf4_dequantize_reference(q, dtype))
         assert torch.equal(words, _dequantize_triton(q, dtype, byte_table=True))
+
+
+def test_benchmark_recommends_only_what_every_shape_supports():
+    """The NF4 benchmark's settings advice from a CUDA-like result: the GEMV wins at 1 token on both shapes, the
+    fused kernel at 16 tokens on one shape only (so no fused threshold), the other level table wins 3 of 4 rows."""
+    from reflectevo.bench import nf4_kernels as bench
+
+    def row(shape, tokens, **ms):
+        return {"shape": shape, "tokens": tokens, **{f"{k}_graph_ms": v for k, v in ms.items()}}
+
+    result = {"matmul": [row([64, 64], 1, gemv=1.0, fused=3.0, dequant=2.0, gemv_elementwise=1.5, fused_other_table=2.0),
+                         row([32, 64], 1, gemv=1.0, fused=3.0, dequant=1.5, gemv_elementwise=0.5, fused_other_table=2.0),
+                         row([64, 64], 16, gemv=4.0, fused=1.0, dequant=2.0, fused_other_table=0.5),
+                         row([32, 64], 16, gemv=4.0, fused=3.0, dequant=2.0, fused_other_table=4.0)],
+              "dequant": []}
+    rec = bench.recommend(result)
+    assert rec["AUTO_GEMV_MAX_ROWS"][0] == 1 and rec["AUTO_FUSED_MAX_ROWS"][0] == 0
+    assert rec["nf4.BYTE_TABLE"][0] is (not bench.nf4_mod.BYTE_TABLE) and "3 of 4" in rec["nf4.BYTE_TABLE"][1]
+    assert rec["nf4_gemv.GEMV_BLOCKS"][0] is bench.nf4_gemv.GEMV_BLOCKS  # 1 of 2: no change
+    assert "AUTO_GEMV_MAX_ROWS = 1" in bench.format_recommendation(result)
+    assert bench.recommend({"matmul": [{"shape": [8, 8], "tokens": 1, "dequant_ms": 1.0}]}) == {}

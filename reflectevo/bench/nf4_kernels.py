@@ -17,7 +17,7 @@ import torch
 from reflectevo.bench.common import copy_bandwidth_gbs, env_info, time_fn, time_fn_graph
 from reflectevo.kernels import kernel_backend
 from reflectevo.kernels.nf4 import _dequantize_triton, nf4_dequantize, nf4_quantize
-from reflectevo.kernels.nf4_gemv import gemv
+from reflectevo.kernels.nf4_gemv import gemv  # noqa: E402 (the module is imported below as nf4_gemv too)
 from reflectevo.kernels.nf4_matmul import (
     AUTO_FUSED_MAX_ROWS,
     AUTO_GEMV_MAX_ROWS,
@@ -30,6 +30,7 @@ from reflectevo.kernels.nf4_matmul import (
 # the module, not the function of the same name that reflectevo.kernels exports
 nm = importlib.import_module("reflectevo.kernels.nf4_matmul")
 nf4_mod = importlib.import_module("reflectevo.kernels.nf4")
+nf4_gemv = importlib.import_module("reflectevo.kernels.nf4_gemv")
 
 CUDA_SHAPES = [(4096, 4096), (1024, 4096), (14336, 4096), (4096, 14336)]
 CUDA_TOKENS = [1, 16, 64, 512, 4096]
@@ -208,6 +209,79 @@ def format_table(result: dict) -> str:
             lines.append(f"| {r['shape'][0]}x{r['shape'][1]} | {r['tokens']} | "
                          + " | ".join(_f(t) for t in ours) + f" | {_f(r.get('bnb_graph_ms'))} | "
                          f"{_f(gbs, '{:.0f}')} | {_f(share, '{:.0f}')} |")
+    return "\n".join(lines) + format_recommendation(result)
+
+
+
+def _time(row: dict, key: str):
+    """A path's time in a matmul row: replayed from a CUDA graph where measured, else eager."""
+    return row.get(f"{key}_graph_ms", row.get(f"{key}_ms"))
+
+
+def _faster_share(pairs) -> tuple[int, int]:
+    """(how many of the (candidate, current) time pairs the candidate wins, how many were measured)."""
+    pairs = [(a, b) for a, b in pairs if a and b]
+    return sum(a < b for a, b in pairs), len(pairs)
+
+
+def recommend(result: dict) -> dict:
+    """The module settings a CUDA run's timings support: {name: (value, evidence)}. A threshold covers a token count
+    only when its path beat dequant + cuBLAS on every shape measured at that count and at every smaller one; a
+    variant switch flips only when the other variant won on more than half of the rows that timed both."""
+    rows = result.get("matmul", [])
+    if not rows or not any(_time(r, "gemv") or _time(r, "fused") for r in rows):
+        return {}
+    by_tokens: dict = {}
+    for r in rows:
+        by_tokens.setdefault(r["tokens"], []).append(r)
+
+    def wins(path: str, tokens: int, rivals: tuple) -> bool:
+        for r in by_tokens[tokens]:
+            mine, others = _time(r, path), [t for t in (_time(r, p) for p in rivals) if t]
+            if mine is None or not others or mine >= min(others):
+                return False
+        return True
+
+    out = {}
+    gemv_max = 0
+    for m in sorted(t for t in by_tokens if t <= GEMV_MAX_ROWS):
+        if not wins("gemv", m, ("fused", "dequant")):
+            break
+        gemv_max = m
+    fused_max = 0
+    for m in sorted(t for t in by_tokens if t > gemv_max):
+        if not wins("fused", m, ("dequant",)):
+            break
+        fused_max = m
+    out["AUTO_GEMV_MAX_ROWS"] = (gemv_max, "largest measured token count where the GEMV beat the other paths "
+                                           "on every shape")
+    out["AUTO_FUSED_MAX_ROWS"] = (fused_max, "largest measured token count (above the GEMV's) where the fused "
+                                             "kernel beat dequant + cuBLAS on every shape")
+    variants = [
+        ("nf4.BYTE_TABLE", not nf4_mod.BYTE_TABLE, nf4_mod.BYTE_TABLE,
+         [(r.get("fused_other_table_graph_ms"), r.get("fused_graph_ms")) for r in rows]
+         + [(r.get("ours_other_table_graph_ms"), r.get("ours_graph_ms")) for r in result.get("dequant", [])]),
+        ("nf4_matmul.SPLIT_SWAP", not nm.SPLIT_SWAP, nm.SPLIT_SWAP,
+         [(r.get("fused_other_swap_graph_ms"), r.get("fused_graph_ms")) for r in rows]),
+        ("nf4_gemv.GEMV_BLOCKS", not nf4_gemv.GEMV_BLOCKS, nf4_gemv.GEMV_BLOCKS,
+         [(r.get("gemv_elementwise_graph_ms"), r.get("gemv_graph_ms")) for r in rows if r["tokens"] == 1]),
+        ("nf4_gemv.GEMV_STAGES", 3, nf4_gemv.GEMV_STAGES,
+         [(r.get("gemv_pipelined_graph_ms"), r.get("gemv_elementwise_graph_ms", r.get("gemv_graph_ms")))
+          for r in rows if r["tokens"] > 1 or "gemv_elementwise_graph_ms" in r]),
+    ]
+    for name, other, current, pairs in variants:
+        won, n = _faster_share(pairs)
+        out[name] = (other if n and won * 2 > n else current, f"the other value won {won} of {n} rows")
+    return out
+
+
+def format_recommendation(result: dict) -> str:
+    rec = recommend(result)
+    if not rec:
+        return ""
+    lines = ["", "Settings these timings support (from ``recommend``; a change is applied by hand, with the run cited):",
+             ""]
+    lines += [f"- {name} = {value!r}: {why}" for name, (value, why) in rec.items()]
     return "\n".join(lines)
 
 

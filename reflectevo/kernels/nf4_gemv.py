@@ -36,6 +36,7 @@ if HAS_TRITON:
 
 GEMV_MAX_ROWS = 8  # what the GEMV kernels handle
 GEMV_STAGES = 1  # software-pipeline depth of the elementwise kernel's K loop on CUDA (1: none)
+GEMV_BLOCKS = True  # one row: the block kernel where it applies (unmeasured: the benchmark times both)
 
 if HAS_TRITON:
 
@@ -154,7 +155,7 @@ def gemv(x2d: torch.Tensor, q: NF4Tensor, bias, blocks: bool | None = None, stag
         raise ValueError(f"gemv: at most {GEMV_MAX_ROWS} rows, got {M}")
     fits = (M == 1 and k_in % q.blocksize == 0 and 8 <= q.blocksize <= 256 and q.data.data_ptr() % 4 == 0
             and q.data.is_contiguous())
-    blocks = fits if blocks is None else blocks and fits
+    blocks = fits and (GEMV_BLOCKS if blocks is None else blocks)
     cuda = x2d.is_cuda
     sms = sm_count(x2d.device) if cuda else 0
     q_args, words = kernel_args(q)
