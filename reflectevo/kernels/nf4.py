@@ -274,7 +274,7 @@ elif HAS_TRITON:
 # Level lookups in the kernels. BYTE_TABLE: each packed byte is looked up once in the [256, 2] table of level pairs
 # (``nf4_byte_pairs``, 2 KiB, one 8-byte gather), else each nibble on its own in the 16 levels, entries (v, 1) of the
 # same table, which lie in one 128-byte line (two 4-byte gathers). The pair table takes fewer instructions (sm_90,
-# Triton 3.6: fused K loops 6-15 % shorter) but a warp's 32 random bytes touch ~14 of its 16 lines, and L1 serves
+# Triton 3.6: fused K loops 15-25 % shorter) but a warp's 32 random bytes touch ~14 of its 16 lines, and L1 serves
 # a gather one line (wavefront) at a time: ~14 L1 wavefronts per load against one per nibble load, i.e. ~7x the L1
 # traffic per decoded value. NF4 codes are quantiles, so bytes are close to uniform in real weights. Unmeasured:
 # ``bench kernels`` times both ("other table" columns); the default is the one the L1 arithmetic favours.
