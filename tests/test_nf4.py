@@ -352,3 +352,18 @@ def test_benchmark_recommends_only_what_every_shape_supports():
     assert rec["nf4_gemv.GEMV_BLOCKS"][0] is bench.nf4_gemv.GEMV_BLOCKS  # 1 of 2: no change
     assert "AUTO_GEMV_MAX_ROWS = 1" in bench.format_recommendation(result)
     assert bench.recommend({"matmul": [{"shape": [8, 8], "tokens": 1, "dequant_ms": 1.0}]}) == {}
+
+
+def test_one_row_gemv_through_autograd():
+    """nf4_matmul on one row takes the GEMV block kernel forward and the fused kernel for dx: both against fp64."""
+    g = torch.Generator().manual_seed(11)
+    q = nf4_quantize(torch.randn(40, 192, generator=g))
+    w = nf4_dequantize_reference(q, torch.float32).double()
+    x = torch.randn(1, 192, generator=g, requires_grad=True)
+    bias = torch.randn(40, generator=g)
+    with kernel_backend("triton"):
+        y = nf4_matmul(x, q, bias, path="gemv")
+        dy = torch.randn(y.shape, generator=g)
+        (dx,) = torch.autograd.grad(y, x, dy)
+    torch.testing.assert_close(y.double(), x.detach().double() @ w.t() + bias.double(), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(dx.double(), dy.double() @ w, rtol=1e-5, atol=1e-5)
