@@ -17,7 +17,7 @@ import torch
 from reflectevo.bench.common import copy_bandwidth_gbs, env_info, time_fn, time_fn_graph
 from reflectevo.kernels import kernel_backend
 from reflectevo.kernels.nf4 import _dequantize_triton, nf4_dequantize, nf4_quantize
-from reflectevo.kernels.nf4_gemv import gemv  # noqa: E402 (the module is imported below as nf4_gemv too)
+from reflectevo.kernels.nf4_gemv import gemv
 from reflectevo.kernels.nf4_matmul import (
     AUTO_FUSED_MAX_ROWS,
     AUTO_GEMV_MAX_ROWS,
