@@ -288,3 +288,20 @@ def test_decode_row_without_context_is_zeros():
         rest = pa.paged_attention_decode(q[[0, 2]], kc, vc, tables[[0, 2]], lens[[0, 2]], 0.2)
     assert torch.equal(out[1], torch.zeros_like(out[1]))
     assert torch.equal(out[[0, 2]], rest)
+
+
+@pytest.mark.parametrize("how", ["in_place", "replaced"])
+def test_nf4_base_change_drops_the_prefix_cache(one_thread, how):  # noqa: F811
+    from reflectevo.kernels.nf4 import nf4_quantize
+    model = lora.quantize_model(_fresh_tiny(), compute_dtype=torch.float32)
+    eng = Engine(model, CharTokenizer(), kv_cache_gib=0.01)
+    eng.generate([PROMPT], GREEDY6)
+    layer = model.layers[0].self_attn.v_proj
+    if how == "in_place":
+        layer.q.data.bitwise_xor_(0x11)  # every code moves to a neighbouring level
+    else:
+        torch.manual_seed(3)
+        q = nf4_quantize(torch.randn(layer.out_features, layer.in_features))
+        q.dtype = torch.float32
+        layer.q = q
+    _regenerates(model, eng)

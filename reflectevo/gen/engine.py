@@ -93,9 +93,9 @@ class Engine:
 
     def reset_prefix_cache(self):
         """Forget every cached prefix, so the next prompts compute all their K/V again. ``generate`` does this
-        itself when it sees the weights changed (in place, replaced, a trainable parameter's content, LoRA
-        scaling or switches); call it after a change it cannot see, e.g. to an NF4 base's quantized data or to
-        a module's code or buffers. Only between ``generate`` calls."""
+        itself when it sees the weights changed (in place, replaced, a trainable parameter's content, an NF4
+        base's storage, LoRA scaling or switches); call it after a change it cannot see, e.g. to a module's code
+        or buffers. Only between ``generate`` calls."""
         self.block_manager.reset_prefix_cache()
 
     @staticmethod

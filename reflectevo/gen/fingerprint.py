@@ -1,7 +1,8 @@
 """What the engine's prefix cache depends on in the weights, cheaply enough to check at every ``generate``.
 
 Frozen parameters are identified by (id, data pointer, version counter): an in-place update bumps the counter,
-``p.data = ...`` moves the pointer. Trainable ones can also change without either (a fused optimizer step writes
+``p.data = ...`` moves the pointer. NF4 bases are not parameters: the tensors of each layer's NF4 storage (packed
+codes, block scales, second level) are identified the same way, so a requantised or edited base is noticed too. Trainable ones can also change without either (a fused optimizer step writes
 through the storage without bumping the counter), so their content is fingerprinted too: a fixed random bilinear
 projection a^T W b in fp64 per parameter (W viewed as [rows, -1]; a, b drawn once per length), which a step of
 any size changes (one ulp of one element included), computed on the device and read back with one host sync
@@ -12,6 +13,7 @@ from __future__ import annotations
 
 import torch
 
+from reflectevo.kernels.nf4 import NF4Tensor
 from reflectevo.model.lora import lora_modules
 
 CHUNK_ELEMENTS = 1 << 22  # rows are projected this many elements at a time: bounded fp64 temporaries
@@ -51,10 +53,12 @@ def content_fingerprint(tensors) -> tuple[float, ...]:
 
 
 def weights_signature(model) -> tuple:
-    """Changes when the K/V of the same tokens may change: a parameter updated, replaced, added or removed, or a
-    LoRA module's scaling or ``disabled`` switch changed."""
+    """Changes when the K/V of the same tokens may change: a parameter or NF4 storage updated, replaced, added or
+    removed, or a LoRA module's scaling or ``disabled`` switch changed."""
     params = list(model.parameters())
     ident = tuple((id(p), p.data_ptr(), p._version, p.requires_grad) for p in params)
+    nf4 = tuple((name, id(t), t.data_ptr(), t._version) for m in model.modules()
+                if isinstance(getattr(m, "q", None), NF4Tensor) for name, t in m.q.tensors().items())
     content = content_fingerprint([p for p in params if p.requires_grad])
     lora = tuple((m.scaling, m.disabled) for m in lora_modules(model).values())
-    return ident, content, lora
+    return ident + nf4, content, lora
