@@ -6,13 +6,15 @@ No computer-algebra dependency. Two answers are equivalent when, after :func:`no
 2. both parse as exact rational numbers (integers, decimals, ``\\frac{a}{b}``, ``a/b``, mixed numbers
    ``2\\frac{1}{2}``, thousands separators, leading zeros, signs) with equal values, or
 3. both are tuples/intervals/sets with the same brackets (or bare comma lists) whose items are pairwise
-   equivalent in order.
+   equivalent in order (a number with thousands separators, ``10,000``, is never read as the list ``10, 0``).
 
-The normalisation drops presentation noise: ``\\left``/``\\right``, degrees (``^\\circ``), dollar signs, trailing
+The normalisation drops presentation noise: math-mode delimiters (``$``, ``\\(...\\)``, ``\\[...\\]``),
+``\\displaystyle``, ``\\left``/``\\right``, degrees (``^\\circ``), dollar signs, trailing
 units (a final ``\\text{...}`` or ``\\mbox{...}`` group starting with a space or of letters only: ``\\text{ cm}``,
 ``\\text{cm}``), ``\\text{X}`` wrappers, percent signs, LaTeX spacing, spaces and a trailing period;
 ``dfrac``/``tfrac`` become ``frac``; ``\\frac12`` -> ``\\frac{1}{2}``; ``\\sqrt2`` -> ``\\sqrt{2}``; ``0.5`` ->
-``\\frac{1}{2}``; ``a/b`` (integers) -> ``\\frac{a}{b}``; a short ``x =`` prefix is dropped; a capital letter in
+``\\frac{1}{2}``; ``x^{2}`` -> ``x^2`` (a one-character group after ``^`` or ``_``); ``a/b`` (integers) ->
+``\\frac{a}{b}``; a short ``x =`` prefix is dropped; a capital letter in
 parentheses (a multiple-choice answer, ``\\text{(E)}``) is the letter alone.
 """
 from __future__ import annotations
@@ -136,6 +138,11 @@ def normalize_answer(answer: str | None) -> str | None:
     if last_boxed(s) is not None:
         s = last_boxed(s)
     s = s.replace("\n", "").replace("\\!", "")
+    # math-mode delimiters around the whole answer, like "$...$": "\\(\\frac{1}{2}\\)", "\\[5\\]"
+    m = re.fullmatch(r"\s*\\([(\[])((?:(?!\\[()\[\]]).)*)\\([)\]])\s*", s)
+    if m and m.group(1) + m.group(3) in ("()", "[]"):
+        s = m.group(2)
+    s = re.sub(r"\\displaystyle(?![A-Za-z])", "", s)
     # one pass, so that a matrix row separator \\ before a space is not taken for the spacing command "\ "
     s = re.sub(r"\\\\|\\[,;:> ]", lambda m: "\\" if m.group() == "\\\\" else " ", s)
     s = s.replace("tfrac", "frac").replace("dfrac", "frac")
@@ -157,6 +164,7 @@ def normalize_answer(answer: str | None) -> str | None:
             s = right
     s = _fix_short_commands(s)
     s = s.replace(" ", "")
+    s = re.sub(r"([\^_])\{([A-Za-z0-9])\}", r"\1\2", s)  # a one-character group: "x^{2}" is "x^2"
     s = s.rstrip(".")
     if s.startswith("{") and s.endswith("}") and _braced(s, 0) == (s[1:-1], len(s)):
         s = s[1:-1]
@@ -244,6 +252,8 @@ def _equiv_normalized(a: str, b: str, depth: int = 0) -> bool:
         a, b = a[2:-2], b[2:-2]
     elif a and b and a[:1] in "([" and a[-1:] in ")]" and a[:1] == b[:1] and a[-1:] == b[-1:]:
         a, b = a[1:-1], b[1:-1]
+    if _THOUSANDS.fullmatch(a) or _THOUSANDS.fullmatch(b):  # "10,000" is one number, never the list 10, 0
+        return a == b or (_number(a) is not None and _number(a) == _number(b))
     pa, pb = _split_top_level(a), _split_top_level(b)
     if len(pa) < 2 or len(pa) != len(pb):
         return False

@@ -2,8 +2,9 @@
 
 * Multiple choice (LogiQA, BIG-bench multiple choice): :func:`parse_choice` reads a letter from "B", "b",
   "(b)", "[B]", "B.", "B)", "B. option text", "Option B", "the answer is (B)", or the exact text of one option
-  (when the question is given); a hedge ("A or B", "A, B, C or D") or the article "a" ("a nice guess") names
-  no option. :func:`check_choice` compares it with the gold letter.
+  (when the question is given), also followed by a reason ("A is correct", "B, because City B ..."); a hedge
+  ("A or B", "A, B, C or D") or the article "a" ("a nice guess") names no option. :func:`check_choice`
+  compares it with the gold letter.
 * MATH: :func:`check_math` (boxed extraction, normalisation and numeric equivalence live in ``math_equiv``).
 * Free text (BIG-bench free): SQuAD normalisation (lower case, no punctuation, no articles a/an/the, single
   spaces); :func:`exact_match` and token :func:`f1_score`.
@@ -86,6 +87,10 @@ def _other_letter(rest: str, letters: str) -> bool:
     return False
 
 
+# words an article cannot precede: "A is correct", "A because ...", "a should be chosen" name option a
+_NOT_AFTER_ARTICLE = re.compile(r"(?:is|was|because|since|as|should|would|must|seems|appears)\b", flags=re.I)
+
+
 def _named(letter: str, rest: str, article_possible: bool, options: dict[str, str], letters: str) -> bool:
     """Whether a prediction that starts with option ``letter`` followed by ``rest`` names that option.
 
@@ -101,7 +106,8 @@ def _named(letter: str, rest: str, article_possible: bool, options: dict[str, st
         return True
     if matches or article_possible:
         return False
-    return not _other_letter(rest, "".join(sorted(options)) or letters)
+    # the named letter again ("B, because City B ...") is no second option
+    return not _other_letter(rest, ("".join(sorted(options)) or letters).replace(letter, ""))
 
 
 def parse_choice(prediction: str | None, question: str | None = None, letters: str = "abcdefgh") -> str | None:
@@ -111,6 +117,7 @@ def parse_choice(prediction: str | None, question: str | None = None, letters: s
     s = _strip_wrappers(str(prediction))
     if not s:
         return None
+    led = len(s) < len(str(prediction).strip().strip("`'\"*").strip())  # "Option A ...", "The answer is A ..."
     cls = f"[{letters}{letters.upper()}]"
     m = re.fullmatch(r"[\(\[]?\s*(" + cls + r")\s*[\)\]]?\s*[\.:,;!]?", s)
     if m:
@@ -125,7 +132,8 @@ def parse_choice(prediction: str | None, question: str | None = None, letters: s
                 return letter
     m = re.match(r"^([\(\[]?)(" + cls + r")(\s*[\)\]\.:,;]|\s)", s)
     if m:
-        article = m.group(2) in "aA" and not m.group(1) and not m.group(3).strip()
+        article = (m.group(2) in "aA" and not m.group(1) and not m.group(3).strip()
+                   and not (led and m.group(2) == "A") and not _NOT_AFTER_ARTICLE.match(s[m.end():]))
         letter = m.group(2).lower()
         return letter if _named(letter, s[m.end():], article, options, letters) else None
     m = re.search(r"\b(?:option|answer|choice)\s*(?:is\s*)?:?\s*[\(\[]?(" + cls + r")\b[\)\]]?", s, flags=re.I)
