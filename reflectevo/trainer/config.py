@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass, field
 
 from reflectevo.errors import ReflectEvoError
@@ -76,6 +77,15 @@ class TrainConfig:
             bad("max_length", f"must be >= 8, got {self.max_length}")
         if self.max_prompt_length is not None and not 1 <= self.max_prompt_length < self.max_length:
             bad("max_prompt_length", f"must lie in [1, max_length), got {self.max_prompt_length}")
+        for name in ("epochs", "lr", "weight_decay", "warmup_ratio", "max_grad_norm", "lora_alpha", "lora_dropout",
+                     "eval_fraction", "beta", "label_smoothing"):   # nan passes every comparison below, inf most
+            value = getattr(self, name)
+            if value is not None and not math.isfinite(value):
+                bad(name, f"must be a finite number, got {value}")
+        if not -2**32 < self.seed < 2**32:   # the data order seeds torch generators with seed * 1_000_003 + epoch
+            bad("seed", f"must lie in (-2**32, 2**32), got {self.seed}")
+        if self.max_grad_norm < 0:
+            bad("max_grad_norm", f"must be >= 0 (0 disables clipping), got {self.max_grad_norm}")
         if self.on_too_long not in ("error", "skip"):
             bad("on_too_long", f"expected error or skip, got {self.on_too_long!r}")
         if not 0.0 <= self.eval_fraction < 1.0:

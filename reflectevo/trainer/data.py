@@ -190,11 +190,20 @@ def sft_texts(record: dict, mode: str, where: str, sft_prompt: str = "test-time"
             return prompt, refl.strip()
         second = _text(_field(record, "second_trial_reasoning", where, "the corrected answer of --mode one-stage"),
                        "second_trial_reasoning", where)
-        return prompt, refl.strip() + ONE_STAGE_SEPARATOR + strip_observation(second)
+        return prompt, refl.strip() + ONE_STAGE_SEPARATOR + _trial_target(second, where)
     second = _text(_field(record, "second_trial_reasoning", where, "the target of --mode correct"),
                    "second_trial_reasoning", where)
     # the leak check looks for the whole stored transcript, observation included (the official leak holds it)
-    return trial2_prompt_text(record, where, second, sft_prompt), strip_observation(second)
+    return trial2_prompt_text(record, where, second, sft_prompt), _trial_target(second, where)
+
+
+def _trial_target(transcript: str, where: str) -> str:
+    """The trial transcript without its oracle observation; TrainError when nothing else is left."""
+    target = strip_observation(transcript)
+    if not target:
+        raise TrainError(f"{where}: field 'second_trial_reasoning' holds only the oracle observation "
+                         f"(no answer to train on)")
+    return target
 
 
 def dpo_texts(record: dict, where: str) -> tuple[str, str, str]:

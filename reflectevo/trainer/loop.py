@@ -88,6 +88,20 @@ def base_weights_digest(model, samples: int = 1024) -> str:
     return h.hexdigest()[:16]
 
 
+def lora_layout(model) -> str:
+    """The LoRA layers the run trains: how many, their ranks and scalings, and a digest of (name, r, scaling) of
+    each. An --adapter fixes these, not --lora-r / --lora-alpha, so a resume must compare them on the model."""
+    import hashlib
+
+    from reflectevo.model.lora import lora_modules
+
+    mods = sorted(lora_modules(model).items())
+    text = "\n".join(f"{n} {m.r} {m.scaling!r}" for n, m in mods)
+    ranks = sorted({m.r for _, m in mods})
+    scalings = sorted({m.scaling for _, m in mods})
+    return f"{len(mods)} layers r={ranks} scaling={scalings} {hashlib.sha256(text.encode()).hexdigest()[:12]}"
+
+
 def model_identity(model, cfg: TrainConfig, device: torch.device) -> dict:
     """What a resumed run, or a cached reference, must share with the run that wrote it: the architecture, the
     base weights (float or NF4) and the compute precision."""
@@ -205,7 +219,7 @@ def run_training(model, tokenizer, cfg: TrainConfig, out_dir, objective, train: 
     total = total_steps(len(train), cfg)
     per_step = cfg.batch_size * cfg.grad_accum
     fingerprint = {**cfg.fingerprint(dpo), **model_identity(model, cfg, device), "num_examples": len(train),
-                   "data": data_digest(train + evals), **(extra_fingerprint or {})}
+                   "data": data_digest(train + evals), "lora_layout": lora_layout(model), **(extra_fingerprint or {})}
     optimizer = build_optimizer(list(params.values()), cfg, device)
 
     start = 0
@@ -217,6 +231,10 @@ def run_training(model, tokenizer, cfg: TrainConfig, out_dir, objective, train: 
                 if name not in saved["params"]:
                     raise TrainError(f"{state_dir / st.CHECKPOINT}: the saved adapter lacks {name!r} "
                                      f"(made for another model or LoRA setting)")
+                if saved["params"][name].shape != p.shape:   # a checkpoint older than its "lora_layout" entry
+                    raise TrainError(f"{state_dir / st.CHECKPOINT}: the saved LoRA tensor {name!r} has shape "
+                                     f"{tuple(saved['params'][name].shape)}, this model's {tuple(p.shape)} "
+                                     f"(resume with the run's --adapter / --lora-r)")
                 p.copy_(saved["params"][name].to(p.device, p.dtype))
         optimizer.load_state_dict(saved["optimizer"])
         start = int(saved["position"]["step"])

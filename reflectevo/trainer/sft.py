@@ -66,9 +66,12 @@ def prepare_examples(tokenizer, records, cfg: TrainConfig, dpo: bool) -> tuple[l
     if not train:
         raise TrainError(f"{cfg.data_path}: dataset empty after filtering ({skipped} of {len(train_recs)} records "
                          f"too long for --max-length {cfg.max_length})")
-    evals, _ = tokenize_records(eval_recs, tokenizer, cfg, dpo,
-                                cfg.extra.get("eval_path", cfg.data_path) if cfg.eval_data is not None
-                                else cfg.data_path)
+    eval_where = cfg.extra.get("eval_path", cfg.data_path) if cfg.eval_data is not None else cfg.data_path
+    evals, eval_skipped = tokenize_records(eval_recs, tokenizer, cfg, dpo, eval_where)
+    if not evals and (cfg.eval_data is not None or cfg.eval_fraction > 0):   # asked for, but nothing to evaluate
+        raise TrainError(f"{eval_where}: no held-out records to evaluate" +
+                         (f" ({eval_skipped} of {len(eval_recs)} too long for --max-length {cfg.max_length})"
+                          if eval_skipped else ""))
     for ex in evals:  # held-out keys never collide with training keys (the DPO reference cache is keyed by them)
         ex.key = "eval:" + ex.key
     return train, evals

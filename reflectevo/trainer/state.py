@@ -74,7 +74,13 @@ def load_checkpoint(state_dir: Path) -> dict | None:
 
 def check_fingerprint(saved: dict, current: dict, path: Path) -> None:
     for key in sorted(set(saved) | set(current), key=lambda k: (k != "model_shape", k != "model", k)):
+        if key == "lora_layout" and key not in saved:
+            continue   # a checkpoint written before the layout was recorded: the shapes are checked on loading
         if saved.get(key) != current.get(key):
+            if key == "lora_layout":
+                raise TrainError(f"{path}: cannot resume, the LoRA layers differ from the saved run's "
+                                 f"(saved {saved[key]!r}, now {current.get(key)!r}); resume with the --adapter, "
+                                 f"--lora-r, --lora-alpha, --rslora and --target-modules the run started with")
             if key == "model_shape":
                 raise TrainError(f"{path}: the saved adapter was made for another model "
                                  f"({saved.get(key)!r}, this run uses {current.get(key)!r})")
