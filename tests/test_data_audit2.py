@@ -108,3 +108,20 @@ def test_named_letter_repeated_is_not_a_hedge(pred):
                                   "A because B", "A. City B is the largest."])
 def test_article_and_hedges_still_name_no_option(pred):
     assert parse_choice(pred, Q) is None
+
+
+# ------------------------------------------------------------------------------------------------------------
+# arithmetic answers given as a fraction, and a data file that starts with a byte-order mark
+# ------------------------------------------------------------------------------------------------------------
+def test_arithmetic_fraction_is_its_value_not_its_denominator():
+    from reflectevo.data.verifiers import check_number
+    assert not check_number("1/2", 2) and not check_number("x = 3/4", 4)
+    assert check_number("84/2", 42) and check_number("= 84 / 2", 42) and check_number("-9/3", -3)
+    assert check_number("42", 42) and check_number("1,042 apples", 1042) and not check_number("1/0", 0)
+
+
+def test_jsonl_with_a_byte_order_mark_loads(tmp_path):
+    from reflectevo.data.jsonl import read_jsonl
+    path = tmp_path / "bom.jsonl"
+    path.write_bytes(b"\xef\xbb\xbf" + b'{"id": 1}\n{"id": 2}\n')
+    assert [r["id"] for r in read_jsonl(path)] == [1, 2]

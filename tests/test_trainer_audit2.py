@@ -134,3 +134,28 @@ def test_trial_2_that_is_only_the_observation_is_named(mode):
     rec["second_trial_reasoning"] = "thought : fix action : finish [ A ]\nObservation: Answer is CORRECT"
     ex = tokenize_records([(3, rec)], tiny_tokenizer(), cfg(mode=mode), False, "f.jsonl")[0][0]
     assert len(ex.responses[0]) > 1
+
+
+# ------------------------------------------------------------------------------------------------------------
+# more options that cannot work, and a finished run resumed
+# ------------------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("field, value, extra", [
+    ("lora_alpha", 0.0, {}),                          # a zero scale: the adapter would train nothing
+    ("lora_alpha", -8.0, {}),
+    ("eval_fraction", 0.25, {"eval_data": []}),       # two held-out sets named: the fraction was silently ignored
+])
+def test_more_unusable_options_are_named(field, value, extra):
+    with pytest.raises(TrainError, match=rf"^--{field.replace('_', '-')}: "):
+        cfg(**{field: value}, **extra).validate(False)
+
+
+def test_resuming_a_finished_run_keeps_its_summary(tmp_path):
+    import json
+
+    tok = tiny_tokenizer()
+    first = train_sft(tiny_model(), tok, d_plus(4), cfg(max_steps=2), tmp_path / "run")
+    assert first["train_seconds"] > 0 and first["tokens_per_s"] > 0
+    lines = (tmp_path / "run" / "metrics.jsonl").read_text()
+    again = train_sft(tiny_model(), tok, d_plus(4), cfg(max_steps=2, resume=True), tmp_path / "run")
+    assert again == first == json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert (tmp_path / "run" / "metrics.jsonl").read_text() == lines

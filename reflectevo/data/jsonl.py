@@ -56,7 +56,7 @@ def iter_jsonl(path: str | os.PathLike, required_fields: Iterable[str] = ()) -> 
     path = Path(path)
     required = tuple(required_fields)
     try:
-        text = path.read_text(encoding="utf-8")
+        text = path.read_text(encoding="utf-8-sig")  # a byte-order mark (some Windows editors) is dropped
     except FileNotFoundError:
         raise DataError(f"{path}: file not found") from None
     except (OSError, UnicodeDecodeError) as e:

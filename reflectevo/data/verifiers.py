@@ -8,7 +8,8 @@
 * MATH: :func:`check_math` (boxed extraction, normalisation and numeric equivalence live in ``math_equiv``).
 * Free text (BIG-bench free): SQuAD normalisation (lower case, no punctuation, no articles a/an/the, single
   spaces); :func:`exact_match` and token :func:`f1_score`.
-* Integers (arithmetic): :func:`check_number` accepts "42", "42.0", "$42", "1,042", "42 apples", "= 42".
+* Integers (arithmetic): :func:`check_number` accepts "42", "42.0", "$42", "1,042", "42 apples", "= 42";
+  a fraction "84/2" is its value (so "1/2" is not 2).
 * Code (MBPP): :func:`check_code` runs the candidate against the asserts in the sandbox.
 """
 from __future__ import annotations
@@ -179,7 +180,7 @@ def f1_score(prediction: str | None, gold: str) -> float:
     return 2 * precision * recall / (precision + recall)
 
 
-_NUMBER = re.compile(r"[-+]?(?:\d{1,3}(?:,\d{3})+|\d+)(?:\.\d+)?")
+_NUMBER = re.compile(r"[-+]?(?:\d{1,3}(?:,\d{3})+|\d+)(?:\.\d+)?(?:\s*/\s*\d+(?:\.\d+)?)?")
 
 
 def parse_number(prediction: str | None) -> Fraction | None:
@@ -191,8 +192,9 @@ def parse_number(prediction: str | None) -> Fraction | None:
     found = _NUMBER.findall(s)
     if not found:
         return None
+    num, _, den = found[-1].replace(",", "").replace(" ", "").partition("/")  # "1/2" is one half, not 2
     try:
-        return Fraction(found[-1].replace(",", ""))
+        return Fraction(num) / Fraction(den) if den else Fraction(num)
     except (ValueError, ZeroDivisionError):
         return None
 

@@ -90,6 +90,10 @@ class TrainConfig:
             bad("on_too_long", f"expected error or skip, got {self.on_too_long!r}")
         if not 0.0 <= self.eval_fraction < 1.0:
             bad("eval_fraction", f"must lie in [0, 1), got {self.eval_fraction}")
+        if self.eval_fraction and (self.eval_data is not None or self.extra.get("eval_path")):
+            bad("eval_fraction", "and --eval-data both name the held-out data: give one of them")
+        if self.lora_alpha is not None and not self.lora_alpha > 0:
+            bad("lora_alpha", f"must be > 0 (the adapter's scale is alpha / r), got {self.lora_alpha}")
         if self.max_steps is not None and self.max_steps < 1:
             bad("max_steps", f"must be >= 1, got {self.max_steps}")
         if self.max_steps is None and not self.epochs > 0:

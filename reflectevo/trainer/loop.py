@@ -315,6 +315,13 @@ def run_training(model, tokenizer, cfg: TrainConfig, out_dir, objective, train: 
                                                       "scheduler_step": done, "total_steps": total}, fingerprint, cfg)
     if start >= total:
         progress.message(f"{out}: already trained to step {total}; nothing to do")
+        if (out / "summary.json").is_file():  # the finished run's own figures (its speed, its time) stay
+            try:
+                kept = json.loads((out / "summary.json").read_text())
+                model.eval()
+                return kept
+            except (OSError, ValueError):
+                pass  # unreadable: written anew below
         lines = metrics_path.read_text().splitlines() if metrics_path.exists() else []
         last = json.loads(lines[-1]) if lines else {}
     if evals and not last_eval and eval_path.exists():   # a finished run resumed: report its last evaluation
