@@ -33,6 +33,7 @@ from reflectevo.gen.scheduler import Scheduler
 from reflectevo.gen.sequence import CompletionOutput, Sequence, Status
 
 
+_MAX_PENDING = 6  # output tokens an unfinished UTF-8 character may span before its bytes count as invalid
 CPU_KV_FRACTION = 0.2  # of MemAvailable: room for a second engine (adapter runs) and the training after it
 CPU_KV_MIN_GIB, CPU_KV_MAX_GIB, CPU_KV_FALLBACK_GIB = 0.5, 8.0, 2.0
 
@@ -230,15 +231,37 @@ class Engine:
             self.scheduler.finish(seq, reason)
 
     def _hit_stop_string(self, seq: Sequence) -> bool:
-        text = self.tokenizer.decode(seq.output_ids, skip_special_tokens=seq.params.skip_special_tokens)
-        longest = max(len(s) for s in seq.params.stop)
-        search_from = max(0, len(seq.text) - longest - 4)  # a match may start in text decoded earlier
-        seq.text = text
-        hits = [i for i in (text.find(s, search_from) for s in seq.params.stop) if i >= 0]
+        before = self._extend_text(seq)
+        # text settled before this token was searched then; a match ending in the new text starts after this
+        search_from = max(0, before - max(len(s) for s in seq.params.stop))
+        hits = [i for i in (seq.text.find(s, search_from) for s in seq.params.stop) if i >= 0]
         if hits:
             seq.stop_text_end = min(hits)
             return True
         return False
+
+    def _extend_text(self, seq: Sequence) -> int:
+        """Appends the output's newly settled text to ``seq.text``; returns its length before.
+
+        Incremental detokenization: only the tokens since the last settled point are decoded, after the tokens of
+        the previous piece as context (a SentencePiece word's leading space, a byte sequence split over tokens
+        decode right), so a step costs a few tokens' decoding instead of the whole output's. Text ending in U+FFFD
+        is an unfinished UTF-8 character (byte-level and byte-fallback tokenizers): it waits for its remaining
+        bytes, up to _MAX_PENDING tokens (then the bytes were invalid and stay as they are)."""
+        ids, skip = seq.token_ids, seq.params.skip_special_tokens
+        ctx, settled = (seq.num_prompt_tokens + o for o in seq.text_offsets)
+        full = self.tokenizer.decode(ids[ctx:], skip_special_tokens=skip)
+        if full.endswith("\ufffd") and len(ids) - settled < _MAX_PENDING:
+            return len(seq.text)
+        known = self.tokenizer.decode(ids[ctx:settled], skip_special_tokens=skip) if settled > ctx else ""
+        before = len(seq.text)
+        if full.startswith(known):
+            seq.text += full[len(known):]
+        else:  # a decoder that rewrote the context given more text: decode the whole output once
+            seq.text = self.tokenizer.decode(seq.output_ids, skip_special_tokens=skip)
+            before = min(before, len(seq.text))
+        seq.text_offsets = (settled - seq.num_prompt_tokens, len(ids) - seq.num_prompt_tokens)
+        return before
 
     def _output(self, seq: Sequence) -> CompletionOutput:
         ids = seq.output_ids
