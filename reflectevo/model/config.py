@@ -38,6 +38,7 @@ class ModelConfig:
     mlp_bias: bool = False
     sliding_window: int | None = None
     max_window_layers: int = 0  # layers with index >= this use the sliding window (Qwen2); 0 = all
+    layer_types: list[str] | None = None  # Qwen2's per-layer "full_attention" / "sliding_attention": wins when set
     architecture: str = "llama"
     name_or_path: str = ""
     bos_token_id: int | None = None
@@ -54,6 +55,10 @@ class ModelConfig:
                 raise ModelLoadError(f"rope_scaling type {kind!r} is not supported (supported: {KNOWN_ROPE_TYPES})")
             if kind == "default":
                 self.rope_scaling = None
+        try:  # a scaling without its parameters, or an odd head_dim, fails here and not mid-build with a traceback
+            rope_inv_freq(self.head_dim, self.rope_theta, self.rope_scaling)
+        except ValueError as e:
+            raise ModelLoadError(str(e)) from None
         if self.rope_freq_factors is not None and len(self.rope_freq_factors) != self.head_dim // 2:
             raise ModelLoadError(f"rope_freqs has {len(self.rope_freq_factors)} factors, head_dim {self.head_dim} "
                                  f"needs {self.head_dim // 2}")
@@ -66,9 +71,11 @@ class ModelConfig:
         return inv_freq
 
     def window_for_layer(self, layer_idx: int) -> int | None:
-        if self.sliding_window is None or layer_idx < self.max_window_layers:
+        if self.sliding_window is None:
             return None
-        return self.sliding_window
+        if self.layer_types is not None:  # as transformers: the list wins over max_window_layers
+            return self.sliding_window if self.layer_types[layer_idx] == "sliding_attention" else None
+        return None if layer_idx < self.max_window_layers else self.sliding_window
 
     @classmethod
     def from_hf(cls, cfg: dict, source: str = "config.json") -> "ModelConfig":
@@ -95,10 +102,16 @@ class ModelConfig:
             act = cfg.get("hidden_act", cfg.get("hidden_activation", "silu"))
             if act not in ("silu", "swish"):
                 raise ModelLoadError(f"{source}: hidden_act {act!r} is not supported (this decoder uses SwiGLU: silu)")
-            # a missing key takes transformers' default for the architecture (Mistral: a 4096-token window)
-            window = cfg["sliding_window"] if "sliding_window" in cfg else (4096 if arch == "mistral" else None)
+            # a missing key takes transformers' default for the architecture (Mistral, Qwen2: a 4096-token window)
+            window = cfg["sliding_window"] if "sliding_window" in cfg else (None if arch == "llama" else 4096)
             if arch == "qwen2" and not cfg.get("use_sliding_window", False):
                 window = None
+            layer_types = cfg.get("layer_types") if arch == "qwen2" else None  # Mistral's transformers ignores it
+            kinds = ("full_attention", "sliding_attention")
+            if layer_types is not None and (not isinstance(layer_types, list)
+                                            or any(t not in kinds for t in layer_types)
+                                            or len(layer_types) != int(cfg["num_hidden_layers"])):
+                raise ModelLoadError(f"layer_types must list num_hidden_layers of {kinds}, got {layer_types!r}")
             eos = cfg.get("eos_token_id")
             return cls(
                 vocab_size=int(cfg["vocab_size"]),
@@ -118,6 +131,7 @@ class ModelConfig:
                 mlp_bias=bool(cfg.get("mlp_bias", False)) if arch == "llama" else False,
                 sliding_window=int(window) if window else None,
                 max_window_layers=int(cfg.get("max_window_layers", 28)) if arch == "qwen2" else 0,
+                layer_types=list(layer_types) if layer_types is not None else None,
                 architecture=arch,
                 name_or_path=str(cfg.get("_name_or_path", "")),
                 bos_token_id=cfg.get("bos_token_id"),
@@ -125,6 +139,9 @@ class ModelConfig:
             )
         except KeyError as e:
             raise ModelLoadError(f"{source}: missing field {e.args[0]!r}") from None
+        except ModelLoadError as e:  # already says what is wrong; add the file where it does not name it
+            msg = str(e)
+            raise ModelLoadError(msg if msg.startswith(f"{source}:") else f"{source}: {msg}") from None
         except (TypeError, ValueError) as e:
             raise ModelLoadError(f"{source}: bad value ({e})") from None
 
@@ -163,6 +180,8 @@ class ModelConfig:
             cfg["use_sliding_window"] = self.sliding_window is not None
             cfg["sliding_window"] = self.sliding_window
             cfg["max_window_layers"] = self.max_window_layers
+            if self.layer_types is not None:
+                cfg["layer_types"] = list(self.layer_types)
         return cfg
 
     def replace(self, **changes) -> "ModelConfig":
@@ -176,4 +195,6 @@ def read_config_json(path: Path) -> ModelConfig:
         raise ModelLoadError(f"{path}: config.json not found") from None
     except json.JSONDecodeError as e:
         raise ModelLoadError(f"{path}:{e.lineno}: invalid JSON ({e.msg})") from None
+    if not isinstance(cfg, dict):
+        raise ModelLoadError(f"{path}: expected a JSON object, got {type(cfg).__name__}")
     return ModelConfig.from_hf(cfg, source=str(path))

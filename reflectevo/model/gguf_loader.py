@@ -60,7 +60,12 @@ def load_gguf(path: str | Path, dtype: torch.dtype = torch.float32):
         raise ModelLoadError(f"{path}: not a readable GGUF file ({str(e).splitlines()[0] if str(e) else type(e).__name__})") from None
     fields = read_fields(reader)
     config = config_from_gguf(fields, {t.name for t in reader.tensors}, str(path))
-    tokenizer = Tokenizer.from_gguf_fields(fields)
+    try:
+        tokenizer = Tokenizer.from_gguf_fields(fields)
+    except ModelLoadError as e:
+        raise ModelLoadError(f"{path}: {e}") from None
+    except KeyError as e:
+        raise ModelLoadError(f"{path}: GGUF metadata lacks {e.args[0]}") from None
     if not config.eos_token_ids:
         config.eos_token_ids = list(tokenizer.eos_token_ids)
     state = {}
@@ -103,7 +108,7 @@ def config_from_gguf(fields: dict, tensor_names: set[str], source: str) -> Model
     scaling = None
     kind = fields.get(f"{arch}.rope.scaling.type")
     if kind == "linear":
-        scaling = {"rope_type": "linear", "factor": float(fields[f"{arch}.rope.scaling.factor"])}
+        scaling = {"rope_type": "linear", "factor": float(get("rope.scaling.factor"))}
     elif kind not in (None, "none"):
         raise ModelLoadError(f"{source}: RoPE scaling {kind!r} is not supported (none or linear)")
     vocab = fields.get(f"{arch}.vocab_size") or len(fields.get("tokenizer.ggml.tokens", []))

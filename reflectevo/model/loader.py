@@ -134,8 +134,10 @@ def _read_hf_weights(path: Path) -> dict:
     if index.is_file():
         try:
             weight_map = json.loads(index.read_text())["weight_map"]
-        except (json.JSONDecodeError, KeyError) as e:
-            raise ModelLoadError(f"{index}: invalid safetensors index ({e})") from None
+        except (json.JSONDecodeError, KeyError, TypeError) as e:
+            raise ModelLoadError(f"{index}: invalid safetensors index ({type(e).__name__}: {e})") from None
+        if not isinstance(weight_map, dict) or not all(isinstance(f, str) for f in weight_map.values()):
+            raise ModelLoadError(f"{index}: invalid safetensors index (weight_map must map tensor names to file names)")
         files = sorted(set(weight_map.values()))
     elif (path / "model.safetensors").is_file():  # as transformers: other *.safetensors (consolidated, adapters) aside
         files = ["model.safetensors"]

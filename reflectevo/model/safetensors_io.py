@@ -40,19 +40,22 @@ def read_safetensors(path: str | Path) -> dict[str, torch.Tensor]:
         except (json.JSONDecodeError, UnicodeDecodeError):
             raise ModelLoadError(f"{path}: corrupt safetensors header (invalid JSON)") from None
         base = 8 + header_len
-        data_end = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0)
+        try:  # {name: (dtype, shape, (start, end))}; valid JSON of another shape is a corrupt header too
+            entries = {k: (v.get("dtype"), [int(d) for d in v["shape"]], tuple(int(o) for o in v["data_offsets"]))
+                       for k, v in header.items() if k != "__metadata__"}
+            if any(len(off) != 2 for _, _, off in entries.values()):
+                raise ValueError("data_offsets must be [start, end]")
+        except (AttributeError, KeyError, TypeError, ValueError) as e:
+            raise ModelLoadError(f"{path}: corrupt safetensors header ({type(e).__name__}: {e})") from None
+        data_end = max((off[1] for _, _, off in entries.values()), default=0)
         if base + data_end > size:
             raise ModelLoadError(f"{path}: truncated safetensors file ({size} bytes, header needs {base + data_end})")
         buf = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY) if size > base else None
     out = {}
-    for name, info in header.items():
-        if name == "__metadata__":
-            continue
-        dtype = _DTYPES.get(info.get("dtype"))
+    for name, (dtype_name, shape, (start, end)) in entries.items():
+        dtype = _DTYPES.get(dtype_name)
         if dtype is None:
-            raise ModelLoadError(f"{path}: tensor {name!r} has unsupported dtype {info.get('dtype')!r}")
-        start, end = info["data_offsets"]
-        shape = info["shape"]
+            raise ModelLoadError(f"{path}: tensor {name!r} has unsupported dtype {dtype_name!r}")
         count = 1
         for d in shape:
             count *= d

@@ -74,7 +74,8 @@ class Tokenizer:
         self.bos_token_id = bos_token_id
         self.eos_token_ids = list(dict.fromkeys(eos_token_ids or []))
         self.pad_token_id = pad_token_id if pad_token_id is not None else (self.eos_token_ids or [None])[0]
-        self._template = None
+        self.named_chat_templates: dict[str, str] = {}  # tokenizer_config's named templates ("tool_use", ...)
+        self._compiled: dict[str, object] = {}
 
     # -- basic ------------------------------------------------------------------------------------------
     @property
@@ -107,15 +108,46 @@ class Tokenizer:
         return self.eos_token_ids[0] if self.eos_token_ids else None
 
     # -- chat -------------------------------------------------------------------------------------------
-    def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True, **kwargs) -> str:
-        """The same text transformers' ``apply_chat_template(..., tokenize=False)`` renders."""
-        if not self.chat_template:
-            raise ValueError("this tokenizer has no chat template (tokenizer_config.json or GGUF metadata)")
-        if self._template is None:
-            self._template = _render_environment().from_string(self.chat_template)
+    def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True, *,
+                            continue_final_message: bool | str = False, chat_template: str | None = None,
+                            **kwargs) -> str:
+        """The same text transformers' ``apply_chat_template(..., tokenize=False)`` renders.
+
+        As there: message keys whose value is None are dropped (templates test ``'tool_calls' in message``);
+        ``continue_final_message`` leaves the last message open for the model to continue (no generation prompt
+        then); ``chat_template`` is a named template of this tokenizer or a template text; with ``tools`` a
+        "tool_use" named template is preferred.
+        """
+        template = self._pick_template(chat_template, kwargs.get("tools"))
+        compiled = self._compiled.get(template)
+        if compiled is None:
+            compiled = self._compiled[template] = _render_environment().from_string(template)
+        messages = [{k: v for k, v in m.items() if v is not None} if isinstance(m, dict) else m for m in messages]
         # transformers always passes tools and documents (None when not given); templates test `tools is not none`
         context = {"tools": None, "documents": None, **self.special_tokens, **kwargs}
-        return self._template.render(messages=messages, add_generation_prompt=add_generation_prompt, **context)
+        if not continue_final_message:
+            return compiled.render(messages=messages, add_generation_prompt=add_generation_prompt, **context)
+        # as transformers: tag the end of the final message, render, and cut the text at the tag
+        field = continue_final_message if isinstance(continue_final_message, str) else "content"
+        final = messages[-1].get(field) if messages else None
+        if not isinstance(final, str):
+            raise ValueError(f"continue_final_message: the final message has no text {field!r} to continue")
+        tag = "CONTINUE_FINAL_MESSAGE_TAG "
+        messages[-1] = {**messages[-1], field: final + tag}
+        text = compiled.render(messages=messages, add_generation_prompt=False, **context)
+        if final.strip() not in text or tag.strip() not in text:
+            raise ValueError("continue_final_message: the chat template does not render the final message as given")
+        at = text.rindex(tag.strip())
+        return text[:at] if text[at:at + len(tag)] == tag else text[:at].rstrip()
+
+    def _pick_template(self, chat_template: str | None, tools) -> str:
+        if chat_template is not None:
+            return self.named_chat_templates.get(chat_template, chat_template)
+        if tools is not None and "tool_use" in self.named_chat_templates:
+            return self.named_chat_templates["tool_use"]
+        if not self.chat_template:
+            raise ValueError("this tokenizer has no chat template (tokenizer_config.json or GGUF metadata)")
+        return self.chat_template
 
     # -- construction -----------------------------------------------------------------------------------
     @classmethod
@@ -132,13 +164,20 @@ class Tokenizer:
         gen = _read_json(path / "generation_config.json")
         model_cfg = _read_json(path / "config.json")
         template = cfg.get("chat_template")
-        if isinstance(template, list):  # named templates: take "default"
-            template = next((t["template"] for t in template if t.get("name") == "default"), None)
+        named = {}
+        if isinstance(template, list):  # named templates: "default" renders unless a call asks for another
+            named = {t["name"]: t["template"] for t in template if isinstance(t, dict) and "name" in t}
+            template = named.get("default")
         if (path / "chat_template.jinja").is_file():  # takes priority over tokenizer_config, as in transformers
             template = (path / "chat_template.jinja").read_text(encoding="utf-8")
+        if (path / "additional_chat_templates").is_dir():  # how transformers 5 saves named templates
+            named = {f.stem: f.read_text(encoding="utf-8")
+                     for f in sorted((path / "additional_chat_templates").glob("*.jinja"))}
         special_map = _read_json(path / "special_tokens_map.json")  # tokenizer_config.json wins, as in transformers
+        # every named special token transformers hands the template (a template may print {{ sep_token }})
         specials = {k: _token_text(cfg.get(k)) or _token_text(special_map.get(k))
-                    for k in ("bos_token", "eos_token", "unk_token", "pad_token")}
+                    for k in ("bos_token", "eos_token", "unk_token", "sep_token", "pad_token", "cls_token",
+                              "mask_token")}
         eos_ids = []
         for src in (gen.get("eos_token_id"), model_cfg.get("eos_token_id")):
             eos_ids += src if isinstance(src, list) else ([src] if src is not None else [])
@@ -148,7 +187,9 @@ class Tokenizer:
         bos_id = backend.token_to_id(bos) if bos else model_cfg.get("bos_token_id")
         pad = specials.get("pad_token")
         pad_id = backend.token_to_id(pad) if pad else None
-        return cls(backend, template, specials, eos_ids, bos_id, pad_id)
+        tok = cls(backend, template, specials, eos_ids, bos_id, pad_id)
+        tok.named_chat_templates = named
+        return tok
 
     @classmethod
     def from_gguf_fields(cls, fields: dict) -> "Tokenizer":
