@@ -96,7 +96,7 @@ class Engine:
         """Forget every cached prefix, so the next prompts compute all their K/V again. ``generate`` does this
         itself when it sees the weights changed (in place, replaced, a trainable parameter's content, an NF4
         base's storage, LoRA scaling or switches); call it after a change it cannot see, e.g. to a module's code
-        or buffers. Only between ``generate`` calls."""
+        or buffers, or a frozen weight edited in place through ``.data`` (which has its own version counter). Only between ``generate`` calls."""
         self.block_manager.reset_prefix_cache()
 
     @staticmethod
