@@ -21,6 +21,8 @@ result into chosen / rejected halves and call ``dpo_loss``. The fused kernel's F
 """
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 
@@ -54,6 +56,8 @@ def sequence_logps(token_logps: torch.Tensor, seq_ids: torch.Tensor, num_seqs: i
         counted = counted & valid.bool()
     index = torch.where(counted, seq_ids, 0).long()
     values = torch.where(counted, token_logps.float(), 0.0)
+    if num_seqs == 0:  # no sequence (every id -1): index_add would reject the placeholder index 0
+        return values[:0]
     sums = torch.zeros(num_seqs, dtype=torch.float32, device=token_logps.device).index_add(0, index, values)
     if not average:
         return sums
@@ -68,8 +72,8 @@ def dpo_loss(policy_chosen_logps: torch.Tensor, policy_rejected_logps: torch.Ten
     """Mean DPO loss over pairs and a dict of TRL-named metrics (0-d detached tensors). See module docstring."""
     if loss_type not in LOSS_TYPES:
         raise ValueError(f"loss_type: expected one of {LOSS_TYPES}, got {loss_type!r}")
-    if not beta > 0:
-        raise ValueError(f"beta: must be > 0, got {beta}")
+    if not (beta > 0 and math.isfinite(beta)):  # beta = inf turns every loss and reward into NaN / inf
+        raise ValueError(f"beta: must be a finite number > 0, got {beta}")
     if not 0.0 <= label_smoothing < 0.5:
         raise ValueError(f"label_smoothing: must lie in [0, 0.5), got {label_smoothing}")
     tensors = (policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps)

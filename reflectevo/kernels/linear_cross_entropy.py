@@ -19,7 +19,8 @@ from __future__ import annotations
 import torch
 
 from reflectevo.kernels._dispatch import use_triton
-from reflectevo.kernels.linear_logprobs import chunked_pass, linear_logprobs, linear_logprobs_reference, prepare
+from reflectevo.kernels.linear_logprobs import (chunked_pass, empty_batch_zeros, linear_logprobs,
+                                                linear_logprobs_reference, prepare)
 
 REDUCTIONS = ("mean", "sum", "none")
 
@@ -80,7 +81,7 @@ def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, labels: tor
         return _reduce(-logp, labels != ignore_index, reduction)
     x, w, flat_labels, valid, _ = prepare(hidden, weight, labels, ignore_index, impl)
     if x.shape[0] == 0:
-        return (x.sum() * 0).float()
+        return empty_batch_zeros(x, w)
     scale = 1.0 / valid.sum().clamp(min=1).float() if reduction == "mean" else torch.ones((), device=x.device)
     grad_on = torch.is_grad_enabled()
     return LinearCrossEntropyFunction.apply(x, w, flat_labels, valid, scale, use_triton(x),

@@ -176,7 +176,9 @@ def chunked_pass(x, w, labels, valid, row_weight, want_dx: bool, want_dw: bool, 
     G uses ``row_weight`` [N] fp32 (0 on ignored tokens); it may be None when neither gradient is wanted.
     ``low_precision``: 16-bit logits in place of fp32 (``impl="chunks16"``; Triton row step only).
     """
-    with torch.autocast("cpu", enabled=False):  # CPU bf16 autocast would round the fp32 logits and G
+    # autocast off on the inputs' device: it would round fp32 logits and G to 16 bits in the forward while the
+    # backward's recompute (never under autocast) stays in fp32
+    with torch.autocast(x.device.type, enabled=False):
         return _chunked_pass(x, w, labels, valid, row_weight, want_dx, want_dw, triton_rows, low_precision)
 
 
@@ -255,6 +257,8 @@ def check_inputs(hidden, weight, labels, ignore_index):
     if hidden.device != weight.device or hidden.device != labels.device:
         raise ValueError("hidden, weight, labels: must be on the same device")
     v = weight.shape[0]
+    if v == 0:
+        raise ValueError(f"weight: empty vocabulary (shape {tuple(weight.shape)}), need V >= 1 rows")
     bad = (labels != ignore_index) & ((labels < 0) | (labels >= v))
     if labels.numel() and bool(bad.any()):
         raise ValueError(f"labels: values must lie in [0, {v}) or equal ignore_index={ignore_index}")
@@ -279,6 +283,13 @@ def prepare(hidden, weight, labels, ignore_index, impl):
     return x, w, flat_labels, flat_labels != ignore_index, tiles
 
 
+def empty_batch_zeros(x, w, dim=None) -> torch.Tensor:
+    """fp32 zeros for an empty x [0, H] (sum over ``dim``, all when None), differentiable w.r.t. x and w (as the
+    full-logits reference is) at no cost: only empty slices are summed."""
+    zeros = x.sum() if dim is None else x.sum(dim)
+    return (zeros + w[:0].sum()).float()
+
+
 def linear_logprobs(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor,
                     ignore_index: int = -100, impl: str = "auto") -> torch.Tensor:
     """log_softmax(hidden @ weight.T)[i, labels[i]] as float32, 0 where labels == ignore_index.
@@ -290,8 +301,8 @@ def linear_logprobs(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Te
     (the fully tiled Triton kernels).
     """
     x, w, flat_labels, valid, tiles = prepare(hidden, weight, labels, ignore_index, impl)
-    if x.shape[0] == 0:
-        return (x.sum(-1) * 0).float().reshape(labels.shape)
+    if x.shape[0] == 0:  # empty batch: zeros tied to both inputs, so each one that requires grad gets a zero grad
+        return empty_batch_zeros(x, w, -1).reshape(labels.shape)
     if tiles:
         logp = TiledLogprobsFunction.apply(x, w, flat_labels, valid)
     else:
