@@ -141,6 +141,7 @@ class LoRALinear(nn.Module):
         self.reset_lora_parameters()
         for p in self.base.parameters():
             p.requires_grad_(False)
+        self.train(base.training)  # the mode of the layer it replaces: no dropout when wrapped in an eval model
 
     def reset_lora_parameters(self):
         nn.init.kaiming_uniform_(self.lora_A.weight, a=math.sqrt(5))
@@ -350,6 +351,13 @@ def attach_lora(model: nn.Module, r: int = 8, alpha: float = 16, dropout: float 
     for p in params:
         p.requires_grad_(True)
     return params
+
+
+def remove_lora(model: nn.Module) -> None:
+    """Put every LoRALinear's base layer back in its place (the adapters are dropped, not merged)."""
+    for name, m in lora_modules(model).items():
+        parent, attr = _parent(model, name)
+        setattr(parent, attr, m.base)
 
 
 def lora_modules(model: nn.Module) -> dict[str, LoRALinear]:

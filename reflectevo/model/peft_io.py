@@ -17,7 +17,8 @@ import torch
 
 from reflectevo.atomic import fsync_dir
 from reflectevo.errors import ModelLoadError
-from reflectevo.model.lora import attach_lora, lora_modules, merged_state_dict
+from reflectevo.model.lora import attach_lora, lora_modules, merged_state_dict, remove_lora
+from reflectevo.model.safetensors_io import read_safetensors
 
 CONFIG_NAME = "adapter_config.json"
 # adapter_config.json keys that may hold any value: bookkeeping, initialisation-only settings, or ones whose
@@ -29,6 +30,7 @@ HARMLESS_CONFIG_KEYS = {"peft_type", "task_type", "r", "lora_alpha", "lora_dropo
                         "qalora_group_size"}
 BASE_CHANGING_INITS = ("pissa", "olora", "corda", "loftq")  # PEFT inits that rewrite the base weights
 PEFT_DEFAULT_ALPHA = 8
+PEFT_DEFAULT_R = 8
 WEIGHTS_NAME = "adapter_model.safetensors"
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "generation_config.json",
                    "tokenizer.model", "vocab.json", "merges.txt", "chat_template.jinja")
@@ -155,10 +157,13 @@ def _read_adapter(adapter_dir: Path) -> tuple[dict, dict]:
         raise ModelLoadError(f"{cfg_path}: adapter_config.json not found") from None
     except json.JSONDecodeError as e:
         raise ModelLoadError(f"{cfg_path}:{e.lineno}: invalid JSON ({e.msg})") from None
+    if not isinstance(cfg, dict):
+        raise ModelLoadError(f"{cfg_path}: expected a JSON object, got {type(cfg).__name__}")
     if cfg.get("peft_type", "LORA") != "LORA":
         raise ModelLoadError(f"{cfg_path}: peft_type {cfg.get('peft_type')!r} is not supported (only LORA)")
-    if cfg.get("bias", "none") != "none":
-        raise ModelLoadError(f"{cfg_path}: bias={cfg['bias']!r} adapters are not supported (only 'none')")
+    bias = cfg.get("bias", "none")
+    if bias not in ("none", "all", "lora_only"):
+        raise ModelLoadError(f"{cfg_path}: bias={bias!r} is not one of 'none', 'all', 'lora_only'")
     init = cfg.get("init_lora_weights", True)
     if isinstance(init, str) and init.lower().startswith(BASE_CHANGING_INITS):
         raise ModelLoadError(f"{cfg_path}: init_lora_weights={init!r} changes the base weights the adapter goes with "
@@ -166,16 +171,43 @@ def _read_adapter(adapter_dir: Path) -> tuple[dict, dict]:
     for key, value in cfg.items():  # anything else that is set changes the forward pass in ways we do not model
         if key not in HARMLESS_CONFIG_KEYS and value not in (None, False, {}, [], ""):
             raise ModelLoadError(f"{cfg_path}: {key}={json.dumps(value)[:60]} is not supported")
+    _hyperparameters(cfg, cfg_path)
     wpath = adapter_dir / WEIGHTS_NAME
     if wpath.is_file():
-        from safetensors.torch import load_file
-
-        weights = load_file(str(wpath))
+        weights = read_safetensors(wpath)  # errors name the file (truncated, corrupt header, ...)
     elif (adapter_dir / "adapter_model.bin").is_file():
-        weights = torch.load(adapter_dir / "adapter_model.bin", map_location="cpu", weights_only=True)
+        bpath = adapter_dir / "adapter_model.bin"
+        try:
+            weights = torch.load(bpath, map_location="cpu", weights_only=True)
+        except Exception as e:  # unpickling / zip errors of every kind
+            raise ModelLoadError(f"{bpath}: unreadable ({type(e).__name__}: {str(e).splitlines()[0][:120]})") from None
+        if not isinstance(weights, dict) or not all(isinstance(t, torch.Tensor) for t in weights.values()):
+            raise ModelLoadError(f"{bpath}: expected a dict of tensors")
     else:
         raise ModelLoadError(f"{wpath}: adapter weights not found")
+    # bias 'all' / 'lora_only' train the base layers' biases; on a model without any the file is plain LoRA
+    trained = sorted(k for k in weights if k.endswith(".bias"))
+    if bias != "none" and trained:
+        raise ModelLoadError(f"{cfg_path}: bias={bias!r} adapters with trained base biases are not supported "
+                             f"(the weights hold {trained[0]!r})")
     return cfg, weights
+
+
+def _hyperparameters(cfg: dict, cfg_path: Path) -> tuple[int, float, float, bool]:
+    """(r, lora_alpha, lora_dropout, use_rslora), PEFT's defaults for absent keys; bad values name the key."""
+    def number(key, default):
+        v = cfg.get(key, default)
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
+            raise ModelLoadError(f"{cfg_path}: {key}={json.dumps(v)[:40]} is not a finite number")
+        return v
+
+    r, alpha = number("r", PEFT_DEFAULT_R), number("lora_alpha", PEFT_DEFAULT_ALPHA)
+    dropout = number("lora_dropout", 0.0)
+    if r != int(r) or r <= 0:
+        raise ModelLoadError(f"{cfg_path}: r={r} must be a positive integer")
+    if not 0.0 <= dropout < 1.0:
+        raise ModelLoadError(f"{cfg_path}: lora_dropout={dropout} must lie in [0, 1)")
+    return int(r), float(alpha), float(dropout), bool(cfg.get("use_rslora", False))
 
 
 @torch.no_grad()
@@ -185,12 +217,8 @@ def load_adapter(model: torch.nn.Module, adapter_dir) -> torch.nn.Module:
     adapter_dir = Path(adapter_dir)
     cfg, weights = _read_adapter(adapter_dir)
     wpath = adapter_dir / WEIGHTS_NAME
-    r, alpha = int(cfg["r"]), float(cfg.get("lora_alpha", PEFT_DEFAULT_ALPHA))
-    rslora = bool(cfg.get("use_rslora", False))
+    r, alpha, dropout, rslora = _hyperparameters(cfg, adapter_dir / CONFIG_NAME)
     scaling = alpha / (math.sqrt(r) if rslora else r)
-    targets = cfg.get("target_modules")
-    if isinstance(targets, list):
-        targets = tuple(targets)
     mods = lora_modules(model)
     if not mods:
         # only modules the file has weights for get adapters (PEFT's target list may name absent layers)
@@ -201,10 +229,23 @@ def load_adapter(model: torch.nn.Module, adapter_dir) -> torch.nn.Module:
         unknown = sorted(p for p in paths if not _has_linear(model, p))
         if unknown:
             raise ModelLoadError(f"{wpath}: key {peft_key(unknown[0], 'lora_A')!r} names no linear layer of this model")
-        attach_lora(model, r=r, alpha=alpha, dropout=float(cfg.get("lora_dropout", 0.0)),
-                    target_modules="|".join(map(_re_escape, sorted(paths))),
+        grads = [(p, p.requires_grad) for p in model.parameters()]
+        attach_lora(model, r=r, alpha=alpha, dropout=dropout, target_modules="|".join(map(_re_escape, sorted(paths))),
                     use_rslora=rslora)
-        mods = lora_modules(model)
+        try:
+            return _fill_adapter(model, adapter_dir, weights, r, alpha, rslora, scaling)
+        except BaseException:  # a refused adapter leaves the model as it was
+            remove_lora(model)
+            for p, flag in grads:
+                p.requires_grad_(flag)
+            raise
+    return _fill_adapter(model, adapter_dir, weights, r, alpha, rslora, scaling)
+
+
+def _fill_adapter(model, adapter_dir: Path, weights: dict, r: int, alpha: float, rslora: bool, scaling: float):
+    """Check the file's keys and shapes against the model's LoRA layers, then copy the weights in."""
+    wpath = adapter_dir / WEIGHTS_NAME
+    mods = lora_modules(model)
     expected = {}
     for name, m in mods.items():
         if m.r != r:
