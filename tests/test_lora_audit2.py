@@ -131,3 +131,16 @@ def test_adapter_with_trained_biases_is_refused_naming_the_key(tmp_path):
     with pytest.raises(ModelLoadError, match=r"bias='all'.*layers\.0\.self_attn\.\w_proj\.(base_layer\.)?bias") as e:
         load_adapter(ours, tmp_path / "adapter")
     assert "\n" not in str(e.value) and not has_lora(ours)
+
+
+def test_errors_about_a_bin_adapter_name_the_bin_file(tmp_path):
+    from safetensors.torch import load_file
+
+    d, adapter, _ = _peft_adapter(tmp_path, r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"])
+    weights = load_file(str(adapter / "adapter_model.safetensors"))
+    key = next(iter(weights))
+    weights[key] = weights[key][:, :-1].clone()  # another shape
+    torch.save(weights, adapter / "adapter_model.bin")
+    (adapter / "adapter_model.safetensors").unlink()
+    with pytest.raises(ModelLoadError, match=r"adapter_model\.bin: .*" + key.split(".")[-3]):
+        load_adapter(_ours_from_hf_dir(d), adapter)

@@ -28,7 +28,7 @@ HARMLESS_CONFIG_KEYS = {"peft_type", "task_type", "r", "lora_alpha", "lora_dropo
                         "revision", "inference_mode", "init_lora_weights", "auto_mapping", "bias", "megatron_config",
                         "megatron_core", "eva_config", "runtime_config", "peft_version", "ensure_weight_tying",
                         "qalora_group_size"}
-BASE_CHANGING_INITS = ("pissa", "olora", "corda", "loftq")  # PEFT inits that rewrite the base weights
+BASE_CHANGING_INITS = ("pissa", "olora", "corda", "loftq", "lora_ga")  # PEFT inits that rewrite the base weights
 PEFT_DEFAULT_ALPHA = 8
 PEFT_DEFAULT_R = 8
 WEIGHTS_NAME = "adapter_model.safetensors"
@@ -210,13 +210,19 @@ def _hyperparameters(cfg: dict, cfg_path: Path) -> tuple[int, float, float, bool
     return int(r), float(alpha), float(dropout), bool(cfg.get("use_rslora", False))
 
 
+def _weights_path(adapter_dir: Path) -> Path:
+    """The adapter's weight file: adapter_model.safetensors, else the older adapter_model.bin."""
+    st = adapter_dir / WEIGHTS_NAME
+    return st if st.is_file() or not (adapter_dir / "adapter_model.bin").is_file() else adapter_dir / "adapter_model.bin"
+
+
 @torch.no_grad()
 def load_adapter(model: torch.nn.Module, adapter_dir) -> torch.nn.Module:
     """Attach LoRA as the adapter's config says (unless already attached with the same r and scale) and load its
     weights. Any key that names no module of ours, or has another shape, is an error naming the key."""
     adapter_dir = Path(adapter_dir)
     cfg, weights = _read_adapter(adapter_dir)
-    wpath = adapter_dir / WEIGHTS_NAME
+    wpath = _weights_path(adapter_dir)
     r, alpha, dropout, rslora = _hyperparameters(cfg, adapter_dir / CONFIG_NAME)
     scaling = alpha / (math.sqrt(r) if rslora else r)
     mods = lora_modules(model)
@@ -244,7 +250,7 @@ def load_adapter(model: torch.nn.Module, adapter_dir) -> torch.nn.Module:
 
 def _fill_adapter(model, adapter_dir: Path, weights: dict, r: int, alpha: float, rslora: bool, scaling: float):
     """Check the file's keys and shapes against the model's LoRA layers, then copy the weights in."""
-    wpath = adapter_dir / WEIGHTS_NAME
+    wpath = _weights_path(adapter_dir)
     mods = lora_modules(model)
     expected = {}
     for name, m in mods.items():
