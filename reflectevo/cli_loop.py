@@ -89,7 +89,8 @@ def add_eval_args(p):
                    help="PEFT LoRA adapter that answers trial 2 (two-stage SFT: the 'correct' stage; reflections "
                    "still from --adapter, trial 1 from the base model); loads a second copy of the model")
     p.add_argument("--trial1-cache", default=None,
-                   help="JSONL of trial-1 outputs keyed by id (read if present, missing ids appended)")
+                   help="JSONL of trial-1 outputs keyed by id (read if present, missing ids appended; the raw "
+                   "file of a generate / eval run is only read)")
     p.add_argument("--resume", action="store_true", help="keep RESULT.raw.jsonl and continue it")
     p.add_argument("--overwrite", action="store_true",
                    help="delete an existing RESULT.raw.jsonl and start over (without it or --resume: an error)")
@@ -196,17 +197,31 @@ def build_engines(model, tokenizer, adapter: bool, kv_cache_gib=None, max_num_se
         Engine(model, tokenizer, kv_cache_gib=half, **kw)
 
 
+def prompts_id(path) -> str | None:
+    """A fingerprint of a --prompts file's templates (None: the built-in prompts), kept with a raw file's settings
+    so that a rerun / resume with other prompts is refused instead of mixing records of two prompt sets."""
+    if not path:
+        return None
+    import hashlib
+
+    data = json.loads(Path(path).read_text(encoding="utf-8"))  # load_prompts has checked it
+    return hashlib.sha256(json.dumps(data, sort_keys=True).encode("utf-8")).hexdigest()[:16]
+
+
 def loop_config(args, test_time: bool):
     from reflectevo.data.loop import LoopConfig
 
-    name = str(args.model)
+    # the generator as the records name it: 4-bit weights generate other text than the full-precision model, so a
+    # quantized run is another source (a rerun / resume mixing the two is refused)
+    name = str(args.model) + (f" ({args.quantize})" if getattr(args, "quantize", None) else "")
     cfg = LoopConfig(n_reflections=getattr(args, "n_reflections", 1), demand=getattr(args, "demand", "1-1-1"),
                      seed=args.seed, max_tokens=args.max_tokens, reflection_max_tokens=args.reflection_max_tokens,
                      reflection_temperature=args.reflection_temperature, reflection_top_p=args.reflection_top_p,
                      chunk_size=args.chunk_size, test_time=test_time, reasoning_source=name,
                      reflection_source=name + (f" + adapter {args.adapter}" if args.adapter else ""),
                      trial2_source=(f"{name} + adapter {args.trial2_adapter}"
-                                    if getattr(args, "trial2_adapter", None) else None))
+                                    if getattr(args, "trial2_adapter", None) else None),
+                     prompts_id=prompts_id(getattr(args, "prompts", None)))
     if not cfg.reflection_temperature >= 0:
         raise LoopArgError(f"--reflection-temperature must be >= 0, got {cfg.reflection_temperature}")
     if not 0 < cfg.reflection_top_p <= 1:

@@ -125,3 +125,10 @@ def test_jsonl_with_a_byte_order_mark_loads(tmp_path):
     path = tmp_path / "bom.jsonl"
     path.write_bytes(b"\xef\xbb\xbf" + b'{"id": 1}\n{"id": 2}\n')
     assert [r["id"] for r in read_jsonl(path)] == [1, 2]
+
+
+def test_math_numbers_past_the_int_conversion_limit_compare_as_strings():
+    from reflectevo.data.math_equiv import is_equiv
+    big = "9" * 5000  # Fraction() raises ValueError past ~4300 digits
+    assert is_equiv(big, big) and is_equiv(f"\\boxed{{{big}}}", big)
+    assert not is_equiv(big, "9") and not is_equiv(big + "/3", "3") and not is_equiv("1\\frac{1}{" + big + "}", "1")

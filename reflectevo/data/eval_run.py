@@ -6,7 +6,8 @@
   (``trial1_cache``: any raw JSONL whose records carry ``output[0]``, e.g. an earlier eval's raw file or a
   generate RAW.jsonl) so that settings are compared on the same first trials. A question hits the cache when
   its id AND question match (the same id with another question is an error); missing ones are computed and
-  appended to the cache file chunk by chunk (a torn last line from a killed run is cut off on the next read).
+  appended to the cache file chunk by chunk (a torn last line from a killed run is cut off on the next read),
+  unless that file is the raw file of a run (``is_run_raw``), which is only read.
 * One reflection per wrong trial 1 with the test-time reflection prompt (no demand), from the reflector (the
   adapter model with ``--adapter``; trial 1 always from the base model), then trial 2 (greedy) from the
   trial-1 transcript, by the base model or, for two-stage SFT, by its own engine (``trial2_engine``: the
@@ -23,6 +24,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 import time
 from pathlib import Path
 
@@ -33,12 +35,17 @@ from .loop import LoopConfig, ReflectLoop, check_resumed_sources
 
 __all__ = ["run_eval", "load_trial1_cache", "raw_path_for", "check_trial1_cache", "write_json_atomic",
            "format_table", "check_eval_raw", "settings_path_for",
-           "check_raw_settings", "generate_settings"]
+           "check_raw_settings", "generate_settings", "is_run_raw"]
 
 # the settings a raw file's records depend on (the sources are checked on the records themselves)
 _SETTINGS = ("seed", "max_tokens", "action_max_tokens", "reflection_max_tokens", "reflection_temperature",
-             "reflection_top_p", "force_action", "reasoning_source", "reflection_source", "trial2_source")
+             "reflection_top_p", "force_action", "reasoning_source", "reflection_source", "trial2_source",
+             "prompts_id")
 GENERATE_SETTINGS = ("n_reflections", "demand", "test_time", *_SETTINGS)
+
+
+def _log(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
 
 
 def raw_path_for(out_json) -> Path:
@@ -133,6 +140,23 @@ def load_trial1_cache(path) -> dict:
     return cache
 
 
+def is_run_raw(path) -> bool:
+    """Whether ``path`` is the raw file of a generate / eval run (a settings file beside it, or a record with
+    trial-2 entries) rather than a file of trial-1 entries only: such a file may serve as a trial-1 cache, but
+    trial-1-only records appended to it would later read as complete questions (a rerun of that generate would
+    skip them, giving them no reflections; a resumed eval would count them wrong at trial 2)."""
+    path = Path(path)
+    if not path.exists():
+        return False
+    if path.with_name(path.stem + ".settings.json").exists():
+        return True
+    for _line, rec in iter_jsonl(path):
+        out = rec.get("output")
+        if isinstance(out, list) and len(out) > 1:
+            return True
+    return False
+
+
 def _append_trial1(path, records: list[dict], known: set) -> None:
     """Append the trial-1 entries of ``records`` not in ``known`` (updated) to the cache file, fsynced."""
     fresh = [r for r in records if _key(r) not in known]
@@ -174,9 +198,12 @@ def run_eval(task, items: list[dict], trial_engine, reflect_engine, tokenizer, o
             raise DataError(f"{trial1_cache}: id {item['id']!r} has another question than the test data "
                             "(a trial-1 cache from another data set?)")
     known = set(cache_raw)
+    append = trial1_cache is not None and not is_run_raw(trial1_cache)
+    if trial1_cache is not None and not append:
+        (log or _log)(f"{trial1_cache}: the raw file of a run: its trial-1 outputs are read, nothing is appended to it")
 
     def after_chunk(_index, records):
-        if trial1_cache is not None:
+        if append:
             _append_trial1(trial1_cache, records, known)
 
     kwargs = {} if log is None else {"log": log}
@@ -186,7 +213,7 @@ def run_eval(task, items: list[dict], trial_engine, reflect_engine, tokenizer, o
     stats = loop.run(items, raw, trial1_cache=cache, after_chunk=after_chunk)
     wanted = {repr(it["id"]) for it in items}
     records = [r for r in read_jsonl(raw) if repr(r["id"]) in wanted]
-    if trial1_cache is not None:  # records of a resumed raw file whose chunk ran before
+    if append:  # records of a resumed raw file whose chunk ran before
         _append_trial1(trial1_cache, records, known)
     result = evaluate_records(records, task)
     result.update({"trial1_from_cache": len(cache), "raw": str(raw), "seconds": time.perf_counter() - start,

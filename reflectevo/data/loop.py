@@ -26,7 +26,7 @@ action and answer are parsed from the text (``Prompts.parse_trial``; an Action l
 its turn before an "Action:" line, or left that line empty), a second greedy call, batched over all such trials,
 continues exactly that text with "\\nAction:" (after the empty "Action:" itself when there is one) and gives the
 action (the official code's second call). The oracle observation (right / wrong, from the gold answer) then ends
-the transcript.
+the transcript; an answer whose check raises is wrong, with the reason in its ``error`` (``ReflectLoop.verify``).
 
 Prompts are saved exactly as the engine received them (the text its ids decode to, which is the chat
 template's rendering of the conversation): ``reason_prompt`` / ``reflection_prompt`` are the prompts of the
@@ -60,6 +60,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
+from ..errors import ReflectEvoError
 from .conversation import Prompt, PromptBuilder, Segment
 from .instructions import parse_demand, sample_demand
 from .jsonl import DataError, append_jsonl, completed_records, iter_jsonl
@@ -85,6 +86,7 @@ class LoopConfig:
     reasoning_source: str = "N/A"       # names written into the records
     reflection_source: str = "N/A"
     trial2_source: str | None = None    # trial 2's reasoning_source when another model answers it (None: the same)
+    prompts_id: str | None = None       # fingerprint of the prompt templates when not the built-in ones (settings)
 
     def validate(self) -> None:
         if self.n_reflections < 1:
@@ -282,14 +284,40 @@ class ReflectLoop:
                 reasons[i] = o[0].finish_reason
         answers = [tr.trial.answer for tr in trials]
         kwargs = {"workers": self.cfg.verify_workers} if is_code else {}
-        verdicts = self.task.check_many(answers, items, **kwargs)
-        for tr, ok, reason in zip(trials, verdicts, reasons):
+        verdicts, failures = self.verify(answers, items, kwargs)
+        for tr, ok, failure, reason in zip(trials, verdicts, failures, reasons):
             tr.correct = bool(ok)
             if tr.trial.answer is None:
                 tr.error = ("no answer: the output has no valid action" +
                             (" (generation hit max_tokens)" if reason == "length" else ""))
+            elif failure is not None:
+                tr.error = failure
             tr.transcript = self.P.transcript(tr.trial, tr.correct)
         return trials
+
+    def verify(self, answers: list, items: list[dict], kwargs: dict) -> tuple[list[bool], list[str | None]]:
+        """The task's verdicts on ``answers``. An answer whose check raises (e.g. a MATH answer with a number too
+        long for Python's int conversion) is wrong, with the reason as its error, instead of ending the run (and
+        every rerun of it: greedy trials give the same answer again). Bad data (ReflectEvoError) and OS failures
+        (the sandbox cannot start) still stop the run: they are not the answer's fault."""
+        try:
+            return list(self.task.check_many(answers, items, **kwargs)), [None] * len(answers)
+        except (ReflectEvoError, OSError):
+            raise
+        except Exception:
+            pass
+        verdicts, failures = [], []
+        for answer, item in zip(answers, items):  # find the answer(s) the checker cannot take
+            try:
+                verdicts.append(bool(self.task.check_many([answer], [item], **kwargs)[0]))
+                failures.append(None)
+            except (ReflectEvoError, OSError):
+                raise
+            except Exception as e:
+                msg = " ".join(str(e).split())
+                verdicts.append(False)
+                failures.append(f"verification failed: {type(e).__name__}: {msg[:200]}")
+        return verdicts, failures
 
     def run_reflections(self, pending: list[_Pending]) -> None:
         if not pending:

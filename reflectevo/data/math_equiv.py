@@ -187,14 +187,25 @@ def _number(s: str) -> Fraction | None:
     if _THOUSANDS.fullmatch(s):
         s = s.replace(",", "")
     if re.fullmatch(_NUM, s):
-        return Fraction(s)
+        try:
+            return Fraction(s)
+        except ValueError:  # past the int conversion limit (~4300 digits)
+            return None
     return None
 
 
 def numeric_value(answer: str | None) -> Fraction | None:
-    """Exact value of a normalised answer that is a plain number, fraction or mixed number; else None."""
+    """Exact value of a normalised answer that is a plain number, fraction or mixed number; else None (also for
+    numbers past Python's int conversion limit, ~4300 digits: those compare as strings)."""
     if answer is None:
         return None
+    try:
+        return _numeric_value(answer)
+    except ValueError:
+        return None
+
+
+def _numeric_value(answer: str) -> Fraction | None:
     s = answer.strip()
     if s.startswith("+"):
         s = s[1:]
