@@ -120,7 +120,11 @@ def _other_processes_alive():
     """True when another live process of this run (same environment marker) exists: a daemon left behind."""
     marker = ("REFLECTEVO_SANDBOX_MARK=" + os.environ.get("REFLECTEVO_SANDBOX_MARK", "")).encode()
     me = os.getpid()
-    for entry in os.listdir("/proc"):
+    try:
+        entries = os.listdir("/proc")
+    except OSError:  # no /proc (macOS): nothing to look at; the caller still kills our process group
+        return False
+    for entry in entries:
         if not entry.isdigit() or int(entry) == me:
             continue
         try:
@@ -193,7 +197,8 @@ def main():
         _setup_namespace(uid, gid, payload["limits"]["RLIMIT_FSIZE"] >> 20, payload["workdir"])
     else:
         os.chdir(payload["workdir"])
-    # the candidate runs in a child: it never sees the nonce, and this (privileged) parent cannot be signalled
+    # the candidate runs in a child, which cannot write the nonce (done_fd is closed there) nor signal this
+    # (privileged) parent; its token is in its own memory, so a program written to forge it can (sandbox.py)
     token = os.urandom(16).hex().encode()
     report_r, report_w = os.pipe()
     pid = os.fork()

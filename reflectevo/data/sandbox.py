@@ -27,8 +27,13 @@ forces the fallback):
     There is NO network isolation in this mode, and when not root the code runs as our own user: it could
     delete our files or signal our processes. It protects against accidents of model-written code (loops,
     memory/fork/output bombs, stray processes, early exits), not against deliberately hostile code.
+    Without /proc (macOS) there is no sweep: only the process group is killed (a ``setsid`` daemon escapes and
+    does not fail the program), and our user's processes are counted with ``ps``.
 
-Both modes: the candidate runs in a child of the harness, so it never sees the nonce; the interpreter runs
+Both modes: the candidate runs in a child of the harness, and only the harness, after that child exited
+cleanly with its end-of-asserts token, writes the nonce. This catches accidental early exits; it does not stop a
+program written to fool the verdict (it can find the token in its own process, as it can define an ``__eq__``
+that is always True): the verdict guards against model mistakes, not against reward hacking. The interpreter runs
 with ``-I -S`` (standard library only, no site-packages; in "plain" mode as root, when the unprivileged uid
 cannot read our interpreter's standard library, e.g. a pyenv under /root, a system ``python3`` it can read is
 used). Hard wall-clock timeout for the whole run (default 5 s); rlimits on address space (``memory_mb``), CPU
@@ -143,10 +148,21 @@ def _run_uid() -> tuple[int, int]:
     return uid, uid
 
 
-def _tasks_of_our_user() -> int:
-    """Threads of all processes whose real uid is ours (what RLIMIT_NPROC counts against the limit)."""
+def _tasks_of_our_user() -> int | None:
+    """Threads of all processes whose real uid is ours (what RLIMIT_NPROC counts against the limit); without /proc
+    (macOS, which counts processes) the processes ``ps`` lists; None when neither can be read."""
     uid, count = os.getuid(), 0
-    for entry in os.listdir("/proc"):
+    try:
+        entries = os.listdir("/proc")
+    except OSError:
+        try:
+            r = subprocess.run(["ps", "-A", "-o", "ruid="], stdin=subprocess.DEVNULL, capture_output=True,
+                               text=True, timeout=10)
+        except (OSError, subprocess.TimeoutExpired):
+            return None
+        uids = r.stdout.split()
+        return sum(u == str(uid) for u in uids) if r.returncode == 0 and uids else None
+    for entry in entries:
         if not entry.isdigit():
             continue
         try:
@@ -160,9 +176,13 @@ def _tasks_of_our_user() -> int:
 
 
 def _proc_table() -> dict[int, tuple[int, bool]]:
-    """pid -> (parent pid, is zombie) for every process we can see."""
+    """pid -> (parent pid, is zombie) for every process we can see (none without /proc)."""
     table = {}
-    for entry in os.listdir("/proc"):
+    try:
+        entries = os.listdir("/proc")
+    except OSError:
+        return table
+    for entry in entries:
         if not entry.isdigit():
             continue
         try:
@@ -222,9 +242,17 @@ def _read_head(path: str, limit: int) -> str:
     return text + ("\n...[truncated]" if len(data) > limit else "")
 
 
-def _wait_unreaped(pid: int, deadline: float) -> bool:
-    """Wait until child ``pid`` exits (True) or ``deadline`` passes (False), leaving it unreaped (a zombie)."""
-    pause = 0.001
+def _wait_unreaped(proc: subprocess.Popen, deadline: float) -> bool:
+    """Wait until ``proc`` exits (True) or ``deadline`` passes (False), leaving it unreaped (a zombie).
+
+    Without os.waitid (macOS before Python 3.13) it is reaped; its id stays reserved while its group lives."""
+    pid, pause = proc.pid, 0.001
+    if not hasattr(os, "waitid"):
+        try:
+            proc.wait(timeout=max(0.0, deadline - time.monotonic()))
+            return True
+        except subprocess.TimeoutExpired:
+            return False
     while True:
         try:
             if os.waitid(os.P_PID, pid, os.WEXITED | os.WNOHANG | os.WNOWAIT) is not None:
@@ -273,73 +301,85 @@ def run_program(code: str, test_list: list[str] | tuple[str, ...] = (), test_set
     ``passed`` is True only when all asserts ran (nonce check) within ``timeout`` wall-clock seconds.
     """
     mode = sandbox_mode()
+    tests = list(test_list)
     marker, nonce = secrets.token_hex(16), secrets.token_hex(16)
     uid, gid = _run_uid()
     if mode == "ns" and "--user" in _probe_namespaces():
         uid = gid = 0  # only our own id is mapped inside an unprivileged user namespace: no switch possible
     host_dir = tempfile.mkdtemp(prefix="reflectevo-sbx-")
-    os.chmod(host_dir, 0o711)  # the unprivileged uid may pass through to its work dir, not list or read here
-    workdir = os.path.join(host_dir, "work")
-    os.mkdir(workdir, 0o700)
-    if os.geteuid() == 0:
-        os.chown(workdir, uid, gid)
-    done_r, done_w = os.pipe()
-    if mode == "plain" and os.geteuid() != 0:
-        max_procs += _tasks_of_our_user()  # the program keeps our uid: our own threads count against its limit
-    limits = {"RLIMIT_AS": memory_mb << 20, "RLIMIT_CPU": int(timeout) + 1, "RLIMIT_FSIZE": max_file_mb << 20,
-              "RLIMIT_NPROC": max_procs, "RLIMIT_CORE": 0}
-    payload = {"code": code or "", "setup": test_setup_code or "", "tests": list(test_list), "done_fd": done_w,
-               "workdir": workdir, "limits": limits}
-    payload_path = os.path.join(host_dir, "payload.json")
-    with open(os.open(payload_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600), "w", encoding="utf-8") as f:
-        json.dump(payload, f)
-    out_path, err_path = os.path.join(host_dir, "stdout"), os.path.join(host_dir, "stderr")
-    env = {"PATH": "/usr/local/bin:/usr/bin:/bin", "LANG": "C.UTF-8", "LC_ALL": "C.UTF-8", MARK_ENV: marker}
-    python = sys.executable if mode == "ns" else _plain_interpreter()
-    cmd = [python, "-I", "-S", _HARNESS, payload_path, mode, str(uid), str(gid)]
-    if mode == "ns":
-        cmd = _probe_namespaces() + cmd
-    start = time.monotonic()
-    proc = None
-    status, returncode = "failed", None
-    try:
-        with open(out_path, "wb") as out, open(err_path, "wb") as err:
-            proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=out, stderr=err, env=env,
-                                    cwd=host_dir, pass_fds=(done_w,), start_new_session=True)
-        os.close(done_w)
-        done_w = -1
+    done_r = done_w = -1
+    try:  # whatever fails (fork, Ctrl-C), the directory and the pipe go
+        os.chmod(host_dir, 0o711)  # the unprivileged uid may pass through to its work dir, not list or read here
+        workdir = os.path.join(host_dir, "work")
+        os.mkdir(workdir, 0o700)
+        if os.geteuid() == 0:
+            os.chown(workdir, uid, gid)
+        done_r, done_w = os.pipe()
+        limits = {"RLIMIT_AS": memory_mb << 20, "RLIMIT_CPU": int(timeout) + 1, "RLIMIT_FSIZE": max_file_mb << 20,
+                  "RLIMIT_NPROC": max_procs, "RLIMIT_CORE": 0}
+        if mode == "plain" and os.geteuid() != 0:
+            ours = _tasks_of_our_user()  # the program keeps our uid: our own threads count against its limit
+            if ours is None:
+                del limits["RLIMIT_NPROC"]  # unknown base: any limit could stop every fork
+            else:
+                limits["RLIMIT_NPROC"] += ours
+        payload = {"code": code or "", "setup": test_setup_code or "", "tests": tests, "done_fd": done_w,
+                   "workdir": workdir, "limits": limits}
+        payload_path = os.path.join(host_dir, "payload.json")
+        with open(os.open(payload_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600), "w", encoding="utf-8") as f:
+            json.dump(payload, f)
+        out_path, err_path = os.path.join(host_dir, "stdout"), os.path.join(host_dir, "stderr")
+        env = {"PATH": "/usr/local/bin:/usr/bin:/bin", "LANG": "C.UTF-8", "LC_ALL": "C.UTF-8", MARK_ENV: marker}
+        python = sys.executable if mode == "ns" else _plain_interpreter()
+        cmd = [python, "-I", "-S", _HARNESS, payload_path, mode, str(uid), str(gid)]
+        if mode == "ns":
+            cmd = _probe_namespaces() + cmd
+        start = time.monotonic()
+        proc = None
+        status, returncode = "failed", None
         try:
-            proc.stdin.write((nonce + "\n").encode())
-            proc.stdin.close()
-        except OSError:
-            pass
-        if not _wait_unreaped(proc.pid, start + timeout):
-            status = "timeout"
-    finally:
-        if done_w >= 0:
+            with open(out_path, "wb") as out, open(err_path, "wb") as err:
+                proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=out, stderr=err, env=env,
+                                        cwd=host_dir, pass_fds=(done_w,), start_new_session=True)
             os.close(done_w)
-        if proc is not None:
-            # the child is not reaped yet, so its pid (= process group id) cannot have been reused
+            done_w = -1
             try:
-                os.killpg(proc.pid, signal.SIGKILL)
+                proc.stdin.write((nonce + "\n").encode())
+                proc.stdin.close()
             except OSError:
                 pass
-            _sweep(proc.pid, marker)
-            try:
-                proc.wait(timeout=5)
-            except subprocess.TimeoutExpired:
-                pass
-            if status != "timeout":
-                returncode = proc.returncode
+            if not _wait_unreaped(proc, start + timeout):
+                status = "timeout"
+        finally:
+            if proc is not None:
+                # the child is not reaped yet (see _wait_unreaped), so its pid (= process group id) cannot have
+                # been reused
+                try:
+                    os.killpg(proc.pid, signal.SIGKILL)
+                except OSError:
+                    pass
+                _sweep(proc.pid, marker)
+                try:
+                    proc.wait(timeout=5)
+                except subprocess.TimeoutExpired:
+                    pass
+                if status != "timeout":
+                    returncode = proc.returncode
+        if done_w >= 0:
+            os.close(done_w)
+            done_w = -1
         os.set_blocking(done_r, False)
         try:
             done = os.read(done_r, 256).decode(errors="replace").strip()
         except OSError:
             done = ""
-        os.close(done_r)
-    seconds = time.monotonic() - start
-    stdout, stderr = _read_head(out_path, max_output), _read_head(err_path, max_output)
-    _remove_tree(host_dir)
+        seconds = time.monotonic() - start
+        stdout, stderr = _read_head(out_path, max_output), _read_head(err_path, max_output)
+    finally:
+        for fd in (done_r, done_w):
+            if fd >= 0:
+                os.close(fd)
+        _remove_tree(host_dir)
     passed = status != "timeout" and returncode == 0 and done == nonce
     if passed:
         status = "passed"
@@ -370,7 +410,8 @@ def run_many(programs, workers: int | None = None, **kwargs) -> list[SandboxResu
     if not programs:
         return []
     # one program per usable core: the timeout is wall-clock, so programs sharing a core could time out
-    workers = workers or min(8, len(os.sched_getaffinity(0)))
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    workers = workers or min(8, cores)
     sandbox_mode()  # probe once before the threads start
     with ThreadPoolExecutor(max_workers=workers) as pool:
         return list(pool.map(lambda p: run_program(**_as_kwargs(p), **kwargs), programs))
