@@ -13,6 +13,7 @@ import sys
 from pathlib import Path
 
 from reflectevo import __version__
+from reflectevo.atomic import atomic_write_bytes
 
 COMMANDS = {
     # name: (module, add-args function, its keyword arguments, run function, help)
@@ -80,9 +81,7 @@ def _cmd_bench(args) -> int:
             args.out.parent.mkdir(parents=True, exist_ok=True)
             for path, text in ((args.out, json.dumps(results, indent=2, default=str)),
                                (args.out.with_suffix(".md"), table + "\n")):
-                tmp = path.with_name(path.name + ".tmp")
-                tmp.write_text(text)
-                tmp.replace(path)
+                atomic_write_bytes(path, text.encode("utf-8"))
 
     result, _ = run_bench(args.what, device=args.device, quick=args.quick, on_result=save)
     if args.out is not None and len(failed(result)) < len(result):
