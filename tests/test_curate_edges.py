@@ -28,3 +28,26 @@ def test_repeated_reflections_give_each_pair_once():
     assert [(r["reflection_chosen"], r["reflection_rejected"]) for r in sets["d_pref"]] == [
         ("plan one", "plan two")]
     assert (counts["d_plus"], counts["d_pm"], counts["d_pref"]) == (2, 2, 1)
+
+
+def test_curate_leaves_out_a_torn_last_line_and_leaves_the_file_alone(tmp_path, capsys):
+    import json
+
+    import pytest
+
+    from reflectevo.data.curate import curate_file
+    from reflectevo.data.jsonl import DataError
+
+    recs = [_record([("plan one", True), ("bad plan", False)]) for _ in range(3)]
+    for i, r in enumerate(recs):
+        r["id"] = f"q{i}"
+    lines = [json.dumps(r) for r in recs]
+    raw = tmp_path / "raw.jsonl"
+    raw.write_text("\n".join(lines[:2]) + "\n" + lines[2][:40])  # a generate run killed mid-line
+    before = raw.read_bytes()
+    counts = curate_file(raw, tmp_path / "sets", eval_fraction=0.0)
+    assert counts["records"] == 2 and counts["d_plus"] == 2 and raw.read_bytes() == before
+    assert "raw.jsonl:3: incomplete last line" in capsys.readouterr().err
+    raw.write_text(lines[0] + "\n" + lines[2][:40] + "\n" + lines[1] + "\n")  # torn in the middle: bad data
+    with pytest.raises(DataError, match=r"raw\.jsonl:2: malformed JSON"):
+        curate_file(raw, tmp_path / "sets2", eval_fraction=0.0)

@@ -268,7 +268,7 @@ def curate_file(raw_path, out_dir, eval_fraction: float = 0.1, judge: Judge | No
     wanted = None if ids is None else {repr(i) for i in ids}
 
     def records():
-        for line_no, rec in iter_jsonl(raw_path):
+        for line_no, rec in iter_jsonl(raw_path, torn_tail_ok=True):
             if wanted is None or repr(rec.get("id")) in wanted:
                 rec["__where__"] = f"{raw_path}:{line_no}"
                 yield rec

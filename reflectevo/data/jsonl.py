@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 from pathlib import Path
 from typing import Any, Iterable, Iterator
 
@@ -51,8 +52,11 @@ def _iter_concatenated(path: Path, text: str) -> Iterator[tuple[int, dict]]:
         yield line, obj
 
 
-def iter_jsonl(path: str | os.PathLike, required_fields: Iterable[str] = ()) -> Iterator[tuple[int, dict]]:
-    """Yield ``(line_number, record)`` for each record; raise :class:`DataError` on the first bad line."""
+def iter_jsonl(path: str | os.PathLike, required_fields: Iterable[str] = (),
+               torn_tail_ok: bool = False) -> Iterator[tuple[int, dict]]:
+    """Yield ``(line_number, record)`` for each record; raise :class:`DataError` on the first bad line.
+    ``torn_tail_ok``: a malformed last line without its newline (a writer killed mid-line, or one still writing)
+    is left out with a note on stderr instead, and the file is not touched (``repair_tail`` is for writers)."""
     path = Path(path)
     required = tuple(required_fields)
     try:
@@ -65,7 +69,7 @@ def iter_jsonl(path: str | os.PathLike, required_fields: Iterable[str] = ()) -> 
     if stripped.startswith("{") and "\n" in stripped and stripped.split("\n", 1)[0].strip() == "{":
         records: Iterable[tuple[int, dict]] = _iter_concatenated(path, text)
     else:
-        records = _iter_lines(path, text)
+        records = _iter_lines(path, text, torn_tail_ok)
     for line_no, obj in records:
         missing = [f for f in required if f not in obj]
         if missing:
@@ -73,13 +77,18 @@ def iter_jsonl(path: str | os.PathLike, required_fields: Iterable[str] = ()) -> 
         yield line_no, obj
 
 
-def _iter_lines(path: Path, text: str) -> Iterator[tuple[int, dict]]:
-    for line_no, line in enumerate(text.splitlines(), start=1):
+def _iter_lines(path: Path, text: str, torn_tail_ok: bool = False) -> Iterator[tuple[int, dict]]:
+    lines = text.splitlines()
+    for line_no, line in enumerate(lines, start=1):
         if not line.strip():
             continue
         try:
             obj = json.loads(line)
         except json.JSONDecodeError as e:
+            if torn_tail_ok and line_no == len(lines) and not text.endswith("\n"):
+                print(f"{path}:{line_no}: incomplete last line (a run killed or still writing) left out",
+                      file=sys.stderr, flush=True)
+                return
             raise DataError(f"{path}:{line_no}: malformed JSON ({e.msg} at column {e.colno})") from None
         if not isinstance(obj, dict):
             raise DataError(f"{path}:{line_no}: expected a JSON object, got {type(obj).__name__}")

@@ -74,7 +74,7 @@ class BatchedJudge:
 
 def curate_with_judge(raw_path, out_dir, judge: BatchedJudge, **kwargs) -> dict:
     """curate_file with a batched judge model for Dpref (see module docstring); returns counts (+ judged pairs)."""
-    records = (rec for _, rec in iter_jsonl(raw_path))
+    records = (rec for _, rec in iter_jsonl(raw_path, torn_tail_ok=True))
     curate_records(records, judge=judge.record, source=str(raw_path),
                    **{k: v for k, v in kwargs.items() if k in ("eval_fraction", "prompts", "pair_prompt")})
     judged = judge.answer_pending()
