@@ -144,3 +144,20 @@ def test_errors_about_a_bin_adapter_name_the_bin_file(tmp_path):
     (adapter / "adapter_model.safetensors").unlink()
     with pytest.raises(ModelLoadError, match=r"adapter_model\.bin: .*" + key.split(".")[-3]):
         load_adapter(_ours_from_hf_dir(d), adapter)
+
+
+def test_list_targets_match_dotted_endings_as_peft():
+    from reflectevo.model import ModelConfig, Transformer
+
+    def tiny_model():
+        return Transformer(ModelConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_layers=2,
+                                       num_heads=4, num_kv_heads=2, max_position_embeddings=64))
+
+    model = tiny_model()
+    attach_lora(model, r=2, target_modules=["self_attn.q_proj", "mlp.down_proj", "0.self_attn.v_proj"])
+    names = sorted(lora_modules(model))
+    n = model.config.num_layers
+    assert len(names) == 2 * n + 1 and "layers.0.self_attn.v_proj" in names
+    assert all(x.endswith(("q_proj", "down_proj")) for x in names if x != "layers.0.self_attn.v_proj")
+    with pytest.raises(ValueError):
+        attach_lora(tiny_model(), r=2, target_modules=["elf_attn.q_proj"])  # an ending, not any substring

@@ -327,15 +327,14 @@ def quantize_model(model: nn.Module, compute_dtype: torch.dtype = torch.bfloat16
 def _is_target(name: str, targets) -> bool:
     if isinstance(targets, str):
         return re.fullmatch(targets, name) is not None
-    leaf = name.rpartition(".")[2]
-    return leaf in targets or name in targets
+    return any(name == t or name.endswith("." + t) for t in targets)  # as PEFT: "q_proj", "self_attn.q_proj"
 
 
 def attach_lora(model: nn.Module, r: int = 8, alpha: float = 16, dropout: float = 0.0,
                 target_modules=DEFAULT_TARGETS, use_rslora: bool = False,
                 dtype: torch.dtype = torch.float32) -> list[nn.Parameter]:
-    """Wrap each target linear (nn.Linear / NF4Linear, matched by leaf name, or by regex when ``target_modules``
-    is a string) in a LoRALinear; freeze everything else. Returns the trainable LoRA parameters."""
+    """Wrap each target linear (nn.Linear / NF4Linear, matched as PEFT does: a listed name equal to the module's
+    name or to a dotted ending of it, or a regex over the whole name when ``target_modules`` is a string) in a LoRALinear; freeze everything else. Returns the trainable LoRA parameters."""
     if has_lora(model):
         raise ValueError("attach_lora: the model already has LoRA adapters")
     for p in model.parameters():
