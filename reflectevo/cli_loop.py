@@ -40,7 +40,8 @@ def _model_args(p, adapter_help: str):
     p.add_argument("--dtype", default=None, help="float32 | bfloat16 | float16 (default: bf16 on CUDA, fp32 on CPU)")
     p.add_argument("--quantize", default=None, choices=["nf4"], help="4-bit NF4 base weights")
     p.add_argument("--kv-cache-gib", type=float, default=None, help="KV cache size per engine (default: CPU a fifth of available "
-                   "memory, 0.5-8 GiB; CUDA 85%% of free memory; each of the two engines with --adapter)")
+                   "memory, 0.5-8 GiB; CUDA 85%% of free memory, in equal shares for the run's engines; "
+                   "each of the two engines with --adapter)")
     p.add_argument("--max-num-seqs", type=int, default=256, help="sequences decoded together at most")
     p.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True,
                    help="token progress lines from the sampler")
@@ -185,6 +186,7 @@ def build_engines(model, tokenizer, adapter: bool, kv_cache_gib=None, max_num_se
     """(trial engine, reflection engine). With an adapter the trials run on the base model (adapters off) in an
     engine of their own, so the two prefix caches never mix base and adapter K/V."""
     from reflectevo.gen import Engine
+    from reflectevo.gen.engine import gpu_kv_share
 
     kw = {"max_num_seqs": max_num_seqs, "progress": progress}
     if not adapter:
@@ -192,7 +194,8 @@ def build_engines(model, tokenizer, adapter: bool, kv_cache_gib=None, max_num_se
         return engine, engine
     from reflectevo.data.loop import AdapterOffEngine
 
-    half = None if kv_cache_gib is None else kv_cache_gib / 2
+    # CUDA default: half of the share each (the first engine's own default would leave the second ~13 %)
+    half = gpu_kv_share(model, 2) if kv_cache_gib is None else kv_cache_gib / 2
     return AdapterOffEngine(Engine(model, tokenizer, kv_cache_gib=half, **kw), model), \
         Engine(model, tokenizer, kv_cache_gib=half, **kw)
 
@@ -319,7 +322,13 @@ def cmd_eval(args) -> int:
         load_generation_model(args, args.trial2_adapter, "--trial2-adapter")[0]
     # one engine per model state: base (trial 1), --adapter (reflections), --trial2-adapter (trial 2)
     main = 1 + (args.adapter is not None)
-    kv = None if args.kv_cache_gib is None else args.kv_cache_gib / (main + (model2 is not None))
+    engines = main + (model2 is not None)
+    if args.kv_cache_gib is None:  # CUDA: equal shares of the free memory (None on the CPU: each engine's default)
+        from reflectevo.gen.engine import gpu_kv_share
+
+        kv = gpu_kv_share(model, engines)
+    else:
+        kv = args.kv_cache_gib / engines
     trial_engine, refl_engine = build_engines(model, tok, args.adapter is not None, None if kv is None else kv * main,
                                               args.max_num_seqs, args.progress)
     trial2_engine = None

@@ -23,6 +23,17 @@ from reflectevo.kernels.nf4_matmul import llama3_8b_nf4_bytes_per_param, nf4_mat
 bnbf = pytest.importorskip("bitsandbytes.functional")
 
 
+@pytest.fixture
+def cpu_triton():
+    """For the tests that launch a Triton kernel on CPU tensors directly rather than through a dispatcher (which
+    raises InterpreterRequired, a skip in conftest): skipped the same way where the interpreter is off, i.e. on a
+    CUDA machine, where Triton refuses CPU pointers and tests/test_gpu.py runs the kernels compiled."""
+    from reflectevo.kernels._dispatch import interpreting
+
+    if not interpreting():
+        pytest.skip("Triton on CPU tensors needs the interpreter, which is off here")
+
+
 def _weights():
     g = torch.Generator().manual_seed(0)
     yield "random", torch.randn(70, 33, generator=g)
@@ -209,7 +220,7 @@ def _fused_case(transpose_w: bool, rows: int, seed: int):
 
 
 @pytest.mark.parametrize("transpose_w", [False, True])
-def test_fused_kernel_with_every_cuda_tile(transpose_w):
+def test_fused_kernel_with_every_cuda_tile(transpose_w, cpu_triton):
     """The tiles the CUDA autotuner picks from, run under the interpreter, in the forward and the input-gradient
     direction."""
     nm, q, a, bias, expect = _fused_case(transpose_w, 40, 7)
@@ -221,7 +232,7 @@ def test_fused_kernel_with_every_cuda_tile(transpose_w):
 
 @pytest.mark.parametrize("transpose_w,r_per_split,swap", [(False, 32, False), (False, 64, False), (False, 64, True),
                                                            (True, 32, False), (True, 96, False)])
-def test_fused_kernel_split_over_r(transpose_w, r_per_split, swap):
+def test_fused_kernel_split_over_r(transpose_w, r_per_split, swap, cpu_triton):
     """R split over programs (decode-sized inputs on CUDA): fp32 partial sums, then bias and the cast; splits of
     one and two quantisation blocks, a ragged last split (R = 136 rows of W in the input-gradient direction); the
     forward also as outᵀ = W · xᵀ (SWAP, what the CUDA decode tile runs)."""
@@ -267,7 +278,7 @@ def test_storage_bytes_match_layout():
     assert (q.data.numel() + q.absmax.numel() + 4 * q.absmax2.numel()) / n <= 0.52
 
 
-def test_absmax_codes_as_words_or_bytes_give_the_same_products():
+def test_absmax_codes_as_words_or_bytes_give_the_same_products(cpu_triton):
     """The kernels read the uint8 absmax codes as int32 words (a whole number of words, 4-byte aligned) or, when
     that does not hold, byte by byte: both forms, in the fused kernel's two directions and the GEMV, equal the
     reference."""
@@ -289,7 +300,7 @@ def test_absmax_codes_as_words_or_bytes_give_the_same_products():
 
 
 @pytest.mark.parametrize("rows", [1, 2, 3, 8])
-def test_gemv_kernels_and_level_lookups_agree(rows):
+def test_gemv_kernels_and_level_lookups_agree(rows, cpu_triton):
     """The GEMV's block kernel (one scale per block sum) and its elementwise kernel, each with the pair-table and
     the nibble lookups, and the fused kernel's two lookups, against the fp64 product: K = 320 (five blocks) split
     over programs, 72 features (ragged against the 16-wide tile)."""
@@ -321,7 +332,7 @@ def test_gemv_kernels_and_level_lookups_agree(rows):
 
 
 @pytest.mark.parametrize("shape", [(5, 104), (3, 64 * 256 + 24)])
-def test_triton_dequant_from_words_with_a_partial_last_block(shape):
+def test_triton_dequant_from_words_with_a_partial_last_block(shape, cpu_triton):
     """Packed bytes read as int32 words (numel % 8 == 0) when the last quantisation block is cut short, against the
     reference and the byte-by-byte read, bf16 and fp32."""
     q = nf4_quantize(torch.randn(*shape, generator=torch.Generator().manual_seed(shape[1])))

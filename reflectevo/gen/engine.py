@@ -3,7 +3,8 @@
     engine = Engine(model, tokenizer)
     outs = engine.generate(prompts, SamplingParams(...))   # outs[i][j]: j-th sample of prompt i
 
-KV cache size (``kv_cache_gib``, per engine): on CUDA by default ``gpu_memory_utilization`` of the free memory;
+KV cache size (``kv_cache_gib``, per engine): on CUDA by default ``gpu_memory_utilization`` of the free memory
+(several engines on one card: equal shares of it, ``gpu_kv_share``);
 on the CPU by default a fifth of the memory available when the engine is built (MemAvailable), between
 0.5 and 8 GiB (2 GiB where that cannot be read). The cache is allocated once but its pages are only touched as
 blocks fill; a cache too small for the running batch preempts sequences and recomputes them later. With the
@@ -36,6 +37,7 @@ from reflectevo.gen.sequence import CompletionOutput, Sequence, Status
 _MAX_PENDING = 6  # output tokens an unfinished UTF-8 character may span before its bytes count as invalid
 CPU_KV_FRACTION = 0.2  # of MemAvailable: room for a second engine (adapter runs) and the training after it
 CPU_KV_MIN_GIB, CPU_KV_MAX_GIB, CPU_KV_FALLBACK_GIB = 0.5, 8.0, 2.0
+GPU_MEMORY_UTILIZATION = 0.85  # CUDA default: this fraction of the free memory (see gpu_kv_share for several engines)
 
 
 def available_memory_bytes() -> int | None:
@@ -53,10 +55,24 @@ def available_memory_bytes() -> int | None:
         return None
 
 
+def gpu_kv_share(model, engines: int) -> float | None:
+    """KV cache GiB for each of ``engines`` engines about to be built one after another on ``model``'s CUDA device
+    without an explicit ``kv_cache_gib``: an equal share of GPU_MEMORY_UTILIZATION of the memory free now. Left to
+    its own default, each engine would take that fraction of what the engines before it left (0.85, 0.13 and 0.02 of
+    the free memory for three), leaving 0.3 % of the card for every step's activations and CUDA-graph pools. None
+    off CUDA, where each engine's default is bounded already."""
+    device = model.device
+    if device.type != "cuda":
+        return None
+    free, _ = torch.cuda.mem_get_info(device)
+    return GPU_MEMORY_UTILIZATION * free / max(1, engines) / 2**30 or None
+
+
 class Engine:
     def __init__(self, model, tokenizer, *, block_size: int = 16, kv_cache_gib: float | None = None,
-                 gpu_memory_utilization: float = 0.85, max_num_seqs: int = 256, max_num_batched_tokens: int = 16384,
-                 max_model_len: int | None = None, progress: bool | None = None, cuda_graphs: bool | None = None):
+                 gpu_memory_utilization: float = GPU_MEMORY_UTILIZATION, max_num_seqs: int = 256,
+                 max_num_batched_tokens: int = 16384, max_model_len: int | None = None, progress: bool | None = None,
+                 cuda_graphs: bool | None = None):
         if block_size < 16 or block_size & (block_size - 1):
             raise ValueError(f"block_size must be a power of two >= 16, got {block_size}")
         if max_num_seqs < 1 or max_num_batched_tokens < 1:

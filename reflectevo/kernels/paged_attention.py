@@ -385,7 +385,9 @@ if HAS_TRITON:
                 l_i = l_i * alpha + tl.sum(p, axis=1)
                 acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PREC, out_dtype=tl.float32)
                 m_i = m_new
-            out_rows = (s * HKV * G + h * G + offs_g) * max_splits + split
+            # int64: S * Hq * max_splits * D passes 2**31 at the 1024 splits of a 128k-token table (the width CUDA
+            # graphs launch with) from 513 rows of an 8B model's 4096 query features, 257 rows of a 70B model's 8192
+            out_rows = ((s * HKV * G + h * G + offs_g) * max_splits + split).to(tl.int64)
             tl.store(out_ptr + out_rows[:, None] * D + offs_d[None, :], acc / l_i[:, None],
                      mask=g_ok[:, None] & d_ok[None, :])
             tl.store(lse_ptr + out_rows, m_i + tl.log(l_i), mask=g_ok)
@@ -401,7 +403,7 @@ if HAS_TRITON:
         n = ((ctx + BS - 1) // BS + blocks_per_split - 1) // blocks_per_split
         offs_d = tl.arange(0, BLOCK_D)
         d_ok = offs_d < D
-        base = (s * HQ + h) * max_splits
+        base = ((s * HQ + h) * max_splits).to(tl.int64)  # times D below: int64, as in _paged_decode_kernel
         top = tl.load(lse_ptr + base)
         for i in range(1, n):
             top = tl.maximum(top, tl.load(lse_ptr + base + i))

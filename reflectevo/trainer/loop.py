@@ -207,6 +207,20 @@ def _autocast(device: torch.device, cfg: TrainConfig):
     return torch.autocast(device.type, dtype=torch.bfloat16, enabled=bool(on))
 
 
+def reset_peak_memory(device: torch.device) -> None:
+    """Start the summary's ``peak_memory_gib`` window here (CUDA): torch's peak counter otherwise runs from the
+    process start, so it would report the model's loading (NF4 quantisation temporaries), the DPO reference pass
+    or an earlier sampler instead of the training steps."""
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+
+
+def peak_memory_gib(device: torch.device) -> float | None:
+    """GiB allocated at most since ``reset_peak_memory`` (everything resident counts: model, adapters, optimizer,
+    the step's activations); None off CUDA."""
+    return torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
+
+
 # ------------------------------------------------------------------------------------------------------------
 # the loop
 # ------------------------------------------------------------------------------------------------------------
@@ -257,6 +271,7 @@ def run_training(model, tokenizer, cfg: TrainConfig, out_dir, objective, train: 
         progress.message(f"resuming at step {start}/{total} from {state_dir}")
     pad = tokenizer.pad_token_id
     model.train()
+    reset_peak_memory(device)
     t_run = time.perf_counter()
     tokens_seen, last, last_eval = 0, {}, {}
     for step in range(start, total):
@@ -339,7 +354,7 @@ def run_training(model, tokenizer, cfg: TrainConfig, out_dir, objective, train: 
         "adapter": str(out / "adapter"),
     }
     if device.type == "cuda":
-        summary["peak_memory_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
+        summary["peak_memory_gib"] = peak_memory_gib(device)
     st.atomic_write_json(out / "summary.json", summary)
     fin = summary["final"]
     print(f"[reflectevo] {summary['kind']} done: {total} steps, final loss {fin.get('loss', float('nan')):.4f}, "
