@@ -139,3 +139,17 @@ def test_incremental_text_matches_a_full_decode_smollm2():
     # bytes that never complete a character are given up after a few tokens, not waited for forever
     lone = tok.encode("\U0001F600")[:1] * 8 + tok.encode(" ok")
     assert _grow_text(tok, lone)[0] == tok.decode(lone)
+
+
+def test_filter_flags_from_the_host_give_the_same_filters():
+    from reflectevo.gen.sampler import filter_logits
+
+    g = torch.Generator().manual_seed(4)
+    logits = torch.randn(5, 300, generator=g) * 3
+    top_k = torch.tensor([0, 5, 299, 300, 40])
+    top_p = torch.tensor([1.0, 0.9, 0.5, 1.0, 0.99])
+    min_p = torch.tensor([0.0, 0.0, 0.1, 0.0, 0.05])
+    host = (299, True, True)  # 300 = V is off, as 0
+    assert torch.equal(filter_logits(logits, top_k, top_p, min_p, host), filter_logits(logits, top_k, top_p, min_p))
+    off = torch.zeros(5, dtype=torch.long), torch.ones(5), torch.zeros(5)
+    assert torch.equal(filter_logits(logits, *off, (0, False, False)), logits)

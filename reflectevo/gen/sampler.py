@@ -10,6 +10,8 @@ cut, so it reads them from ``topk`` of the first few hundred candidates and sort
 whose cut lies further out; both give the same kept set, because the cumulative sums of the leading entries
 are the same numbers either way. The noise is computed only for the tokens the filters kept when those are
 few, and the per-vocabulary half of its hash is cached: the same numbers, at a fraction of the cost.
+Which filters run is known from the parameters on the host; only data-dependent choices read the device back
+(a top-p cut past the candidates, how many tokens the filters kept).
 """
 from __future__ import annotations
 
@@ -92,14 +94,17 @@ def apply_repetition_penalty(logits: torch.Tensor, seqs: list[Sequence]) -> torc
 TOP_P_CANDIDATES = 512  # top-p looks for its cut among this many best tokens before sorting a whole row
 
 
-def _top_k_mask(logits: torch.Tensor, top_k: torch.Tensor) -> torch.Tensor:
+def _top_k_mask(logits: torch.Tensor, top_k: torch.Tensor, k_max: int | None = None) -> torch.Tensor:
     """True where a token is below its row's k-th largest value (top_k 0 = off): every token tied with the k-th
-    stays, as in transformers and vLLM, so the kept set is the row's own whatever the other rows ask for."""
+    stays, as in transformers and vLLM, so the kept set is the row's own whatever the other rows ask for.
+    ``k_max``: the largest k in force (0: none), when the caller knows it on the host (no device read-back)."""
     S, V = logits.shape
     on = (top_k > 0) & (top_k < V)
-    if not bool(on.any()):
+    if k_max is None:
+        k_max = int(top_k[on].max()) if bool(on.any()) else 0
+    if k_max == 0:
         return torch.zeros(S, V, dtype=torch.bool, device=logits.device)
-    best = logits.topk(int(top_k[on].max()), dim=-1).values  # sorted, largest first
+    best = logits.topk(k_max, dim=-1).values  # sorted, largest first
     kth = best.gather(1, (torch.where(on, top_k, 1) - 1)[:, None])
     return on[:, None] & (logits < kth)
 
@@ -129,13 +134,17 @@ def _top_p_mask(probs: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:
     return on[:, None] & (probs < cut)
 
 
-def filter_logits(logits: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor, min_p: torch.Tensor) -> torch.Tensor:
+def filter_logits(logits: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor, min_p: torch.Tensor,
+                  host: tuple[int, bool, bool] | None = None) -> torch.Tensor:
     """Set to -inf what top_k (0 = off), top_p (1 = off) and min_p (0 = off) drop; rows [S, V] already / T.
-    Each filter works on what the one before kept: top_k, then top_p, then min_p."""
-    logits = logits.masked_fill(_top_k_mask(logits, top_k), float("-inf"))
-    if bool((top_p < 1.0).any()):
+    Each filter works on what the one before kept: top_k, then top_p, then min_p. ``host``: (largest k in force
+    or 0, any top_p < 1, any min_p > 0) from the parameters on the host, which saves three device read-backs."""
+    k_max, any_top_p, any_min_p = host if host is not None else (None, bool((top_p < 1.0).any()),
+                                                                 bool((min_p > 0).any()))
+    logits = logits.masked_fill(_top_k_mask(logits, top_k, k_max), float("-inf"))
+    if any_top_p:
         logits = logits.masked_fill(_top_p_mask(torch.softmax(logits, dim=-1), top_p), float("-inf"))
-    if bool((min_p > 0).any()):
+    if any_min_p:
         probs = torch.softmax(logits, dim=-1)
         cut = probs.max(dim=-1, keepdim=True).values * min_p[:, None]
         logits = logits.masked_fill(probs < cut, float("-inf"))
@@ -154,7 +163,10 @@ def sample(logits: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
     top_k = torch.tensor([max(s.params.top_k, 0) for s in sub], device=dev)
     top_p = torch.tensor([s.params.top_p for s in sub], device=dev)
     min_p = torch.tensor([s.params.min_p for s in sub], device=dev)
-    scaled = filter_logits(logits[rows] / temps[:, None], top_k, top_p, min_p)
+    V = logits.shape[1]
+    host = (max([k for k in (s.params.top_k for s in sub) if 0 < k < V], default=0),
+            any(s.params.top_p < 1.0 for s in sub), any(s.params.min_p > 0 for s in sub))
+    scaled = filter_logits(logits[rows] / temps[:, None], top_k, top_p, min_p, host)
     keys = torch.tensor([s.seed for s in sub], dtype=torch.int64, device=dev)
     steps = torch.tensor([s.num_output_tokens for s in sub], dtype=torch.int64, device=dev)
     kept = torch.isfinite(scaled)
