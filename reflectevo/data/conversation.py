@@ -1,19 +1,24 @@
-"""Prompts of one growing chat conversation, built as token ids so that the sampler's prefix cache hits.
+"""Prompts of one growing chat conversation as token ids, reusing the ids the engine computed before.
 
 Every phase of the loop sends the previous phase's prompt + what the model wrote + a new user turn. The
 sampler hashes full blocks of token ids (prompt and generated), so a later prompt is only a cache hit when its
-ids BEGIN WITH the exact ids the engine computed before. Rendering the longer conversation with the chat
-template and encoding the whole text can change ids at the seams (a stop string that cut a token in two,
-"Thought:" meeting the generated text, a different merge across a boundary), so prompts are built from ids:
+ids BEGIN WITH the exact ids the engine computed before. Prompts are built from those ids:
 
 * a :class:`Prompt` holds the text the model sees (saved in the records), the ids the engine receives, and
   those ids as a path of :class:`Segment` s (ids + the text they decode to);
 * ``path + generated`` (:meth:`PromptBuilder.generated`) is what the engine computed for a sequence;
 * :meth:`PromptBuilder.follow` turns the next rendered text into ids: whole segments of the path while the
   text starts with them, then the longest run of the first differing segment's ids whose text still matches
-  (e.g. generated ids cut back to the text before a stop string), then only the new text is encoded. The
-  result always decodes to exactly that text; where a tokenizer's pieces would not (checked every time), the
-  text is encoded whole, as the engine would encode a string prompt.
+  (e.g. generated ids cut back to the text before a stop string), then only the new text is encoded.
+
+The ids sent are always the tokenizer's own encoding of the text (``encode(text)``, checked every time): the
+records save the text, and the trainer encodes that text, so a model is asked at evaluation with exactly the
+ids it was trained on (paper.md defect 4), and the same text gets the same ids whether or not its start was
+generated (e.g. trial 1 from a cache). Where the pieces are not that encoding, the whole text's encoding is
+sent: a seam the tokenizer merges across (Llama-3's pre-tokeniser joins "]" or "." with the line break after
+it, so "Finish[9]" generated before an end of turn + "\nObservation" rendered after it is not how
+"Finish[9]\nObservation" encodes), or generated ids the tokenizer would not produce (a sampled split of a
+word). The prefix cache still holds every block before the first differing id.
 
 Nothing here knows a particular chat template: the text is what ``tokenizer.apply_chat_template`` renders.
 """
@@ -93,7 +98,7 @@ class PromptBuilder:
         return Segment((), "")
 
     def follow(self, path: tuple[Segment, ...], text: str) -> Prompt:
-        """Ids for ``text`` that start with as much of ``path`` as ``text`` starts with (see the module doc)."""
+        """``encode(text)``, as segments that reuse as much of ``path`` as ``text`` starts with (module doc)."""
         pos, taken, context = 0, [], ()
         for seg in path:
             whole = text.startswith(seg.text, pos)
@@ -108,6 +113,6 @@ class PromptBuilder:
         if rest:
             taken.append(Segment(tuple(self.encode(rest)), rest))
         ids = [t for seg in taken for t in seg.ids]
-        if self.decode(ids) != text:
+        if ids != self.encode(text):  # only the text's own ids: what the trainer encodes from the saved prompt
             return self.start(text)
         return Prompt(text, ids, tuple(taken))

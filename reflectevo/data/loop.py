@@ -13,11 +13,14 @@ prompts to ONE ``engine.generate`` call, so the sampler batches across questions
 Each question is ONE growing chat conversation (``prompts.py``): trial 1 = [user: trial prompt] + "Thought:";
 the reflection prompt adds the trial-1 transcript (with its observation) as the assistant turn and the
 reflection request as a user turn; trial 2 adds the reflection as the assistant turn and the retry request.
-Prompts go to the engine as token ids that begin with the exact ids the engine computed in the previous phase
-(prompt + generated tokens, ``conversation.PromptBuilder``), so its prefix cache holds all of a trial-2 prompt
-but the retry request and the last partial block of the reflection, and every task's conversations share the
-instructions and worked examples. Only when trial and reflection engines are the same (no adapter) does a
-phase hit the blocks of the other engine's phase; with an adapter each engine still reuses its own.
+Prompts go to the engine as the tokenizer's own ids of the saved text (the ids the trainer encodes from a curated
+record, so a trained reflector is asked with exactly the ids it learned from); built on the ids the engine
+computed in the previous phase (prompt + generated tokens, ``conversation.PromptBuilder``), they begin with
+those ids up to the first seam the tokenizer encodes otherwise (none in our SmolLM2 runs; with Llama-3's
+pre-tokeniser often the line break after the trial-1 action), so the prefix cache holds nearly all of a trial-2
+prompt, and every task's conversations share the instructions and worked examples. Only when trial and
+reflection engines are the same (no adapter) does a phase hit the blocks of the other engine's phase; with an
+adapter each engine still reuses its own.
 
 A trial is one greedy call: the prompt ends with "Thought:" inside the assistant turn and the model writes its
 thought and its action; generation stops before an "Observation" (the environment writes that). Thought,
