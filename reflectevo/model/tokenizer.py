@@ -193,10 +193,14 @@ class Tokenizer:
 
     @classmethod
     def from_gguf_fields(cls, fields: dict) -> "Tokenizer":
-        """Byte-level BPE from GGUF metadata (``tokenizer.ggml.*``), as llama.cpp reads it."""
+        """From GGUF metadata (``tokenizer.ggml.*``): byte-level BPE ("gpt2") as llama.cpp reads it, or a
+        SentencePiece vocabulary ("llama") as transformers converts it (see gguf_tokenizer.py)."""
         model = fields.get("tokenizer.ggml.model")
+        if model == "llama":
+            return cls._from_gguf_sentencepiece(fields)
         if model != "gpt2":
-            raise ModelLoadError(f"GGUF tokenizer model {model!r} is not supported (only byte-level BPE 'gpt2')")
+            raise ModelLoadError(f"GGUF tokenizer model {model!r} is not supported (byte-level BPE 'gpt2' or "
+                                 f"SentencePiece 'llama')")
         tokens, types = fields["tokenizer.ggml.tokens"], fields.get("tokenizer.ggml.token_type") or []
         merges = [tuple(m.split(" ", 1)) for m in fields.get("tokenizer.ggml.merges", [])]
         backend = HFTokenizer(BPE(vocab={t: i for i, t in enumerate(tokens)}, merges=merges, fuse_unk=False,
@@ -228,16 +232,28 @@ class Tokenizer:
         eos_id, eos = tok("eos")
         pad_id, pad = tok("padding")
         _, unk = tok("unknown")
-        eot_id, _ = tok("eot")
         if fields.get("tokenizer.ggml.add_bos_token") and bos is not None:
             backend.post_processor = processors.TemplateProcessing(
                 single=f"{bos} $A", pair=f"{bos} $A {bos} $B", special_tokens=[(bos, bos_id)])
-        eom_id, _ = tok("eom")
-        eos_ids = [i for i in (eos_id, eot_id, eom_id) if i is not None]
-        eos_ids += [i for i, (t, ty) in enumerate(zip(tokens, types))
-                    if ty == 3 and t in END_OF_GENERATION and i not in eos_ids]
         specials = {"bos_token": bos, "eos_token": eos, "unk_token": unk, "pad_token": pad}
-        return cls(backend, fields.get("tokenizer.chat_template"), specials, eos_ids, bos_id, pad_id)
+        return cls(backend, fields.get("tokenizer.chat_template"), specials, _gguf_eos_ids(fields), bos_id, pad_id)
+
+    @classmethod
+    def _from_gguf_sentencepiece(cls, fields: dict) -> "Tokenizer":
+        from reflectevo.model.gguf_tokenizer import sentencepiece_backend
+
+        backend = sentencepiece_backend(fields)
+        tokens = fields["tokenizer.ggml.tokens"]
+
+        def tok(key):
+            i = fields.get(f"tokenizer.ggml.{key}_token_id")
+            if i is None or not 0 <= int(i) < len(tokens):
+                return None, None
+            return backend.token_to_id(tokens[int(i)]), tokens[int(i)]
+
+        (bos_id, bos), (_, eos), (pad_id, pad), (_, unk) = tok("bos"), tok("eos"), tok("padding"), tok("unknown")
+        specials = {"bos_token": bos, "eos_token": eos, "unk_token": unk, "pad_token": pad}
+        return cls(backend, fields.get("tokenizer.chat_template"), specials, _gguf_eos_ids(fields), bos_id, pad_id)
 
     def save(self, out_dir: str | Path):
         """Write tokenizer.json + tokenizer_config.json (+ generation eos ids) in Hugging Face layout."""
@@ -248,6 +264,19 @@ class Tokenizer:
         if self.chat_template:
             cfg["chat_template"] = self.chat_template
         (out / "tokenizer_config.json").write_text(json.dumps(cfg, indent=2, ensure_ascii=False))
+
+
+def _gguf_eos_ids(fields: dict) -> list[int]:
+    """eos, eot and eom ids of a GGUF, then every control token llama.cpp also ends generation at."""
+    tokens, types = fields["tokenizer.ggml.tokens"], fields.get("tokenizer.ggml.token_type") or []
+    eos_ids = []
+    for key in ("eos", "eot", "eom"):
+        i = fields.get(f"tokenizer.ggml.{key}_token_id")
+        if i is not None and int(i) < len(tokens):
+            eos_ids.append(int(i))
+    eos_ids += [i for i, (t, ty) in enumerate(zip(tokens, types))
+                if ty == 3 and t in END_OF_GENERATION and i not in eos_ids]
+    return eos_ids
 
 
 def _token_text(value):
