@@ -8,7 +8,8 @@ import time
 import pytest
 
 from reflectevo.data import sandbox
-from reflectevo.data.sandbox import MARK_ENV, run_many, run_program
+from reflectevo.data.sandbox import run_many, run_program
+from test_sandbox import leftover_processes as marked_processes
 
 GOOD = "def add(a, b):\n    return a + b\n"
 TESTS = ["assert add(1, 2) == 3", "assert add(-1, 1) == 0"]
@@ -20,24 +21,6 @@ def sandbox_dirs():
 
 def open_fds():
     return len(os.listdir(f"/proc/{os.getpid()}/fd"))
-
-
-def marked_processes():
-    """Live processes that carry a sandbox marker in their environment."""
-    found = []
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            with open(f"/proc/{entry}/stat", "rb") as f:
-                if f.read().rsplit(b")", 1)[1].split()[0] == b"Z":
-                    continue
-            with open(f"/proc/{entry}/environ", "rb") as f:
-                if MARK_ENV.encode() + b"=" in f.read():
-                    found.append(int(entry))
-        except (OSError, IndexError):
-            continue
-    return found
 
 
 @pytest.fixture(autouse=True)
