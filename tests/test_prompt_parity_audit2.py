@@ -319,10 +319,11 @@ def test_dpo_max_prompt_length_keeps_the_end_of_the_prompt_and_both_responses(na
 @pytest.mark.parametrize("name,how", [("llama3", "canonical"), ("llama3", "space-eol"), ("smollm2", "non-canonical"),
                                       ("mistral", "non-canonical")])
 def test_a_prompt_built_on_generated_ids_is_sent_as_the_encoding_of_its_text(name, how):
-    """The loop builds each prompt on the ids the engine computed before (``PromptBuilder.follow``); the trainer
-    can only encode the saved text. Where the two differ (a seam that encodes otherwise whole, generated ids the
-    tokenizer would not produce), the prompt must be the text's own encoding, or the trained model is asked with
-    other ids than it was trained on, and eval's ids would depend on whether trial 1 came from a cache."""
+    """The loop once built each prompt on the ids the engine computed before (the trial-1 prompt, the generated
+    ids the text still matches, then the rest encoded alone); the trainer can only encode the saved text. Where
+    the two differ (a seam that encodes otherwise whole, generated ids the tokenizer would not produce), the
+    prompt must be the text's own encoding, or the trained model is asked with other ids than it was trained
+    on, and eval's ids would depend on whether trial 1 came from a cache."""
     from reflectevo.data.conversation import PromptBuilder
 
     tok = tokenizer(name)
@@ -330,15 +331,16 @@ def test_a_prompt_built_on_generated_ids_is_sent_as_the_encoding_of_its_text(nam
     item = ITEMS[0]
     first = build.start(build.render(P.trial_messages(TASK, item), P.response_prefix))
     generated = TokenEngine(tok, how).out(TRIAL1[how])
-    computed = build.generated(first.path, generated.token_ids)
     transcript = P.transcript(P.parse_trial(TASK, generated.text), False)
     text = build.render(P.test_reflection_messages(TASK, item, transcript))
     # the case is real: trial 1's prompt ids + the generated ids the text still matches + the rest encoded
     # alone (the ids the loop sent before) spell the text, but are not how the tokenizer encodes it
-    head = build._matching_head(computed[-1], text, len(first.text), first.ids[-1:])
-    pieced = first.ids + list(head.ids) + build.encode(text[len(first.text) + len(head.text):])
+    gen = list(generated.token_ids)
+    k = max(k for k in range(len(gen) + 1) if text.startswith(tok.decode(first.ids + gen[:k])))
+    head = tok.decode(first.ids + gen[:k])
+    pieced = first.ids + gen[:k] + build.encode(text[len(head):])
     assert tok.decode(pieced) == text and pieced != build.encode(text)
-    prompt = build.follow(computed, text)
+    prompt = build.start(text)
     assert prompt.text == text and tok.decode(prompt.ids) == text
     assert prompt.ids == build.encode(text), where_they_differ(tok, prompt.ids, build.encode(text))
     assert prompt.ids[:len(first.ids)] == first.ids    # the trial-1 prompt's ids still lead (prefix-cache hits)

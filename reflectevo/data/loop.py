@@ -14,11 +14,11 @@ Each question is ONE growing chat conversation (``prompts.py``): trial 1 = [user
 the reflection prompt adds the trial-1 transcript (with its observation) as the assistant turn and the
 reflection request as a user turn; trial 2 adds the reflection as the assistant turn and the retry request.
 Prompts go to the engine as the tokenizer's own ids of the saved text (the ids the trainer encodes from a curated
-record, so a trained reflector is asked with exactly the ids it learned from); built on the ids the engine
-computed in the previous phase (prompt + generated tokens, ``conversation.PromptBuilder``), they begin with
-those ids up to the first seam the tokenizer encodes otherwise (none in our SmolLM2 runs; with Llama-3's
-pre-tokeniser often the line break after the trial-1 action), so the prefix cache holds nearly all of a trial-2
-prompt, and every task's conversations share the instructions and worked examples. Only when trial and
+record, so a trained reflector is asked with exactly the ids it learned from; ``conversation.py``). They begin
+with the ids the engine computed in the previous phase (prompt + generated tokens) up to the first seam the
+tokenizer encodes otherwise (none in our SmolLM2 runs; with Llama-3's pre-tokeniser often the line break after
+the trial-1 action), so the prefix cache holds nearly all of a trial-2 prompt, and every task's conversations
+share the instructions and worked examples. Only when trial and
 reflection engines are the same (no adapter) does a phase hit the blocks of the other engine's phase; with an
 adapter each engine still reuses its own.
 
@@ -49,7 +49,7 @@ ids are line numbers, so an id there with another question is an error (another 
 
 Evaluation mode (``test_time=True``): one reflection per failure with the test-time reflection request (no
 demand), and trial-1 outputs may come from a cache (keyed by id) so that settings share the same first trials
-(their conversation is rebuilt from the cached transcript; those prompts start a fresh path in the cache).
+(their conversation is rebuilt from the cached transcript, so its ids are the same as when computed).
 """
 from __future__ import annotations
 
@@ -64,7 +64,7 @@ from pathlib import Path
 from typing import Callable
 
 from ..errors import ReflectEvoError
-from .conversation import Prompt, PromptBuilder, Segment
+from .conversation import Prompt, PromptBuilder
 from .instructions import parse_demand, sample_demand
 from .jsonl import DataError, append_jsonl, completed_records, iter_jsonl
 from .prompts import DEFAULT, Prompts, Trial, action_answer, answer_format, format_action
@@ -173,7 +173,6 @@ class _Trial:
     correct: bool = False
     error: str | None = None
     transcript: str = ""
-    computed: tuple[Segment, ...] = ()              # ids the engine computed last: prompt + generated
 
 
 @dataclass
@@ -186,7 +185,6 @@ class _Pending:
     reflection_prompt: Prompt | None = None
     test_reflection_prompt: str = ""
     reflections: list[str] = field(default_factory=list)
-    reflection_paths: list[tuple[Segment, ...]] = field(default_factory=list)
     t2: list[_Trial] = field(default_factory=list)
 
     @property
@@ -196,10 +194,6 @@ class _Pending:
     @property
     def t1_transcript(self) -> str:
         return self.t1["scratchpad"] if isinstance(self.t1, dict) else self.t1.transcript
-
-    @property
-    def t1_path(self) -> tuple[Segment, ...]:
-        return () if isinstance(self.t1, dict) else self.t1.computed
 
 
 class ReflectLoop:
@@ -233,13 +227,13 @@ class ReflectLoop:
         return self.build.start(self.build.render(self.P.trial_messages(self.task, item), self.P.response_prefix))
 
     def reflection_prompt(self, p: _Pending) -> Prompt:
-        """The reflection conversation of ``p`` (messages set), continuing the ids of its trial 1."""
-        return self.build.follow(p.t1_path, self.build.render(p.reflection_messages))
+        """The reflection conversation of ``p`` (messages set), after its trial 1."""
+        return self.build.start(self.build.render(p.reflection_messages))
 
     def trial2_prompt(self, p: _Pending, j: int) -> Prompt:
-        """Trial 2 with reflection ``j``, continuing the ids of the reflection request and that reflection."""
+        """Trial 2 with reflection ``j``, after the reflection request and that reflection."""
         messages = self.P.trial2_messages(p.item, p.reflection_messages, p.reflections[j])
-        return self.build.follow(p.reflection_paths[j], self.build.render(messages, self.P.response_prefix))
+        return self.build.start(self.build.render(messages, self.P.response_prefix))
 
     def test_trial2_text(self, p: _Pending, reflection: str, prompt: Prompt) -> str:
         """Trial 2 on ``reflection`` as evaluation renders it (after the test-time reflection request)."""
@@ -266,16 +260,15 @@ class ReflectLoop:
                                                             stop=stops))
         texts = [o[0].text for o in outs]
         reasons = [o[0].finish_reason for o in outs]
-        trials = [_Trial(p, self.P.parse_trial(self.task, t), computed=self.build.generated(p.path, o[0].token_ids))
-                  for p, t, o in zip(prompts, texts, outs)]
+        trials = [_Trial(p, self.P.parse_trial(self.task, t)) for p, t in zip(prompts, texts)]
         is_code = answer_format(self.task) == "code"
         need = [i for i, tr in enumerate(trials) if tr.trial.answer is None and not tr.trial.action.strip()]
         if self.cfg.force_action and need:
-            follow = [self.build.follow(trials[i].computed, prompts[i].text + _action_cue(texts[i])) for i in need]
+            forced = [self.build.start(prompts[i].text + _action_cue(texts[i])) for i in need]
             sp = SP(temperature=0.0, max_tokens=self.cfg.max_tokens if is_code else self.cfg.action_max_tokens,
                     stop=(["[END]"] if is_code else ["\n"]) + stops)
             self.stats["forced_actions"] += len(need)
-            for i, f, o in zip(need, follow, engine.generate([f.ids for f in follow], sp)):
+            for i, o in zip(need, engine.generate([f.ids for f in forced], sp)):
                 action = o[0].text
                 if is_code and "[BEGIN]" in action and "[END]" not in action:
                     action += "\n[END]"
@@ -283,7 +276,6 @@ class ReflectLoop:
                 thought = self.P.parse_trial(self.task, texts[i]).thought
                 trials[i].trial = Trial(thought=thought, action=format_action(self.task, answer) if answer is not None
                                         else action.strip(), answer=answer)
-                trials[i].computed = self.build.generated(f.path, o[0].token_ids)
                 reasons[i] = o[0].finish_reason
         answers = [tr.trial.answer for tr in trials]
         kwargs = {"workers": self.cfg.verify_workers} if is_code else {}
@@ -342,7 +334,6 @@ class ReflectLoop:
         outs = self.reflect_engine.generate([p.reflection_prompt.ids for p in pending], params)
         for p, o in zip(pending, outs):
             p.reflections = [s.text.strip() for s in o]
-            p.reflection_paths = [self.build.generated(p.reflection_prompt.path, s.token_ids) for s in o]
         self.stats["reflections"] += sum(len(p.reflections) for p in pending)
 
     # ---------------------------------------------------------------------------------------------- records
