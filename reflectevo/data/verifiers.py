@@ -55,7 +55,31 @@ def parse_options(question: str | None) -> dict[str, str]:
         block.append((letter, re.sub(r"^\(?" + m.group(1) + r"[\.\)]\s+", "", m.group(2))))
     if block:
         blocks.append(block)
-    return dict(blocks[-1]) if blocks else {}
+    strict = dict(blocks[-1]) if blocks else {}
+    loose = _trailing_loose_options(lines)
+    return loose if len(loose) > len(strict) else strict
+
+
+_LOOSE_OPTION_LINE = re.compile(r"^\s*([A-H])(?:\s*[\.\):?]\s*|\s+)(\S.*?)\s*$")
+
+
+def _trailing_loose_options(lines: list[str]) -> dict[str, str]:
+    """Options written without punctuation ("A Shannan") or with a stray "?" ("A? text"), as some official
+    LogiQA items have them: accepted only as the question's last lines, upper-case letters A, B, C, ... in
+    order, so that a sentence starting with the article "A" is never taken for an option."""
+    tail = [line for line in lines if line.strip()]
+    found: list[tuple[str, str]] = []
+    for line in reversed(tail):
+        m = _LOOSE_OPTION_LINE.match(line)
+        if m is None:
+            break
+        found.append((m.group(1), m.group(2)))
+    found.reverse()
+    while found and found[0][0] != "A":
+        found.pop(0)
+    if len(found) < 2 or [letter for letter, _ in found] != [chr(ord("A") + i) for i in range(len(found))]:
+        return {}
+    return {letter.lower(): re.sub(r"^\(?" + letter + r"[\.\)]\s+", "", text) for letter, text in found}
 
 
 def _strip_wrappers(s: str) -> str:
