@@ -232,9 +232,11 @@ class Tokenizer:
         eos_id, eos = tok("eos")
         pad_id, pad = tok("padding")
         _, unk = tok("unknown")
-        if fields.get("tokenizer.ggml.add_bos_token") and bos is not None:
-            backend.post_processor = processors.TemplateProcessing(
-                single=f"{bos} $A", pair=f"{bos} $A {bos} $B", special_tokens=[(bos, bos_id)])
+        add_bos = bool(fields.get("tokenizer.ggml.add_bos_token", False)) and bos is not None
+        add_eos = bool(fields.get("tokenizer.ggml.add_eos_token", False)) and eos is not None
+        if add_bos or add_eos:
+            from reflectevo.model.gguf_tokenizer import bos_eos_processor
+            backend.post_processor = bos_eos_processor(bos, bos_id, eos, eos_id, add_bos, add_eos)
         specials = {"bos_token": bos, "eos_token": eos, "unk_token": unk, "pad_token": pad}
         return cls(backend, fields.get("tokenizer.chat_template"), specials, _gguf_eos_ids(fields), bos_id, pad_id)
 
