@@ -331,21 +331,31 @@ def _is_target(name: str, targets) -> bool:
 
 
 def attach_lora(model: nn.Module, r: int = 8, alpha: float = 16, dropout: float = 0.0,
-                target_modules=DEFAULT_TARGETS, use_rslora: bool = False,
-                dtype: torch.dtype = torch.float32) -> list[nn.Parameter]:
+                target_modules=DEFAULT_TARGETS, use_rslora: bool = False, dtype: torch.dtype = torch.float32,
+                ranks: dict[str, int] | None = None, alphas: dict[str, float] | None = None) -> list[nn.Parameter]:
     """Wrap each target linear (nn.Linear / NF4Linear, matched as PEFT does: a listed name equal to the module's
-    name or to a dotted ending of it, or a regex over the whole name when ``target_modules`` is a string) in a LoRALinear; freeze everything else. Returns the trainable LoRA parameters."""
+    name or to a dotted ending of it, or a regex over the whole name when ``target_modules`` is a string) in a
+    LoRALinear; freeze everything else. ``ranks`` / ``alphas`` give single layers, by their full name, their own r /
+    alpha (PEFT's rank_pattern / alpha_pattern resolved); each must name a target. Returns the trainable LoRA
+    parameters."""
     if has_lora(model):
         raise ValueError("attach_lora: the model already has LoRA adapters")
-    for p in model.parameters():
-        p.requires_grad_(False)
     names = [n for n, m in model.named_modules()
              if isinstance(m, (nn.Linear, NF4Linear)) and _is_target(n, target_modules)]
     if not names:
         raise ValueError(f"attach_lora: no linear layer matches target_modules={target_modules!r}")
-    for name in names:
+    ranks, alphas = ranks or {}, alphas or {}
+    stray = sorted((set(ranks) | set(alphas)) - set(names))
+    if stray:
+        raise ValueError(f"attach_lora: {stray[0]!r} (in ranks / alphas) is not one of the target layers")
+    for p in model.parameters():
+        p.requires_grad_(False)
+    # every layer built before any is put in place: a bad rank or dropout raises before the structure changes
+    wrapped = [(name, LoRALinear(model.get_submodule(name), ranks.get(name, r), alphas.get(name, alpha), dropout,
+                                 use_rslora, dtype)) for name in names]
+    for name, layer in wrapped:
         parent, attr = _parent(model, name)
-        setattr(parent, attr, LoRALinear(getattr(parent, attr), r, alpha, dropout, use_rslora, dtype))
+        setattr(parent, attr, layer)
     params = lora_parameters(model)
     for p in params:
         p.requires_grad_(True)

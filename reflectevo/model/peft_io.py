@@ -3,6 +3,8 @@
 Adapter directory: ``adapter_config.json`` (peft_type LORA, r, lora_alpha, ...) + ``adapter_model.safetensors``
 with keys ``base_model.model.model.<module path>.lora_A.weight`` [r, in] / ``.lora_B.weight`` [out, r]
 (``base_model.model.lm_head...`` for the head). Our module paths are Hugging Face's minus the leading ``model.``.
+The config (which keys are honoured or refused, per-module r / alpha from rank_pattern / alpha_pattern) is
+reflectevo.model.peft_config's.
 """
 from __future__ import annotations
 
@@ -18,19 +20,16 @@ import torch
 from reflectevo.atomic import fsync_dir
 from reflectevo.errors import ModelLoadError
 from reflectevo.model.lora import attach_lora, lora_modules, merged_state_dict, remove_lora
+from reflectevo.model.peft_config import (  # noqa: F401  (HARMLESS_CONFIG_KEYS: re-exported)
+    CONFIG_NAME,
+    HARMLESS_CONFIG_KEYS,
+    LoraHyperparameters,
+    config_for,
+    hyperparameters,
+    read_config,
+)
 from reflectevo.model.safetensors_io import read_safetensors
 
-CONFIG_NAME = "adapter_config.json"
-# adapter_config.json keys that may hold any value: bookkeeping, initialisation-only settings, or ones whose
-# effect the loader derives from the weight file (which layers carry adapters). Any other key, when set, is refused.
-HARMLESS_CONFIG_KEYS = {"peft_type", "task_type", "r", "lora_alpha", "lora_dropout", "use_rslora", "target_modules",
-                        "exclude_modules", "layers_to_transform", "layers_pattern", "base_model_name_or_path",
-                        "revision", "inference_mode", "init_lora_weights", "auto_mapping", "bias", "megatron_config",
-                        "megatron_core", "eva_config", "runtime_config", "peft_version", "ensure_weight_tying",
-                        "qalora_group_size"}
-BASE_CHANGING_INITS = ("pissa", "olora", "corda", "loftq", "lora_ga")  # PEFT inits that rewrite the base weights
-PEFT_DEFAULT_ALPHA = 8
-PEFT_DEFAULT_R = 8
 WEIGHTS_NAME = "adapter_model.safetensors"
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "generation_config.json",
                    "tokenizer.model", "vocab.json", "merges.txt", "chat_template.jinja")
@@ -115,21 +114,8 @@ def _atomic_dir(out_dir: Path, write) -> Path:
 
 
 def adapter_config(model: torch.nn.Module, base_model_name_or_path: str = "") -> dict:
-    mods = lora_modules(model)
-    if not mods:
-        raise ValueError("save_adapter: the model has no LoRA adapters")
-    first = next(iter(mods.values()))
-    for name, m in mods.items():
-        if (m.r, m.alpha, m.dropout_p, m.use_rslora) != (first.r, first.alpha, first.dropout_p, first.use_rslora):
-            raise ValueError(f"save_adapter: {name} has r/alpha/dropout/rslora different from the other adapters")
-    targets = sorted({n.rpartition(".")[2] for n in mods})
-    return {
-        "alpha_pattern": {}, "auto_mapping": None, "base_model_name_or_path": base_model_name_or_path,
-        "bias": "none", "fan_in_fan_out": False, "inference_mode": True, "init_lora_weights": True,
-        "layers_pattern": None, "layers_to_transform": None, "lora_alpha": first.alpha, "lora_dropout": first.dropout_p,
-        "modules_to_save": None, "peft_type": "LORA", "r": first.r, "rank_pattern": {}, "revision": None,
-        "target_modules": targets, "task_type": "CAUSAL_LM", "use_dora": False, "use_rslora": first.use_rslora,
-    }
+    """The adapter_config.json save_adapter writes for the model's LoRA layers (peft_config.config_for)."""
+    return config_for(lora_modules(model), base_model_name_or_path)
 
 
 def save_adapter(model: torch.nn.Module, out_dir, base_model_name_or_path: str = "") -> Path:
@@ -151,27 +137,8 @@ def save_adapter(model: torch.nn.Module, out_dir, base_model_name_or_path: str =
 
 def _read_adapter(adapter_dir: Path) -> tuple[dict, dict]:
     cfg_path = adapter_dir / CONFIG_NAME
-    try:
-        cfg = json.loads(cfg_path.read_text())
-    except FileNotFoundError:
-        raise ModelLoadError(f"{cfg_path}: adapter_config.json not found") from None
-    except json.JSONDecodeError as e:
-        raise ModelLoadError(f"{cfg_path}:{e.lineno}: invalid JSON ({e.msg})") from None
-    if not isinstance(cfg, dict):
-        raise ModelLoadError(f"{cfg_path}: expected a JSON object, got {type(cfg).__name__}")
-    if cfg.get("peft_type", "LORA") != "LORA":
-        raise ModelLoadError(f"{cfg_path}: peft_type {cfg.get('peft_type')!r} is not supported (only LORA)")
+    cfg = read_config(cfg_path)
     bias = cfg.get("bias", "none")
-    if bias not in ("none", "all", "lora_only"):
-        raise ModelLoadError(f"{cfg_path}: bias={bias!r} is not one of 'none', 'all', 'lora_only'")
-    init = cfg.get("init_lora_weights", True)
-    if isinstance(init, str) and init.lower().startswith(BASE_CHANGING_INITS):
-        raise ModelLoadError(f"{cfg_path}: init_lora_weights={init!r} changes the base weights the adapter goes with "
-                             f"(save it converted to plain LoRA)")
-    for key, value in cfg.items():  # anything else that is set changes the forward pass in ways we do not model
-        if key not in HARMLESS_CONFIG_KEYS and value not in (None, False, {}, [], ""):
-            raise ModelLoadError(f"{cfg_path}: {key}={json.dumps(value)[:60]} is not supported")
-    _hyperparameters(cfg, cfg_path)
     wpath = adapter_dir / WEIGHTS_NAME
     if wpath.is_file():
         weights = read_safetensors(wpath)  # errors name the file (truncated, corrupt header, ...)
@@ -193,23 +160,6 @@ def _read_adapter(adapter_dir: Path) -> tuple[dict, dict]:
     return cfg, weights
 
 
-def _hyperparameters(cfg: dict, cfg_path: Path) -> tuple[int, float, float, bool]:
-    """(r, lora_alpha, lora_dropout, use_rslora), PEFT's defaults for absent keys; bad values name the key."""
-    def number(key, default):
-        v = cfg.get(key, default)
-        if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
-            raise ModelLoadError(f"{cfg_path}: {key}={json.dumps(v)[:40]} is not a finite number")
-        return v
-
-    r, alpha = number("r", PEFT_DEFAULT_R), number("lora_alpha", PEFT_DEFAULT_ALPHA)
-    dropout = number("lora_dropout", 0.0)
-    if r != int(r) or r <= 0:
-        raise ModelLoadError(f"{cfg_path}: r={r} must be a positive integer")
-    if not 0.0 <= dropout < 1.0:
-        raise ModelLoadError(f"{cfg_path}: lora_dropout={dropout} must lie in [0, 1)")
-    return int(r), float(alpha), float(dropout), bool(cfg.get("use_rslora", False))
-
-
 def _weights_path(adapter_dir: Path) -> Path:
     """The adapter's weight file: adapter_model.safetensors, else the older adapter_model.bin."""
     st = adapter_dir / WEIGHTS_NAME
@@ -219,48 +169,56 @@ def _weights_path(adapter_dir: Path) -> Path:
 @torch.no_grad()
 def load_adapter(model: torch.nn.Module, adapter_dir) -> torch.nn.Module:
     """Attach LoRA as the adapter's config says (unless already attached with the same r and scale) and load its
-    weights. Any key that names no module of ours, or has another shape, is an error naming the key."""
+    weights. Each layer takes its own r / lora_alpha from rank_pattern / alpha_pattern (peft_config). Any key that
+    names no module of ours, or has another shape, is an error naming the key."""
     adapter_dir = Path(adapter_dir)
     cfg, weights = _read_adapter(adapter_dir)
     wpath = _weights_path(adapter_dir)
-    r, alpha, dropout, rslora = _hyperparameters(cfg, adapter_dir / CONFIG_NAME)
-    scaling = alpha / (math.sqrt(r) if rslora else r)
+    hp = hyperparameters(cfg, adapter_dir / CONFIG_NAME)
     mods = lora_modules(model)
     if not mods:
         # only modules the file has weights for get adapters (PEFT's target list may name absent layers)
         in_file = {p for p in (_our_path(k) for k in weights) if p is not None}
-        paths = {p for p, _ in in_file}
+        paths = sorted({p for p, _ in in_file})
         if not paths:
             raise ModelLoadError(f"{wpath}: no lora_A/lora_B weights found")
-        unknown = sorted(p for p in paths if not _has_linear(model, p))
+        unknown = [p for p in paths if not _has_linear(model, p)]
         if unknown:
             raise ModelLoadError(f"{wpath}: key {peft_key(unknown[0], 'lora_A')!r} names no linear layer of this model")
+        per_module = {p: hp.for_module(p) for p in paths}
         grads = [(p, p.requires_grad) for p in model.parameters()]
-        attach_lora(model, r=r, alpha=alpha, dropout=dropout, target_modules="|".join(map(_re_escape, sorted(paths))),
-                    use_rslora=rslora)
+        attach_lora(model, r=hp.r, alpha=hp.alpha, dropout=hp.dropout, target_modules="|".join(map(re.escape, paths)),
+                    use_rslora=hp.use_rslora, ranks={p: v[0] for p, v in per_module.items()},
+                    alphas={p: v[1] for p, v in per_module.items()})
         try:
-            return _fill_adapter(model, adapter_dir, weights, r, alpha, rslora, scaling)
+            return _fill_adapter(model, adapter_dir, weights, hp)
         except BaseException:  # a refused adapter leaves the model as it was
             remove_lora(model)
             for p, flag in grads:
                 p.requires_grad_(flag)
             raise
-    return _fill_adapter(model, adapter_dir, weights, r, alpha, rslora, scaling)
+    return _fill_adapter(model, adapter_dir, weights, hp)
 
 
-def _fill_adapter(model, adapter_dir: Path, weights: dict, r: int, alpha: float, rslora: bool, scaling: float):
-    """Check the file's keys and shapes against the model's LoRA layers, then copy the weights in."""
-    wpath = _weights_path(adapter_dir)
+def _fill_adapter(model, adapter_dir: Path, weights: dict, hp: LoraHyperparameters):
+    """Check the model's LoRA layers against the config (r, scale: per module) and the file's keys and shapes
+    against the layers, then copy the weights in."""
+    wpath, cfg_path = _weights_path(adapter_dir), adapter_dir / CONFIG_NAME
     mods = lora_modules(model)
-    expected = {}
+    hp.warn_unmatched(mods, cfg_path)
+    expected, owner = {}, {}
     for name, m in mods.items():
+        r, alpha, source = hp.for_module(name)
+        source = f", {source}" if source else ""
         if m.r != r:
-            raise ModelLoadError(f"{wpath}: r={r} but the model's adapter {name} has r={m.r}")
+            raise ModelLoadError(f"{cfg_path}: r={r} for {name}{source} but the model's adapter has r={m.r}")
+        scaling = hp.scaling(r, alpha)
         if not math.isclose(m.scaling, scaling):
-            raise ModelLoadError(f"{adapter_dir / CONFIG_NAME}: lora_alpha={alpha:g}, use_rslora={rslora} (scale "
+            raise ModelLoadError(f"{cfg_path}: lora_alpha={alpha:g}, use_rslora={hp.use_rslora}{source} (scale "
                                  f"{scaling:g}) but the model's adapter {name} has scale {m.scaling:g}")
-        expected[peft_key(name, "lora_A")] = m.lora_A.weight
-        expected[peft_key(name, "lora_B")] = m.lora_B.weight
+        for which in ("lora_A", "lora_B"):
+            expected[peft_key(name, which)] = getattr(m, which).weight
+            owner[peft_key(name, which)] = f"{name} (r={r}{source})"
     normalised = {}
     for key, t in weights.items():
         if key.endswith(".base_layer.weight"):  # PEFT stores a head / embedding base beside its adapter
@@ -274,7 +232,7 @@ def _fill_adapter(model, adapter_dir: Path, weights: dict, r: int, alpha: float,
             raise ModelLoadError(f"{wpath}: key {key!r} names no LoRA layer of this model")
         if tuple(t.shape) != tuple(expected[ours].shape):
             raise ModelLoadError(f"{wpath}: key {key!r} has shape {tuple(t.shape)}, the model expects "
-                                 f"{tuple(expected[ours].shape)}")
+                                 f"{tuple(expected[ours].shape)} for {owner[ours]}")
         normalised[ours] = t
     missing = [k for k in expected if k not in normalised]
     if missing:
@@ -302,12 +260,6 @@ def _check_base_copy(model, key: str, t: torch.Tensor, wpath: Path) -> None:
         raise ModelLoadError(f"{wpath}: key {key!r} holds a base weight that differs from this model's "
                              f"(made for another model)")
     raise ModelLoadError(f"{wpath}: key {key!r} names no layer of this model")
-
-
-def _re_escape(s: str) -> str:
-    import re
-
-    return re.escape(s)
 
 
 def _has_linear(model, path: str) -> bool:
