@@ -45,10 +45,10 @@ def _gguf_fields(**extra):
     return {**base, **extra}
 
 
-def test_gguf_rope_scaling_other_than_linear_is_refused():
+def test_gguf_rope_scaling_of_unknown_type_is_refused():
     names = {"output.weight"}
-    with pytest.raises(ModelLoadError, match=r"m\.gguf: RoPE scaling 'yarn'"):
-        config_from_gguf(_gguf_fields(**{"llama.rope.scaling.type": "yarn", "llama.rope.scaling.factor": 4.0}),
+    with pytest.raises(ModelLoadError, match=r"m\.gguf: RoPE scaling 'longrope'"):
+        config_from_gguf(_gguf_fields(**{"llama.rope.scaling.type": "longrope", "llama.rope.scaling.factor": 4.0}),
                          names, "m.gguf")
     linear = config_from_gguf(_gguf_fields(**{"llama.rope.scaling.type": "linear", "llama.rope.scaling.factor": 2.0}),
                               names, "m.gguf")

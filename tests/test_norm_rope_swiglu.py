@@ -205,7 +205,7 @@ def test_rope_input_errors():
     with pytest.raises(ValueError, match="k shape"):
         apply_rope(q, k[:, :2], cos, sin)
     with pytest.raises(ValueError, match="not supported"):
-        rope_inv_freq(8, 10000.0, {"rope_type": "yarn", "factor": 4.0})
+        rope_inv_freq(8, 10000.0, {"rope_type": "longrope", "factor": 4.0})
     with pytest.raises(ValueError, match="partial_rotary_factor"):
         rope_inv_freq(8, 10000.0, {"rope_type": "default", "partial_rotary_factor": 0.5})
     with pytest.raises(ValueError, match="low_freq_factor"):

@@ -11,7 +11,19 @@ Frequencies for head_dim D and base theta (fp32, as Hugging Face computes them):
         wavelen > low_wl             -> inv_freq / factor                (low frequencies scaled)
         otherwise, s = (L / wavelen - low_freq_factor) / (high_freq_factor - low_freq_factor),
                                      -> (1 - s) * inv_freq / factor + s * inv_freq
-    angles = position * inv_freq;  cos = cos(cat(angles, angles)),  sin = sin(cat(angles, angles))
+    "yarn" scaling (YaRN; Qwen2 / Qwen2.5 long context): with L = original_max_position_embeddings (default
+        max_position_embeddings) and dim(r) = D * ln(L / (2*pi*r)) / (2 * ln theta), the pair index where a
+        frequency turns r times over L positions, low = dim(beta_fast), high = dim(beta_slow) (floor / ceil
+        unless truncate is false; clipped to [0, D - 1]), ramp[i] = clamp((i - low) / (high - low), 0, 1):
+                                     -> inv_freq / factor * ramp + inv_freq * (1 - ramp)
+        and cos, sin are multiplied by the attention factor: attention_factor when given, else
+        mscale(factor, mscale) / mscale(factor, mscale_all_dim) when both are set, else mscale(factor, 1),
+        mscale(s, m) = 1 + 0.1 * m * ln(s) for s > 1, else 1.
+    "dynamic" scaling (dynamic NTK): with M = max_position_embeddings and the sequence length S (see
+        dynamic_ntk_inv_freq for which S), theta' = theta * (factor * max(S, M) / M - (factor - 1))^(D / (D - 2))
+                                     -> 1 / theta'^(2i / D)    (plain RoPE while S <= M)
+    angles = position * inv_freq;  cos = a * cos(cat(angles, angles)),  sin = a * sin(cat(angles, angles))
+    (a: the attention factor, 1 except for "yarn")
 
 Rotation of one head vector x = [x1, x2] (halves of length D/2), with cos = [c1, c2], sin = [s1, s2]:
 
@@ -43,30 +55,53 @@ if HAS_TRITON:
 _MAX_TILE = 4096  # heads x half-dim elements rotated at once by one program
 
 
-def rope_inv_freq(head_dim: int, theta: float, scaling: dict | None = None) -> torch.Tensor:
-    """Inverse frequencies [head_dim // 2] (fp32) for plain, "linear" or "llama3" RoPE scaling.
+ROPE_TYPES = ("default", "linear", "llama3", "yarn", "dynamic")
+
+
+def rope_kind(scaling: dict | None) -> str:
+    """The scaling type of a Hugging Face ``rope_scaling`` dict (key ``rope_type`` or the older ``type``)."""
+    return scaling.get("rope_type", scaling.get("type", "default")) if scaling else "default"
+
+
+def _plain_inv_freq(head_dim: int, theta) -> torch.Tensor:
+    exponent = torch.arange(0, head_dim, 2, dtype=torch.int64).to(torch.float32) / head_dim
+    return 1.0 / (theta ** exponent)
+
+
+def rope_inv_freq(head_dim: int, theta: float, scaling: dict | None = None,
+                  max_position_embeddings: int | None = None) -> torch.Tensor:
+    """Inverse frequencies [head_dim // 2] (fp32) for plain, "linear", "llama3", "yarn" or "dynamic" scaling.
 
     ``scaling`` is a Hugging Face ``rope_scaling`` dict (key ``rope_type`` or the older ``type``); None,
-    ``{}`` or type "default" mean no scaling.
+    ``{}`` or type "default" mean no scaling. ``max_position_embeddings`` stands in for a missing
+    ``original_max_position_embeddings`` ("llama3", "yarn") and a missing yarn ``factor`` (as transformers).
+    For "dynamic" these are the frequencies of sequences up to max_position_embeddings (plain RoPE);
+    longer ones take dynamic_ntk_inv_freq.
     """
     if head_dim <= 0 or head_dim % 2:
         raise ValueError(f"rope_inv_freq: head_dim must be a positive even number, got {head_dim}")
-    exponent = torch.arange(0, head_dim, 2, dtype=torch.int64).to(torch.float32) / head_dim
-    inv_freq = 1.0 / (float(theta) ** exponent)
+    inv_freq = _plain_inv_freq(head_dim, float(theta))
     if not scaling:
         return inv_freq
     if float(scaling.get("partial_rotary_factor", 1.0)) != 1.0:
         raise ValueError(f"rope_scaling: partial_rotary_factor is not supported: {scaling}")
-    kind = scaling.get("rope_type", scaling.get("type", "default"))
+    kind = rope_kind(scaling)
     if kind == "default":
         return inv_freq
     if kind == "linear":
         return inv_freq / float(_need(scaling, "factor"))
+    if kind == "dynamic":
+        float(_need(scaling, "factor"))
+        if max_position_embeddings is None or head_dim < 4:
+            raise ValueError(f"rope_scaling 'dynamic' needs max_position_embeddings and head_dim >= 4: {scaling}")
+        return inv_freq
+    if kind == "yarn":
+        return _yarn_inv_freq(head_dim, float(theta), scaling, max_position_embeddings)
     if kind == "llama3":
         factor = float(_need(scaling, "factor"))
         low = float(_need(scaling, "low_freq_factor"))
         high = float(_need(scaling, "high_freq_factor"))
-        old_len = float(_need(scaling, "original_max_position_embeddings"))
+        old_len = float(_original_len(scaling, max_position_embeddings))
         wavelen = 2 * math.pi / inv_freq
         low_wavelen, high_wavelen = old_len / low, old_len / high
         scaled = torch.where(wavelen > low_wavelen, inv_freq / factor, inv_freq)
@@ -74,24 +109,93 @@ def rope_inv_freq(head_dim: int, theta: float, scaling: dict | None = None) -> t
         blended = (1 - smooth) * scaled / factor + smooth * scaled
         medium = (wavelen >= high_wavelen) & (wavelen <= low_wavelen)
         return torch.where(medium, blended, scaled)
-    raise ValueError(f"rope scaling type {kind!r} is not supported (only 'default', 'linear', 'llama3')")
+    raise ValueError(f"rope scaling type {kind!r} is not supported (supported: {', '.join(ROPE_TYPES)})")
 
 
 def _need(scaling: dict, key: str):
-    if key not in scaling:
+    if scaling.get(key) is None:
         raise ValueError(f"rope_scaling is missing {key!r}: {scaling}")
     return scaling[key]
 
 
+def _original_len(scaling: dict, max_position_embeddings: int | None):
+    if scaling.get("original_max_position_embeddings") is None and max_position_embeddings is not None:
+        return max_position_embeddings
+    return _need(scaling, "original_max_position_embeddings")
+
+
+def _yarn_factor(scaling: dict, max_position_embeddings: int | None) -> float:
+    if scaling.get("factor") is None and max_position_embeddings is not None:
+        return max_position_embeddings / float(_original_len(scaling, max_position_embeddings))
+    return float(_need(scaling, "factor"))
+
+
+def _yarn_inv_freq(head_dim: int, theta: float, scaling: dict, max_position_embeddings: int | None) -> torch.Tensor:
+    factor = _yarn_factor(scaling, max_position_embeddings)
+    old_len = float(_original_len(scaling, max_position_embeddings))
+    beta_fast = float(scaling.get("beta_fast") or 32)  # 0 / None take the paper's values, as transformers
+    beta_slow = float(scaling.get("beta_slow") or 1)
+
+    def pair_index(turns: float) -> float:  # fractional pair index whose frequency turns ``turns`` times in old_len
+        return head_dim * math.log(old_len / (turns * 2 * math.pi)) / (2 * math.log(theta))
+
+    low, high = pair_index(beta_fast), pair_index(beta_slow)
+    if scaling.get("truncate", True):
+        low, high = math.floor(low), math.ceil(high)
+    low, high = max(low, 0), min(high, head_dim - 1)
+    if low == high:
+        high += 0.001
+    ramp = ((torch.arange(head_dim // 2, dtype=torch.float32) - low) / (high - low)).clamp(0, 1)
+    wavelength_base = float(theta) ** (torch.arange(0, head_dim, 2).to(torch.float32) / head_dim)
+    kept, scaled = 1.0 / wavelength_base, 1.0 / (factor * wavelength_base)
+    keep = 1 - ramp  # 1 for the high frequencies (pairs below low), 0 for the low ones (above high)
+    return scaled * (1 - keep) + kept * keep
+
+
+def rope_attention_factor(scaling: dict | None, max_position_embeddings: int | None = None) -> float:
+    """The factor cos and sin are multiplied by: YaRN's attention factor, 1.0 for every other type."""
+    if rope_kind(scaling) != "yarn":
+        return 1.0
+    if scaling.get("attention_factor") is not None:
+        return float(scaling["attention_factor"])
+    factor = _yarn_factor(scaling, max_position_embeddings)
+
+    def mscale(m: float) -> float:
+        return 1.0 if factor <= 1 else 0.1 * m * math.log(factor) + 1.0
+
+    m, m_all = scaling.get("mscale"), scaling.get("mscale_all_dim")
+    if m and m_all:
+        return float(mscale(float(m)) / mscale(float(m_all)))
+    return mscale(1.0)
+
+
+def dynamic_ntk_inv_freq(head_dim: int, theta: float, factor: float, max_position_embeddings: int,
+                         seq_len: torch.Tensor) -> torch.Tensor:
+    """Dynamic-NTK inverse frequencies for sequence lengths ``seq_len`` (an integer tensor of any shape):
+    seq_len.shape + (head_dim // 2,), fp32, on seq_len's device. Lengths up to max_position_embeddings give
+    plain RoPE. Which length applies to which token is the caller's choice (Transformer.rope_tables)."""
+    m = max_position_embeddings
+    length = seq_len.clamp(min=m)
+    base = float(theta) * ((float(factor) * length / m) - (float(factor) - 1)) ** (head_dim / (head_dim - 2))
+    exponent = torch.arange(0, head_dim, 2, dtype=torch.int64, device=seq_len.device).to(torch.float32) / head_dim
+    return 1.0 / (base.to(torch.float32)[..., None] ** exponent)
+
+
 def rope_cos_sin(positions: torch.Tensor, head_dim: int, theta: float, scaling: dict | None = None,
-                 dtype: torch.dtype = torch.float32) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos, sin of shape positions.shape + (head_dim,) ([T] -> [T, D], [B, T] -> [B, T, D]), in ``dtype``."""
+                 dtype: torch.dtype = torch.float32,
+                 max_position_embeddings: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos, sin of shape positions.shape + (head_dim,) ([T] -> [T, D], [B, T] -> [B, T, D]), in ``dtype``,
+    including the attention factor. "dynamic": the frequencies of length max(positions) + 1 for every position."""
     if positions.is_floating_point():
         raise ValueError(f"rope_cos_sin: positions must be an integer tensor, got {positions.dtype}")
-    inv_freq = rope_inv_freq(head_dim, theta, scaling).to(positions.device)
+    inv_freq = rope_inv_freq(head_dim, theta, scaling, max_position_embeddings).to(positions.device)
+    if rope_kind(scaling) == "dynamic" and positions.numel():
+        inv_freq = dynamic_ntk_inv_freq(head_dim, theta, float(scaling["factor"]), max_position_embeddings,
+                                        positions.max() + 1)
     angles = positions.to(torch.float32)[..., None] * inv_freq
     emb = torch.cat((angles, angles), dim=-1)
-    return emb.cos().to(dtype), emb.sin().to(dtype)
+    scale = rope_attention_factor(scaling, max_position_embeddings)
+    return (emb.cos() * scale).to(dtype), (emb.sin() * scale).to(dtype)
 
 
 def _rotate_half(x: torch.Tensor) -> torch.Tensor:

@@ -9,14 +9,14 @@ from pathlib import Path
 import torch
 
 from reflectevo.errors import ModelLoadError
-from reflectevo.kernels.rope import rope_inv_freq
+from reflectevo.kernels.rope import ROPE_TYPES, rope_attention_factor, rope_inv_freq, rope_kind
 
 SUPPORTED_ARCHITECTURES = {
     "LlamaForCausalLM": "llama",
     "MistralForCausalLM": "mistral",
     "Qwen2ForCausalLM": "qwen2",
 }
-KNOWN_ROPE_TYPES = ("default", "linear", "llama3")
+KNOWN_ROPE_TYPES = ROPE_TYPES
 
 
 @dataclass
@@ -50,25 +50,35 @@ class ModelConfig:
         if self.num_heads % self.num_kv_heads:
             raise ModelLoadError(f"num_heads {self.num_heads} is not a multiple of num_kv_heads {self.num_kv_heads}")
         if self.rope_scaling is not None:
-            kind = self.rope_scaling.get("rope_type", self.rope_scaling.get("type", "default"))
+            kind = rope_kind(self.rope_scaling)
             if kind not in KNOWN_ROPE_TYPES:
                 raise ModelLoadError(f"rope_scaling type {kind!r} is not supported (supported: {KNOWN_ROPE_TYPES})")
             if kind == "default":
                 self.rope_scaling = None
         try:  # a scaling without its parameters, or an odd head_dim, fails here and not mid-build with a traceback
-            rope_inv_freq(self.head_dim, self.rope_theta, self.rope_scaling)
+            rope_inv_freq(self.head_dim, self.rope_theta, self.rope_scaling, self.max_position_embeddings)
+            rope_attention_factor(self.rope_scaling, self.max_position_embeddings)
         except ValueError as e:
             raise ModelLoadError(str(e)) from None
         if self.rope_freq_factors is not None and len(self.rope_freq_factors) != self.head_dim // 2:
             raise ModelLoadError(f"rope_freqs has {len(self.rope_freq_factors)} factors, head_dim {self.head_dim} "
                                  f"needs {self.head_dim // 2}")
 
+    @property
+    def rope_type(self) -> str:
+        return rope_kind(self.rope_scaling)
+
     def inv_freq(self) -> torch.Tensor:
-        """RoPE inverse frequencies [head_dim // 2] (fp32) with this model's scaling."""
-        inv_freq = rope_inv_freq(self.head_dim, self.rope_theta, self.rope_scaling)
+        """RoPE inverse frequencies [head_dim // 2] (fp32) with this model's scaling ("dynamic": those of
+        sequences up to max_position_embeddings; Transformer.rope_tables computes longer ones)."""
+        inv_freq = rope_inv_freq(self.head_dim, self.rope_theta, self.rope_scaling, self.max_position_embeddings)
         if self.rope_freq_factors is not None:
             inv_freq = inv_freq / torch.tensor(self.rope_freq_factors, dtype=torch.float32)
         return inv_freq
+
+    def rope_attention_factor(self) -> float:
+        """What cos and sin are multiplied by: YaRN's attention factor, else 1.0."""
+        return rope_attention_factor(self.rope_scaling, self.max_position_embeddings)
 
     def window_for_layer(self, layer_idx: int) -> int | None:
         if self.sliding_window is None:

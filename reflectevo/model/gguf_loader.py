@@ -105,12 +105,7 @@ def config_from_gguf(fields: dict, tensor_names: set[str], source: str) -> Model
 
     heads = int(get("attention.head_count"))
     hidden = int(get("embedding_length"))
-    scaling = None
-    kind = fields.get(f"{arch}.rope.scaling.type")
-    if kind == "linear":
-        scaling = {"rope_type": "linear", "factor": float(get("rope.scaling.factor"))}
-    elif kind not in (None, "none"):
-        raise ModelLoadError(f"{source}: RoPE scaling {kind!r} is not supported (none or linear)")
+    scaling = _rope_scaling(fields, arch, source, get)
     vocab = fields.get(f"{arch}.vocab_size") or len(fields.get("tokenizer.ggml.tokens", []))
     window = fields.get(f"{arch}.attention.sliding_window")
     return ModelConfig(
@@ -133,3 +128,38 @@ def config_from_gguf(fields: dict, tensor_names: set[str], source: str) -> Model
         bos_token_id=fields.get("tokenizer.ggml.bos_token_id"),
         eos_token_ids=[int(fields["tokenizer.ggml.eos_token_id"])] if "tokenizer.ggml.eos_token_id" in fields else [],
     )
+
+
+# llama.cpp's YaRN knobs that have no plain transformers equivalent: refused unless at their defaults
+_YARN_DEFAULTS = {"attn_factor": 1.0, "yarn_attn_factor": 1.0, "yarn_ext_factor": (-1.0, 1.0),
+                  "yarn_log_multiplier": 0.0}
+
+
+def _rope_scaling(fields: dict, arch: str, source: str, get) -> dict | None:
+    """The ``rope_scaling`` dict of llama.cpp's {arch}.rope.scaling.* keys: none, linear or yarn.
+
+    llama.cpp's YaRN (type, factor, original_context_length, yarn_beta_fast / yarn_beta_slow: what its
+    converter writes for Qwen2 / Qwen2.5) scales cos/sin by 1 + 0.1 ln(factor) and floors / ceils the ramp
+    bounds: transformers' "yarn" with its defaults. original_context_length defaults to context_length in both.
+    """
+    kind = fields.get(f"{arch}.rope.scaling.type")
+    if kind in (None, "none"):
+        return None
+    if kind == "linear":
+        return {"rope_type": "linear", "factor": float(get("rope.scaling.factor"))}
+    if kind != "yarn":
+        raise ModelLoadError(f"{source}: RoPE scaling {kind!r} ({arch}.rope.scaling.type) is not supported "
+                             "(none, linear, yarn)")
+    for key, default in _YARN_DEFAULTS.items():
+        value = fields.get(f"{arch}.rope.scaling.{key}")
+        if value is not None and float(value) not in (default if isinstance(default, tuple) else (default,)):
+            raise ModelLoadError(f"{source}: {arch}.rope.scaling.{key} = {value} is not supported "
+                                 "(YaRN is read with llama.cpp's defaults only)")
+    scaling = {"rope_type": "yarn", "factor": float(get("rope.scaling.factor"))}
+    orig = fields.get(f"{arch}.rope.scaling.original_context_length")
+    if orig:
+        scaling["original_max_position_embeddings"] = int(orig)
+    for ours, key in (("beta_fast", "yarn_beta_fast"), ("beta_slow", "yarn_beta_slow")):
+        if fields.get(f"{arch}.rope.scaling.{key}") is not None:
+            scaling[ours] = float(fields[f"{arch}.rope.scaling.{key}"])
+    return scaling

@@ -20,7 +20,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from reflectevo.kernels.rmsnorm import rms_norm
-from reflectevo.kernels.rope import apply_rope
+from reflectevo.kernels.rope import apply_rope, dynamic_ntk_inv_freq
 from reflectevo.kernels.swiglu import swiglu
 from reflectevo.model.config import ModelConfig
 
@@ -186,6 +186,7 @@ class Transformer(nn.Module):
             self.lm_head.weight = self.embed_tokens.weight
         self.gradient_checkpointing = False
         self.register_buffer("inv_freq", config.inv_freq(), persistent=False)
+        self.rope_attention_factor = config.rope_attention_factor()
 
     @property
     def device(self) -> torch.device:
@@ -199,11 +200,43 @@ class Transformer(nn.Module):
         if self.config.tie_word_embeddings:
             self.lm_head.weight = self.embed_tokens.weight
 
-    def rope_tables(self, positions: torch.Tensor, dtype: torch.dtype):
-        """cos/sin [B,T,D] for integer positions [B,T], computed in fp32 then cast (as transformers does)."""
-        freqs = positions[..., None].float() * self.inv_freq.float()
+    def rope_tables(self, positions: torch.Tensor, dtype: torch.dtype, per_token: bool = False):
+        """cos/sin [B,T,D] for integer positions [B,T], computed in fp32, multiplied by the attention factor
+        (YaRN) and then cast, as transformers does. Every path (training, scoring, the sampler's prefill and
+        decode, CUDA-graph replays) takes its tables from here.
+
+        Dynamic NTK ("dynamic") sets the frequencies from a sequence length S (plain RoPE while
+        S <= max_position_embeddings):
+
+        - ``per_token=False`` (no KV cache: training, scoring): S = max(positions) + 1 over the whole call, as
+          transformers computes it for a forward pass. transformers also keeps the largest S seen across calls
+          (until a call is shorter than max_position_embeddings); this is stateless, so it equals transformers
+          on a fresh model, or for calls in increasing length.
+        - ``per_token=True`` (the paged KV cache): S = position + 1 of each token, the length of its sequence
+          when its key is written. A cached key is never rotated again, so the cache content of a token depends
+          on its prefix alone (prefix-cache hits, chunked prefill and batch composition change nothing), and a
+          decode step rotates its query as transformers' generate() does for one sequence. A prompt prefilled
+          beyond max_position_embeddings differs from the no-cache forward (which rotates every token with the
+          whole length): exact parity is impossible once keys are cached with earlier frequencies. The sampler
+          (Engine) caps max_model_len at max_position_embeddings, so there it is plain RoPE, which equals the
+          no-cache forward and transformers.
+        """
+        pos = positions[..., None].float()
+        cfg = self.config
+        if cfg.rope_type == "dynamic" and positions.numel():
+            seq_len = positions + 1 if per_token else positions.max() + 1
+            inv_freq = dynamic_ntk_inv_freq(cfg.head_dim, cfg.rope_theta, float(cfg.rope_scaling["factor"]),
+                                            cfg.max_position_embeddings, seq_len)
+            if cfg.rope_freq_factors is not None:
+                inv_freq = inv_freq / torch.tensor(cfg.rope_freq_factors, dtype=torch.float32, device=pos.device)
+            freqs = pos * inv_freq  # [B,T,1] x ([D/2] or per token [B,T,D/2])
+        else:
+            freqs = pos * self.inv_freq.float()
         emb = torch.cat([freqs, freqs], dim=-1)
-        return emb.cos().to(dtype), emb.sin().to(dtype)
+        cos, sin = emb.cos(), emb.sin()
+        if self.rope_attention_factor != 1.0:
+            cos, sin = cos * self.rope_attention_factor, sin * self.rope_attention_factor
+        return cos.to(dtype), sin.to(dtype)
 
     def hidden_states(self, input_ids, positions=None, attention=None, seq_ids=None) -> torch.Tensor:
         """[B,T] token ids -> [B,T,H] final-norm hidden states (no lm_head)."""
@@ -213,7 +246,7 @@ class Transformer(nn.Module):
         if positions is None:
             positions = torch.arange(T, device=input_ids.device).expand(B, T)
         x = self.embed_tokens(input_ids)
-        cos, sin = self.rope_tables(positions, x.dtype)
+        cos, sin = self.rope_tables(positions, x.dtype, per_token=attention is not None)
         for layer in self.layers:
             if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
                 x = checkpoint(layer, x, cos, sin, attention, seq_ids, use_reentrant=False)
