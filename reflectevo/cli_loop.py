@@ -89,6 +89,11 @@ def add_eval_args(p):
     p.add_argument("--trial2-adapter", default=None,
                    help="PEFT LoRA adapter that answers trial 2 (two-stage SFT: the 'correct' stage; reflections "
                    "still from --adapter, trial 1 from the base model); loads a second copy of the model")
+    p.add_argument("--reflector-mode", default="auto", choices=["auto", "two-stage", "one-stage"],
+                   help="two-stage: the reflector writes a reflection, then trial 2 is answered after it (by the base "
+                   "model or --trial2-adapter); one-stage (setting I): the reflector's one reply holds the reflection "
+                   "and the new attempt, whose answer is trial 2's; auto (default): one-stage when --adapter's run "
+                   "directory has config.json from 'reflectevo sft --mode one-stage', else two-stage")
     p.add_argument("--trial1-cache", default=None,
                    help="JSONL of trial-1 outputs keyed by id (read if present, missing ids appended; the raw "
                    "file of a generate / eval run is only read)")
@@ -224,7 +229,10 @@ def loop_config(args, test_time: bool):
                      reflection_source=name + (f" + adapter {args.adapter}" if args.adapter else ""),
                      trial2_source=(f"{name} + adapter {args.trial2_adapter}"
                                     if getattr(args, "trial2_adapter", None) else None),
-                     prompts_id=prompts_id(getattr(args, "prompts", None)))
+                     prompts_id=prompts_id(getattr(args, "prompts", None)),
+                     reflector_mode=getattr(args, "reflector_mode", None) or "two-stage")
+    if cfg.reflector_mode == "one-stage":  # the reflector answers trial 2 (its records name it)
+        cfg.trial2_source = cfg.reflection_source
     if not cfg.reflection_temperature >= 0:
         raise LoopArgError(f"--reflection-temperature must be >= 0, got {cfg.reflection_temperature}")
     if not 0 < cfg.reflection_top_p <= 1:
@@ -298,11 +306,31 @@ def cmd_curate(args) -> int:
     return 0
 
 
+def resolve_reflector_mode(args) -> tuple[str, str]:
+    """(mode, why): --reflector-mode, or for "auto" what the --adapter's run directory says; sets
+    ``args.reflector_mode``. One-stage with --trial2-adapter is an error."""
+    from reflectevo.data.loop import ONE_STAGE_TRIAL2
+    from reflectevo.data.one_stage import detect_reflector_mode
+
+    mode = getattr(args, "reflector_mode", None) or "auto"
+    if mode == "auto":
+        mode, why = detect_reflector_mode(args.adapter)
+        why += "; --reflector-mode overrides"
+    else:
+        why = "--reflector-mode"
+    if mode == "one-stage" and getattr(args, "trial2_adapter", None):
+        raise LoopArgError(ONE_STAGE_TRIAL2 + ("" if why == "--reflector-mode" else f" ({why.split(';')[0]})"))
+    args.reflector_mode = mode
+    return mode, why
+
+
 def cmd_eval(args) -> int:
     from reflectevo.data.eval_run import check_eval_raw, check_trial1_cache, format_table, raw_path_for, run_eval
 
     task, items = load_task_items(args)
     prompts = load_prompts(args)
+    check_adapter_dir(args.adapter)
+    mode, why = resolve_reflector_mode(args)
     cfg = loop_config(args, test_time=True)
     check_out_path(args.out, "--out")
     check_out_path(raw_path_for(args.out), "--out")
@@ -310,11 +338,11 @@ def cmd_eval(args) -> int:
         check_out_path(args.trial1_cache, "--trial1-cache")
         check_trial1_cache(args.out, args.trial1_cache)
         Path(args.trial1_cache).parent.mkdir(parents=True, exist_ok=True)
-    check_adapter_dir(args.adapter)
     check_adapter_dir(args.trial2_adapter, "--trial2-adapter")
     if args.resume and args.overwrite:
         raise LoopArgError("--resume and --overwrite exclude each other")
     check_eval_raw(args.out, items, cfg, args.resume, args.overwrite, args.trial1_cache)
+    _log(f"eval: reflector mode {mode} ({why})")   # after the checks: an error stays one line
     t0 = time.perf_counter()
     model, tok = load_generation_model(args, args.adapter)
     # both models before any engine: an engine without --kv-cache-gib sizes its cache from the memory left
@@ -338,11 +366,12 @@ def cmd_eval(args) -> int:
         trial2_engine = Engine(model2, tok, kv_cache_gib=kv, max_num_seqs=args.max_num_seqs, progress=args.progress)
     _log(f"eval: {len(items)} {task.name} questions; model {args.model} loaded in {time.perf_counter() - t0:.1f} s")
     meta = {"model": str(args.model), "adapter": args.adapter, "trial2_adapter": args.trial2_adapter,
-            "data": args.data}
+            "data": args.data, "reflector_mode": args.reflector_mode}
     result = run_eval(task, items, trial_engine, refl_engine, tok, args.out, cfg, trial1_cache=args.trial1_cache,
                       resume=args.resume, prompts=prompts, meta=meta, trial2_engine=trial2_engine,
                       overwrite=args.overwrite)
     name = task.name + (" + adapter" if args.adapter else "") + (" + trial-2 adapter" if args.trial2_adapter else "")
+    name += " (one-stage)" if args.reflector_mode == "one-stage" else ""
     print(format_table({name: result}))
     print(f"wrote {args.out}")
     return 0

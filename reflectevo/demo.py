@@ -159,8 +159,8 @@ def run_demo(args) -> dict:
     cache = out / "trial1_cache.jsonl"
     results, notes = {}, []
 
-    def evaluate(label, trial_engine, refl_engine, file, source):
-        cfg = LoopConfig(reflection_source=source, **gen_cfg)
+    def evaluate(label, trial_engine, refl_engine, file, source, reflector_mode="two-stage"):
+        cfg = LoopConfig(reflection_source=source, reflector_mode=reflector_mode, **gen_cfg)
         log(f"      evaluating '{label}' on {len(held)} held-out questions")
         results[label] = run_eval(task, held, trial_engine, refl_engine, tok, out / file, cfg, trial1_cache=cache,
                                   log=log, meta={"model": name, "setting": label})
@@ -191,10 +191,10 @@ def run_demo(args) -> dict:
         model.eval()
         log(f"      trained in {summary.get('seconds', summary.get('train_seconds', 0)) or 0:.0f} s; "
             f"adapter in {out / 'sft' / 'adapter'}/")
-        # trials: the base engine with the adapters off (its prefix cache holds base K/V);
-        # reflections: a new engine on the adapter model
+        # trial 1: the base engine with the adapters off (its prefix cache holds base K/V); reflection and
+        # corrected answer in one reply (setting I): a new engine on the adapter model
         evaluate("one-stage SFT on D+", AdapterOffEngine(base_engine, model), Engine(model, tok, kv_cache_gib=args.kv_cache_gib / 2, progress=True),
-                 "eval_sft.json", f"{name} + adapter {out / 'sft' / 'adapter'}")
+                 "eval_sft.json", f"{name} + adapter {out / 'sft' / 'adapter'}", reflector_mode="one-stage")
 
     # 5. DPO on D±
     d_pm = read_jsonl(cur / "d_pm.jsonl")

@@ -201,9 +201,8 @@ def test_reflect_one_stage_and_dpo_prompts_are_the_ids_eval_sends_the_reflector(
         assert tok.decode(sent[0]) == rec["test_reflection_prompt"] == pair["reflection_prompt"]
         assert sent[0] == sent[1], "eval sends other ids when trial 1 comes from the trial-1 cache: " + \
             where_they_differ(tok, sent[0], sent[1])
-        for mode in ("reflect", "one-stage"):
-            got = example(tok, rec, mode).prompt
-            assert got == sent[0], f"{mode}: " + where_they_differ(tok, got, sent[0])
+        got = example(tok, rec, "reflect").prompt   # one-stage: its own eval mode (test_one_stage_parity.py)
+        assert got == sent[0], "reflect: " + where_they_differ(tok, got, sent[0])
         got = example(tok, pair).prompt
         assert got == sent[0], "dpo: " + where_they_differ(tok, got, sent[0])
 
@@ -227,26 +226,33 @@ def test_correct_prompt_is_the_trial2_ids_eval_sends_after_the_same_reflection(n
 
 
 def test_one_stage_contract_and_the_eval_path_that_uses_it(tmp_path_factory, tmp_path):
-    """One-stage: input = the test-time reflection prompt (the reflector's prompt at eval, checked above), target =
-    reflection + blank line + the corrected trial (no oracle observation) + end of turn. At eval a one-stage
-    reflector is used like any reflector: its whole output (reflection and corrected attempt) is the assistant
-    turn of the trial-2 conversation, and Acc@t2 counts the trial 2 answered after it (as the official c2 runs)."""
+    """One-stage (setting I): input = the test-time reflection conversation whose last request asks for a
+    reflection and a new attempt (not the reflector's request, which forbids the answer), target = reflection +
+    blank line + the corrected trial (no oracle observation) + end of turn. At eval (--reflector-mode one-stage)
+    the model's one reply is split back into reflection and attempt and the attempt's answer is trial 2's; the
+    token parity with that eval prompt is checked in test_one_stage_parity.py."""
     run = pipeline("llama3", "canonical", tmp_path_factory)
     tok, rec = run.tok, run.d_plus[0]
     second = strip_observation(rec["second_trial_reasoning"])
     assert second == f"Thought: So it is {rec['answer']}.\nAction: Finish[{rec['answer']}]"
     ex = example(tok, rec, "one-stage")
-    assert ex.prompt == example(tok, rec, "reflect").prompt
+    reflect = tok.decode(example(tok, rec, "reflect").prompt)
+    assert "Do not state the final answer" in reflect and "Do not state" not in tok.decode(ex.prompt)
+    assert tok.decode(ex.prompt) == reflect.replace(P.test_reflection_request(rec),
+                                                    P.reflect_and_retry_request(TASK, rec))
     assert ex.responses[0] == tok.encode(GOOD + "\n\n" + second, add_special_tokens=False) + [tok.eot_token_id]
     one_stage_output = GOOD + "\n\n" + second
     trial, reflector = TokenEngine(tok), TokenEngine(tok, reflections=(one_stage_output,))
-    result = run_eval(TASK, ITEMS, trial, reflector, tok, tmp_path / "e.json", LoopConfig(), log=None)
-    raw = read_jsonl(tmp_path / "e.raw.jsonl")
-    for r in raw:
-        assert r["output"][1]["reflections"] == [one_stage_output]
-        assert tok.decode(trial.sent("trial2")[r["id"]]) == r["output"][1]["reason_prompt"]
-        assert one_stage_output + "<|eot_id|>" in r["output"][1]["reason_prompt"]
-    assert result["acc_t2"] == 100.0 and result["acc_t1"] == 0.0
+    result = run_eval(TASK, ITEMS, trial, reflector, tok, tmp_path / "e.json", LoopConfig(reflector_mode="one-stage"),
+                      log=None)
+    assert not trial.sent("trial2")
+    for r in read_jsonl(tmp_path / "e.raw.jsonl"):
+        t2 = r["output"][1]
+        assert t2["reflections"] == [GOOD] and t2["one_stage_output"] == one_stage_output
+        assert tok.decode(reflector.sent("reflect")[r["id"]]) == t2["reason_prompt"] == t2["reflection_prompt"]
+        assert strip_observation(t2["scratchpad"]) == second and t2["is_correct"] == (r["id"] == rec["id"])
+    assert result["acc_t1"] == 0.0  # the scripted reply answers rec's question: right there only
+    assert result["acc_t2"] == 100.0 / len(ITEMS)
 
 
 # ------------------------------------------------------------------------------------------------- loss masks

@@ -1,6 +1,8 @@
 """Trainer data: prompts, masking, truncation, packing, bad records (tiny tokenizer of trainer_tiny)."""
 from __future__ import annotations
 
+import json
+
 from types import SimpleNamespace
 
 import pytest
@@ -118,8 +120,11 @@ def test_loop_conversation_records_train_with_one_template(tmp_path):
     from reflectevo.data.prompts import Prompts
 
     tok = tiny_tokenizer()
-    P = Prompts({"trial": "question : {question}", "reflection_request": "why the first trial failed",
-                 "reflection_request_test": "why failed", "retry_request": "fix again"})
+    overrides = {"trial": "question : {question}", "reflection_request": "why the first trial failed",
+                 "reflection_request_test": "why failed", "retry_request": "fix again",
+                 "reflect_and_retry_request": "why failed , then fix again : {answer_rule}"}
+    P = Prompts(overrides)
+    (tmp_path / "prompts.json").write_text(json.dumps(overrides))   # the same templates for the trainer
 
     def out(text):
         return SimpleNamespace(text=text, token_ids=tok.encode(text, add_special_tokens=False), finish_reason="stop")
@@ -159,17 +164,21 @@ def test_loop_conversation_records_train_with_one_template(tmp_path):
         == rec["test_trial2_prompt"]
     start = tok.token_to_id("<|im_start|>")
     second = "Thought: alpha step\nAction: Finish[7]"
-    # reflect / one-stage train on the prompt eval reflects on (the pair's), or with "stored" on reflect_prompt
+    # reflect trains on the prompt eval reflects on (the pair's), one-stage on the prompt eval's one-stage mode
+    # sends (that conversation asking for a reflection and a new attempt), or with "stored" on reflect_prompt
     assert rec["test_reflection_prompt"] == pair["reflection_prompt"]
+    one_stage = tok.apply_chat_template(P.one_stage_messages(task, item, t1), add_generation_prompt=True)
+    assert one_stage == rec["test_reflection_prompt"].replace("why failed", "why failed , then fix again : " +
+                                                              P.answer_rule(task))
     cases = [("reflect", "test-time", rec["test_reflection_prompt"], rec["reflections"], 4),
-             ("one-stage", "test-time", rec["test_reflection_prompt"], rec["reflections"] + "\n\n" + second, 4),
+             ("one-stage", "test-time", one_stage, rec["reflections"] + "\n\n" + second, 4),
              ("reflect", "stored", rec["reflect_prompt"], rec["reflections"], 4),
              ("one-stage", "stored", rec["reflect_prompt"], rec["reflections"] + "\n\n" + second, 4),
              ("correct", "test-time", rec["test_trial2_prompt"], second[len("Thought:"):], 6),  # "Thought:" opens it
              ("correct", "stored", rec["reason_prompt"][1], second[len("Thought:"):], 6)]
     for mode, sft_prompt, prompt, response, turns in cases:
-        (ex,), _ = tokenize_records([(1, rec)], tok, cfg(mode=mode, sft_prompt=sft_prompt, max_length=512), False,
-                                    "d_plus")
+        (ex,), _ = tokenize_records([(1, rec)], tok, cfg(mode=mode, sft_prompt=sft_prompt, max_length=512,
+                                                         prompts=str(tmp_path / "prompts.json")), False, "d_plus")
         assert ex.prompt == tok.encode(prompt, add_special_tokens=False)   # as stored: no second template
         assert ex.prompt.count(start) == turns                               # the conversation's turns only
         assert ex.responses[0] == encode_response(tok, response)

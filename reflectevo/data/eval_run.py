@@ -12,13 +12,17 @@
   adapter model with ``--adapter``; trial 1 always from the base model), then trial 2 (greedy) from the
   trial-1 transcript, by the base model or, for two-stage SFT, by its own engine (``trial2_engine``: the
   second-stage adapter, ``--trial2-adapter``).
+* One-stage reflector mode (``cfg.reflector_mode="one-stage"``, the paper's setting I; ``one_stage.py``): the
+  reflector's one reply to the one-stage prompt holds the reflection and the new attempt; the attempt is trial 2
+  (verified as any trial; no separate trial-2 generation, so no ``trial2_engine``).
 * Acc@t2 = (correct at t1 + wrong at t1 but correct at trial 2 with the first reflection) / N
   (``reflectevo.data.evaluate.evaluate_records``); for free-text BIG-bench the token-F1 gain too.
 
 The raw records of the run go to ``RESULT.raw.jsonl`` beside RESULT.json, the result JSON is written atomically.
 An existing raw file with records is an error unless ``resume`` (continue it) or ``overwrite`` (start over). The
-sampling settings of a raw file go to ``RESULT.raw.settings.json``; a resume with other settings, or whose raw
-records name another model / adapter (reasoning_source, reflection_source), is an error before anything runs.
+sampling settings of a raw file go to ``RESULT.raw.settings.json`` (the reflector mode among them; a file written
+before it was recorded counts as two-stage); a resume with other settings, or whose raw records name another
+model / adapter (reasoning_source, reflection_source), is an error before anything runs.
 """
 from __future__ import annotations
 
@@ -31,7 +35,7 @@ from pathlib import Path
 from ..atomic import atomic_write_bytes
 from .evaluate import evaluate_records, format_table
 from .jsonl import DataError, append_jsonl, iter_jsonl, read_jsonl, repair_tail
-from .loop import LoopConfig, ReflectLoop, check_resumed_sources
+from .loop import ONE_STAGE_TRIAL2, LoopConfig, ReflectLoop, check_resumed_sources
 
 __all__ = ["run_eval", "load_trial1_cache", "raw_path_for", "check_trial1_cache", "write_json_atomic",
            "format_table", "check_eval_raw", "settings_path_for",
@@ -42,6 +46,8 @@ _SETTINGS = ("seed", "max_tokens", "action_max_tokens", "reflection_max_tokens",
              "reflection_top_p", "force_action", "reasoning_source", "reflection_source", "trial2_source",
              "prompts_id")
 GENERATE_SETTINGS = ("n_reflections", "demand", "test_time", *_SETTINGS)
+EVAL_SETTINGS = ("reflector_mode", *_SETTINGS)   # the mode first: it explains trial2_source too
+_EVAL_DEFAULTS = {"reflector_mode": "two-stage"}   # what a sidecar written before the setting existed meant
 
 
 def _log(msg: str) -> None:
@@ -71,15 +77,19 @@ def _settings(cfg: LoopConfig, names=_SETTINGS) -> dict:
     return {name: getattr(cfg, name) for name in names}
 
 
-def check_raw_settings(raw: Path, sidecar: Path, current: dict, remedy: str) -> None:
+def check_raw_settings(raw: Path, sidecar: Path, current: dict, remedy: str, defaults: dict | None = None) -> None:
     """Refuse to add to ``raw`` when its ``sidecar`` says it was written with other settings (a file without a
-    sidecar, from an older version, is not checked)."""
+    sidecar, from an older version, is not checked; a setting the sidecar lacks is compared with its value in
+    ``defaults`` when there is one, else not checked)."""
     if not sidecar.exists():
         return
     try:
         old = json.loads(sidecar.read_text(encoding="utf-8"))
     except (OSError, ValueError) as e:
         raise DataError(f"{sidecar}: unreadable ({e})") from None
+    if not isinstance(old, dict):
+        raise DataError(f"{sidecar}: unreadable (not a JSON object)")
+    old = {**(defaults or {}), **old}
     for name, value in current.items():
         if name in old and old[name] != value:
             raise DataError(f"{raw}: was written with {name} {old[name]!r}, this run has {value!r}; {remedy}")
@@ -104,8 +114,8 @@ def check_eval_raw(out_json, items: list[dict], cfg: LoopConfig, resume: bool = 
         return
     if not raw.read_bytes().strip():
         return
-    check_raw_settings(raw, settings_path_for(out_json), _settings(cfg),
-                       "--resume needs the same settings (or pass --overwrite)")
+    check_raw_settings(raw, settings_path_for(out_json), _settings(cfg, EVAL_SETTINGS),
+                       "--resume needs the same settings (or pass --overwrite)", _EVAL_DEFAULTS)
     cache = load_trial1_cache(trial1_cache)
     t1_ids = [it["id"] for it in items if _key(it) in cache]
     repair_tail(raw)
@@ -174,10 +184,16 @@ def run_eval(task, items: list[dict], trial_engine, reflect_engine, tokenizer, o
              cfg: LoopConfig | None = None, trial1_cache=None, resume: bool = False, prompts=None,
              meta: dict | None = None, log=None, trial2_engine=None, overwrite: bool = False) -> dict:
     """Evaluate on ``items``; writes RESULT.json (+ RESULT.raw.jsonl) and returns the result dict.
-    ``trial2_engine``: answers trial 2 instead of ``trial_engine`` (two-stage SFT: the "correct" adapter)."""
+    ``trial2_engine``: answers trial 2 instead of ``trial_engine`` (two-stage SFT: the "correct" adapter); not
+    with ``cfg.reflector_mode="one-stage"``, where the reflector answers trial 2 in its reply."""
     cfg = cfg or LoopConfig()
     cfg.test_time = True
     cfg.n_reflections = 1
+    if cfg.reflector_mode == "one-stage":
+        if trial2_engine is not None:
+            raise DataError(ONE_STAGE_TRIAL2)
+        cfg.trial2_source = cfg.trial2_source or cfg.reflection_source
+    cfg.validate()
     out_json = Path(out_json)
     check_trial1_cache(out_json, trial1_cache)
     raw = raw_path_for(out_json)
@@ -186,7 +202,7 @@ def run_eval(task, items: list[dict], trial_engine, reflect_engine, tokenizer, o
         raw.unlink()
     if not raw.exists() or not raw.read_bytes().strip():
         raw.parent.mkdir(parents=True, exist_ok=True)
-        write_json_atomic(settings_path_for(out_json), _settings(cfg))
+        write_json_atomic(settings_path_for(out_json), _settings(cfg, EVAL_SETTINGS))
     cache_raw = load_trial1_cache(trial1_cache)
     cached_ids = {key[0] for key in cache_raw}
     cache = {}
@@ -223,7 +239,8 @@ def run_eval(task, items: list[dict], trial_engine, reflect_engine, tokenizer, o
                                 "reflection_top_p": cfg.reflection_top_p,
                                 "reasoning_source": cfg.reasoning_source,
                                 "reflection_source": cfg.reflection_source,
-                                "trial2_source": cfg.trial2_source or cfg.reasoning_source},
+                                "trial2_source": cfg.trial2_source or cfg.reasoning_source,
+                                "reflector_mode": cfg.reflector_mode},
                    "forced_actions": stats.get("forced_actions", 0)})
     if meta:
         result.update(meta)

@@ -49,7 +49,12 @@ ids are line numbers, so an id there with another question is an error (another 
 
 Evaluation mode (``test_time=True``): one reflection per failure with the test-time reflection request (no
 demand), and trial-1 outputs may come from a cache (keyed by id) so that settings share the same first trials
-(their conversation is rebuilt from the cached transcript, so its ids are the same as when computed).
+(their conversation is rebuilt from the cached transcript, so its ids are the same as when computed). With
+``reflector_mode="one-stage"`` (evaluation only; the paper's setting I) the reflector answers the one-stage
+request with its reflection AND its new attempt in one reply, which is split and verified as trial 2 (no trial-2
+generation; ``one_stage.py``); the trial-2 entry's ``reason_prompt`` / ``reflection_prompt`` are that prompt, its
+``reflections`` the reflection part, its ``scratchpad`` the attempt's transcript, ``one_stage_output`` the whole
+reply, and its ``reasoning_source`` the reflector's (``trial2_source``).
 """
 from __future__ import annotations
 
@@ -90,6 +95,7 @@ class LoopConfig:
     reflection_source: str = "N/A"
     trial2_source: str | None = None    # trial 2's reasoning_source when another model answers it (None: the same)
     prompts_id: str | None = None       # fingerprint of the prompt templates when not the built-in ones (settings)
+    reflector_mode: str = "two-stage"   # "one-stage": eval only, the reflector's reply is also trial 2 (one_stage.py)
 
     def validate(self) -> None:
         if self.n_reflections < 1:
@@ -101,6 +107,15 @@ class LoopConfig:
                 raise DataError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
         if str(self.demand).strip().lower() != "random":
             parse_demand(self.demand)
+        if self.reflector_mode not in ("two-stage", "one-stage"):
+            raise DataError(f"--reflector-mode must be one-stage or two-stage, got {self.reflector_mode!r}")
+        if self.reflector_mode == "one-stage" and not self.test_time:
+            raise DataError("--reflector-mode one-stage: for evaluation only (generate samples reflections, then "
+                            "trial 2 from the generator)")
+
+
+ONE_STAGE_TRIAL2 = ("--trial2-adapter: not with the one-stage reflector mode (the one-stage model answers trial 2 "
+                    "itself); drop it, or pass --reflector-mode two-stage")
 
 
 def check_resumed_sources(path, cfg: LoopConfig, ids, trial1_ids=()) -> None:
@@ -185,6 +200,7 @@ class _Pending:
     reflection_prompt: Prompt | None = None
     test_reflection_prompt: str = ""
     reflections: list[str] = field(default_factory=list)
+    outputs: list[str] = field(default_factory=list)     # one-stage: the whole replies the reflections came from
     t2: list[_Trial] = field(default_factory=list)
 
     @property
@@ -203,7 +219,8 @@ class ReflectLoop:
     ``.token_ids`` and ``.finish_reason`` (reflectevo.gen). With no adapter both may be the same engine (then
     each phase hits the previous phase's cached blocks); with an adapter pass ``AdapterOffEngine`` for the
     trials. ``trial2_engine`` (default: the trial engine) answers trial 2 alone, e.g. the second-stage adapter of
-    two-stage SFT. ``tokenizer``: ``apply_chat_template``, ``encode(text, add_special_tokens=False)``, ``decode``.
+    two-stage SFT (not with ``cfg.reflector_mode="one-stage"``, where the reflector's reply is trial 2).
+    ``tokenizer``: ``apply_chat_template``, ``encode(text, add_special_tokens=False)``, ``decode``.
     """
 
     def __init__(self, task, trial_engine, reflect_engine, tokenizer, cfg: LoopConfig | None = None,
@@ -213,6 +230,10 @@ class ReflectLoop:
 
         self.task, self.cfg = task, cfg or LoopConfig()
         self.cfg.validate()
+        if self.cfg.reflector_mode == "one-stage":
+            if trial2_engine is not None:
+                raise DataError(ONE_STAGE_TRIAL2)
+            self.cfg.trial2_source = self.cfg.trial2_source or self.cfg.reflection_source  # it answers trial 2
         self.trial_engine, self.reflect_engine = trial_engine, reflect_engine
         self.trial2_engine = trial2_engine if trial2_engine is not None else trial_engine
         self.build = PromptBuilder(tokenizer)
@@ -237,7 +258,7 @@ class ReflectLoop:
 
     def test_trial2_text(self, p: _Pending, reflection: str, prompt: Prompt) -> str:
         """Trial 2 on ``reflection`` as evaluation renders it (after the test-time reflection request)."""
-        if self.cfg.test_time:
+        if self.cfg.test_time and self.cfg.reflector_mode != "one-stage":
             return prompt.text
         messages = self.P.test_reflection_messages(self.task, p.item, p.t1_transcript)
         return self.build.render(self.P.trial2_messages(p.item, messages, reflection), self.P.response_prefix)
@@ -360,6 +381,8 @@ class ReflectLoop:
         rec["output"] = [first] + [{**self._entry(t2, 2, [r], p.reflection_prompt.text),
                                     "test_reason_prompt": self.test_trial2_text(p, r, t2.prompt)}
                                    for r, t2 in zip(p.reflections, p.t2)]
+        for entry, text in zip(rec["output"][1:], p.outputs):
+            entry["one_stage_output"] = text
         return rec
 
     # ---------------------------------------------------------------------------------------------- driver
@@ -383,16 +406,25 @@ class ReflectLoop:
                  f"{f' ({len(pending) - len(fresh)} from the trial-1 cache)' if len(fresh) < len(pending) else ''}"
                  f" [{time.perf_counter() - t0:.1f} s]")
         t0 = time.perf_counter()
-        self.run_reflections(failed)
-        if failed:
-            self.log(f"  reflections: {sum(len(p.reflections) for p in failed)} for {len(failed)} wrong answers "
-                     f"[{time.perf_counter() - t0:.1f} s]")
-        t0 = time.perf_counter()
-        jobs = [(p, j) for p in failed for j in range(len(p.reflections))]
-        t2 = self.run_trials(self.trial2_engine, [self.trial2_prompt(p, j) for p, j in jobs],
-                             [p.item for p, _ in jobs])
-        for (p, _), tr in zip(jobs, t2):
-            p.t2.append(tr)
+        if self.cfg.reflector_mode == "one-stage":
+            from .one_stage import run_one_stage
+
+            t2 = run_one_stage(self, failed)
+            if failed:
+                self.log(f"  one-stage reflection + new attempt: {sum(t.correct for t in t2)}/{len(t2)} correct "
+                         f"[{time.perf_counter() - t0:.1f} s]")
+            jobs = []
+        else:
+            self.run_reflections(failed)
+            if failed:
+                self.log(f"  reflections: {sum(len(p.reflections) for p in failed)} for {len(failed)} wrong answers "
+                         f"[{time.perf_counter() - t0:.1f} s]")
+            t0 = time.perf_counter()
+            jobs = [(p, j) for p in failed for j in range(len(p.reflections))]
+            t2 = self.run_trials(self.trial2_engine, [self.trial2_prompt(p, j) for p, j in jobs],
+                                 [p.item for p, _ in jobs])
+            for (p, _), tr in zip(jobs, t2):
+                p.t2.append(tr)
         if jobs:
             fixed = sum(any(t.correct for t in p.t2) for p in failed)
             self.log(f"  trial 2: {sum(t.correct for t in t2)}/{len(t2)} correct, {fixed}/{len(failed)} questions "

@@ -27,6 +27,9 @@ Templates (``DEFAULT_TEMPLATES``) can be replaced from a JSON file mapping name 
     reflection_request       {demand} {question}               user turn asking for a reflection (generation)
     reflection_request_test  {question}                        the same at test time (no demand)
     retry_request            {question}                        user turn asking for trial 2 after the reflection
+    reflect_and_retry_request                                  one-stage (setting I, ``one_stage.py``): instead of
+                             {answer_rule} {question}          reflection_request_test, asks for a reflection AND
+                                                               a new attempt in the task's answer format, in one reply
     observation_correct / observation_incorrect                the line that ends a trial's transcript
     examples_<task>                                            a literal worked-examples block
 
@@ -88,6 +91,10 @@ DEFAULT_TEMPLATES: dict[str, str] = {
     "retry_request": (
         "Your reflection above points out what went wrong in your failed attempt and how to fix it. Use it and "
         "solve the question again, in the same form as before: a new Thought, then an Action."),
+    "reflect_and_retry_request": (
+        "That answer was wrong. First write a short reflection: the most likely cause of the mistake and a plan "
+        "that avoids it. Then leave a blank line and solve the question again in the same form as before:\n"
+        "Thought: <your new reasoning>\nAction: {answer_rule}"),
     "observation_correct": "Observation: The answer is right.",
     "observation_incorrect": "Observation: The answer is wrong.",
 }
@@ -98,6 +105,7 @@ PLACEHOLDERS: dict[str, tuple[str, ...]] = {
     "reflection_request": ("demand", "question"),
     "reflection_request_test": ("question",),
     "retry_request": ("question",),
+    "reflect_and_retry_request": ("answer_rule", "question"),
 }
 # placeholders of the single-turn layout: these texts are earlier turns of the conversation now
 RETIRED_PLACEHOLDERS = ("transcript", "reflection")
@@ -278,6 +286,17 @@ class Prompts:
         return _fill(self.templates["reflection_request_test"], PLACEHOLDERS["reflection_request_test"],
                      question=item["question"])
 
+    def answer_rule(self, task) -> str:
+        """The answer rule text of ``task`` (a task, a task name, or a format: brackets | angles | code)."""
+        fmt = task if task in ("brackets", "angles", "code") else answer_format(task)
+        return self.templates[f"answer_rule_{fmt}"]
+
+    def reflect_and_retry_request(self, task, item: dict) -> str:
+        """One-stage (setting I): the user turn asking for a reflection, then a new attempt in the task's answer
+        format, in one reply (``task``: a task, a task name or an answer format)."""
+        return _fill(self.templates["reflect_and_retry_request"], PLACEHOLDERS["reflect_and_retry_request"],
+                     question=item["question"], answer_rule=self.answer_rule(task))
+
     def retry_request(self, item: dict) -> str:
         """The user turn after the reflection asking for trial 2."""
         return _fill(self.templates["retry_request"], PLACEHOLDERS["retry_request"], question=item["question"])
@@ -297,6 +316,13 @@ class Prompts:
     def test_reflection_messages(self, task, item: dict, transcript: str) -> list[dict]:
         return self.reflection_messages(task, item, transcript, test_time=True)
 
+    def one_stage_messages(self, task, item: dict, transcript: str) -> list[dict]:
+        """The test-time reflection conversation with the one-stage request as its last turn: what a one-stage
+        model (setting I) answers with its reflection and its new attempt."""
+        request = self.reflect_and_retry_request(task, item)
+        return self.trial_messages(task, item) + [{"role": "assistant", "content": transcript.strip()},
+                                                  {"role": "user", "content": request}]
+
     def trial2_messages(self, item: dict, reflection_messages: list[dict], reflection: str) -> list[dict]:
         """The reflection conversation (built on the TRIAL-1 transcript, never on another trial 2) + the
         reflection + the retry request."""
@@ -307,6 +333,11 @@ class Prompts:
     def test_reflection_prompt(self, item: dict, transcript: str) -> str:
         return (f"Question: {item['question']}\n\nYour attempt:\n{transcript.strip()}\n\n"
                 + self.test_reflection_request(item))
+
+    def one_stage_prompt(self, task, item: dict, transcript: str) -> str:
+        """The one-stage prompt as one message (``task``: a task, a task name or an answer format)."""
+        return (f"Question: {item['question']}\n\nYour attempt:\n{transcript.strip()}\n\n"
+                + self.reflect_and_retry_request(task, item))
 
     def trial2_prompt(self, task, item: dict, reflection: str, transcript: str) -> str:
         """Trial 2 as one message: ``transcript`` must be the saved TRIAL-1 transcript."""

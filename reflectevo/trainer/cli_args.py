@@ -21,9 +21,14 @@ def add_train_args(parser: argparse.ArgumentParser, dpo: bool) -> argparse.Argum
           help="one-stage: prompt -> reflection + corrected answer; reflect: -> reflection; "
                "correct: prompt + reflection -> corrected trial")
         a("--sft-prompt", default="test-time", choices=SFT_PROMPTS,
-          help="test-time = train on the prompts eval uses: reflect / one-stage the record's test_reflection_prompt "
-               "(else built from question + first_trial_reasoning), correct its test_trial2_prompt (else "
-               "reason_prompt[1]); stored = the data-generation prompts (reflect_prompt, reason_prompt[1])")
+          help="test-time = train on the prompts eval uses: reflect the record's test_reflection_prompt (else built "
+               "from question + first_trial_reasoning); one-stage the prompt eval's one-stage reflector mode sends "
+               "(that conversation asking for a reflection and a new attempt; records without question + "
+               "first_trial_reasoning fall back to reflect_prompt); correct its test_trial2_prompt (else "
+               "reason_prompt[1]); stored = the data-generation prompts (reflect_prompt, reason_prompt[1]; for "
+               "one-stage a request that asks not to give the answer)")
+        a("--prompts", default=None, help="JSON file of prompt templates, the one eval gets with --prompts (the "
+          "one-stage prompt is built with it)")
     a("--model", default="smollm2-135m", help="smollm2-135m | Hugging Face model dir | .gguf file")
     a("--out", required=True, help="run directory (metrics.jsonl, adapter/, state/, summary.json)")
     a("--adapter", default=None, help="start from this PEFT LoRA adapter" +
@@ -79,7 +84,8 @@ def add_train_args(parser: argparse.ArgumentParser, dpo: bool) -> argparse.Argum
 def config_from_args(args, dpo: bool) -> TrainConfig:
     targets = tuple(t.strip() for t in str(args.target_modules).split(",") if t.strip())
     cfg = TrainConfig(
-        mode=getattr(args, "mode", "one-stage"), sft_prompt=getattr(args, "sft_prompt", "test-time"), max_length=args.max_length,
+        mode=getattr(args, "mode", "one-stage"), sft_prompt=getattr(args, "sft_prompt", "test-time"),
+        prompts=getattr(args, "prompts", None), max_length=args.max_length,
         max_prompt_length=getattr(args, "max_prompt_length", None), on_too_long=args.on_too_long,
         eval_fraction=args.eval_fraction, data_path=str(args.data), epochs=args.epochs, max_steps=args.max_steps,
         batch_size=args.batch_size, grad_accum=args.grad_accum, lr=args.lr, weight_decay=args.weight_decay,
@@ -95,6 +101,10 @@ def config_from_args(args, dpo: bool) -> TrainConfig:
     if args.eval_data:
         cfg.extra["eval_path"] = str(args.eval_data)  # read later, by _read; validate() needs to know it is coming
     cfg.validate(dpo)
+    if cfg.prompts:
+        from reflectevo.trainer.data import load_prompts
+
+        load_prompts(cfg.prompts)   # a bad file: one line now, before the model loads
     if not targets:
         raise TrainError("--target-modules: empty list")
     return cfg

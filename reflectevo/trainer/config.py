@@ -24,6 +24,7 @@ class TrainConfig:
     # data
     mode: str = "one-stage"                 # SFT only: one-stage | reflect | correct
     sft_prompt: str = "test-time"           # SFT prompts: "test-time" (what eval sends) | "stored" (as recorded)
+    prompts: str | None = None              # SFT: a --prompts JSON file (eval's templates) for the prompts built here
     max_length: int = 1024                  # tokens per sequence (prompt + response [+ eot])
     max_prompt_length: int | None = None    # DPO: prompt tokens kept (the end of the prompt); None = 7/8 of max_length
     on_too_long: str = "error"              # a response that cannot fit max_length: "error" | "skip"

@@ -2,7 +2,7 @@
 
 Prompts and targets per setting (docs/paper.md), taken from the official fields:
 
-    one-stage  prompt = test-time reflection**    response = reflection + "\\n\\n" + second_trial_reasoning*
+    one-stage  prompt = one-stage prompt****      response = reflection + "\\n\\n" + second_trial_reasoning*
     reflect    prompt = test-time reflection**    response = reflection
     correct    prompt = test-time trial 2***      response = second_trial_reasoning*
     dpo        prompt = reflection_prompt         chosen / rejected = reflection_chosen / reflection_rejected
@@ -17,6 +17,13 @@ oracle Observation line that ends it (feedback from the environment, not text th
 on another): the record's ``test_reflection_prompt`` (our curation writes it), else built from ``question`` and
 ``first_trial_reasoning``; ``reflect_prompt`` (the data-generation request) when neither is there, or with
 ``--sft-prompt stored``.
+**** The prompt eval's one-stage mode sends (``reflectevo.data.one_stage``; setting I): the test-time reflection
+conversation whose last request asks for a reflection AND a new attempt in the task's answer format, built from the
+record's stored ``test_reflection_prompt`` (its request swapped) or from ``question`` + ``first_trial_reasoning``
+(one plain message); ``TrainConfig.prompts`` names a --prompts file when eval uses one. A record with neither falls
+back to its ``reflect_prompt`` (with a warning: that data-generation request asks not to give the answer). With
+``--sft-prompt stored`` one-stage trains on ``reflect_prompt`` as before (the official fields, for comparison; its
+request contradicts the one-stage target).
 *** The trial-2 prompt eval answers (after the test-time reflection request, not the data-generation one): the
 record's ``test_trial2_prompt`` (curation copies it from our loop's raw records), else ``reason_prompt[1]``, which
 ``--sft-prompt stored`` always uses. Either loses a leaked trial-2 answer (*).
@@ -181,11 +188,33 @@ def strip_observation(transcript: str) -> str:
     return text[:starts[-1].start()].strip()
 
 
-def sft_texts(record: dict, mode: str, where: str, sft_prompt: str = "test-time") -> tuple[str, str]:
+def one_stage_prompt_text(record: dict, where: str, sft_prompt: str = "test-time", prompts=None,
+                          warn: list | None = None) -> str:
+    """The prompt of --mode one-stage: with "test-time" the one eval's one-stage mode sends
+    (:func:`reflectevo.data.one_stage.one_stage_prompt`; ``prompts``: the templates eval uses); a record without
+    the fields to build it, or "stored", uses its reflect_prompt (``warn`` collects the ``where`` of the former)."""
+    if sft_prompt == "test-time":
+        from reflectevo.data.jsonl import DataError
+        from reflectevo.data.one_stage import one_stage_prompt
+
+        has_stored = isinstance(record.get("test_reflection_prompt"), str) and record["test_reflection_prompt"].strip()
+        try:
+            return one_stage_prompt(record, prompts=prompts)
+        except (DataError, KeyError, TypeError, AttributeError) as e:
+            if has_stored:  # it is there but does not fit these prompts: training on another prompt is wrong
+                raise TrainError(f"{where}: the one-stage prompt cannot be built: {e}") from None
+        if warn is not None:
+            warn.append(where)
+    return reflection_prompt_text(record, where, dpo=False, sft_prompt="stored")
+
+
+def sft_texts(record: dict, mode: str, where: str, sft_prompt: str = "test-time", prompts=None,
+              warn: list | None = None) -> tuple[str, str]:
     """(prompt text, response text) of one D+ record for an SFT mode (trial transcripts without observation)."""
     if mode in ("one-stage", "reflect"):
         refl = _text(_field(record, "reflections", where, f"the target of --mode {mode}"), "reflections", where)
-        prompt = reflection_prompt_text(record, where, dpo=False, sft_prompt=sft_prompt)
+        prompt = (one_stage_prompt_text(record, where, sft_prompt, prompts, warn) if mode == "one-stage" else
+                  reflection_prompt_text(record, where, dpo=False, sft_prompt=sft_prompt))
         if mode == "reflect":
             return prompt, refl.strip()
         second = _text(_field(record, "second_trial_reasoning", where, "the corrected answer of --mode one-stage"),
@@ -324,6 +353,7 @@ def tokenize_records(records_with_lines, tokenizer, cfg, dpo: bool, path: str) -
     keys = example_keys(records_with_lines)
     budget = cfg.prompt_budget() if dpo else cfg.max_length
     frame = chat_frame(tokenizer)
+    prompts, fallback = load_prompts(getattr(cfg, "prompts", None)), []
     for key, (line, rec) in zip(keys, records_with_lines):
         where = f"{path}:{line}"
         if not isinstance(rec, dict):
@@ -331,7 +361,7 @@ def tokenize_records(records_with_lines, tokenizer, cfg, dpo: bool, path: str) -
         if dpo:
             p, *texts = dpo_texts(rec, where)
         else:
-            p, *texts = sft_texts(rec, cfg.mode, where, cfg.sft_prompt)
+            p, *texts = sft_texts(rec, cfg.mode, where, cfg.sft_prompt, prompts, fallback)
         prompt, opened = chat_prompt(tokenizer, p, frame)
         responses = [encode_response(tokenizer, continue_turn(opened, t)) for t in texts]
         ex = make_example(key, where, tokenizer.encode(prompt, add_special_tokens=False), responses, cfg.max_length,
@@ -340,7 +370,26 @@ def tokenize_records(records_with_lines, tokenizer, cfg, dpo: bool, path: str) -
             skipped += 1
         else:
             out.append(ex)
+    if fallback:
+        import sys
+
+        print(f"[reflectevo] warning: {len(fallback)} record(s) (first {fallback[0]}) lack 'question' / "
+              "'first_trial_reasoning' to build the one-stage prompt: trained on their reflect_prompt (a "
+              "reflection request that asks not to give the answer)", file=sys.stderr, flush=True)
     return out, skipped
+
+
+def load_prompts(path):
+    """The prompt templates of a --prompts file (None: ours), as eval loads them."""
+    if not path:
+        return None
+    from reflectevo.data.jsonl import DataError
+    from reflectevo.data.prompts import load_prompt_overrides
+
+    try:
+        return load_prompt_overrides(path)
+    except DataError as e:
+        raise TrainError(f"--prompts {e}") from None
 
 
 def read_records(path) -> list[tuple[int, dict]]:
