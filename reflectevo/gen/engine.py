@@ -25,6 +25,7 @@ import warnings
 import torch
 
 from reflectevo.gen.block_manager import BlockManager
+from reflectevo.gen.detokenize import extend_text, output_text, prompt_context
 from reflectevo.gen.fingerprint import weights_signature
 from reflectevo.gen.progress import Progress
 from reflectevo.gen.runner import ModelRunner
@@ -34,7 +35,6 @@ from reflectevo.gen.scheduler import Scheduler
 from reflectevo.gen.sequence import CompletionOutput, Sequence, Status
 
 
-_MAX_PENDING = 6  # output tokens an unfinished UTF-8 character may span before its bytes count as invalid
 CPU_KV_FRACTION = 0.2  # of MemAvailable: room for a second engine (adapter runs) and the training after it
 CPU_KV_MIN_GIB, CPU_KV_MAX_GIB, CPU_KV_FALLBACK_GIB = 0.5, 8.0, 2.0
 GPU_MEMORY_UTILIZATION = 0.85  # CUDA default: this fraction of the free memory (see gpu_kv_share for several engines)
@@ -195,9 +195,11 @@ class Engine:
         seqs: list[list[Sequence]] = []
         for i, (ids, sp) in enumerate(zip(prompt_ids, params)):
             base = int(sp.seed) if sp.seed is not None else random.getrandbits(63)
+            context = prompt_context(self.tokenizer, ids, sp.skip_special_tokens)  # shared by the n samples
             group = []
             for j in range(sp.n):
                 seq = Sequence(self._next_seq_id, i, j, ids, sp, seq_key(base, j))
+                seq.prompt_context = context
                 self._next_seq_id += 1
                 self.scheduler.add(seq)
                 group.append(seq)
@@ -257,35 +259,16 @@ class Engine:
         return False
 
     def _extend_text(self, seq: Sequence) -> int:
-        """Appends the output's newly settled text to ``seq.text``; returns its length before.
-
-        Incremental detokenization: only the tokens since the last settled point are decoded, after the tokens of
-        the previous piece as context (a SentencePiece word's leading space, a byte sequence split over tokens
-        decode right), so a step costs a few tokens' decoding instead of the whole output's. Text ending in U+FFFD
-        is an unfinished UTF-8 character (byte-level and byte-fallback tokenizers): it waits for its remaining
-        bytes, up to _MAX_PENDING tokens (then the bytes were invalid and stay as they are)."""
-        ids, skip = seq.token_ids, seq.params.skip_special_tokens
-        ctx, settled = (seq.num_prompt_tokens + o for o in seq.text_offsets)
-        full = self.tokenizer.decode(ids[ctx:], skip_special_tokens=skip)
-        if full.endswith("\ufffd") and len(ids) - settled < _MAX_PENDING:
-            return len(seq.text)
-        known = self.tokenizer.decode(ids[ctx:settled], skip_special_tokens=skip) if settled > ctx else ""
-        before = len(seq.text)
-        if full.startswith(known):
-            seq.text += full[len(known):]
-        else:  # a decoder that rewrote the context given more text: decode the whole output once
-            seq.text = self.tokenizer.decode(seq.output_ids, skip_special_tokens=skip)
-            before = min(before, len(seq.text))
-        seq.text_offsets = (settled - seq.num_prompt_tokens, len(ids) - seq.num_prompt_tokens)
-        return before
+        """Appends the output's newly settled text to ``seq.text``; returns its length before (incremental
+        detokenization after the prompt's last tokens: see detokenize.py)."""
+        return extend_text(self.tokenizer, seq)
 
     def _output(self, seq: Sequence) -> CompletionOutput:
         ids = seq.output_ids
-        text_ids = ids
-        if seq.finish_reason == "stop" and ids and seq.stop_text_end is None:
-            text_ids = ids[:-1]  # the eos / stop token itself is not part of the text
-        text = self.tokenizer.decode(text_ids, skip_special_tokens=seq.params.skip_special_tokens)
         if seq.stop_text_end is not None:
             text = seq.text[: seq.stop_text_end]
+        else:  # the eos / stop token itself is not part of the text
+            drop = seq.finish_reason == "stop" and bool(ids)
+            text = output_text(self.tokenizer, seq, len(ids) - drop)
         return CompletionOutput(index=seq.sample_idx, text=text, token_ids=list(ids),
                                 finish_reason=seq.finish_reason or "length")

@@ -37,8 +37,10 @@ class Sequence:
         self.block_table: list[int] = []
         self.block_hashes: list[bytes] = []  # chained hashes of the full blocks, in order
         self.num_cached_tokens = 0  # tokens whose K/V is in the cache when the step starts
-        self.text = ""  # settled decoded output, kept only when stop strings are asked for (Engine._extend_text)
-        self.text_offsets = (0, 0)  # output tokens: (start of the decode context, end of the settled text)
+        self.text = ""  # settled decoded output, kept only when stop strings are asked for (detokenize.py)
+        self.prompt_context = None  # detokenize.PromptContext: where the output's decoding starts in the prompt
+        self.text_offsets = (0, 0)  # output tokens: (start of the decode context, < 0 in the prompt; settled end)
+        self.text_context: str | None = None  # that context's text decoded alone (set at the first step)
         self.stop_text_end: int | None = None
         self.finish_reason: str | None = None
 

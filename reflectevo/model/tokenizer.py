@@ -9,7 +9,7 @@ import json
 from datetime import datetime
 from pathlib import Path
 
-from tokenizers import AddedToken, Regex, pre_tokenizers, decoders, processors
+from tokenizers import AddedToken, Regex, pre_tokenizers, decoders
 from tokenizers import Tokenizer as HFTokenizer
 from tokenizers.models import BPE
 
