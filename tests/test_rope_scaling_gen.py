@@ -65,3 +65,17 @@ def test_dynamic_ntk_greedy_matches_the_full_forward_up_to_the_context_limit(one
     outs = Engine(model, tok, kv_cache_gib=0.01).generate(ps, SamplingParams(max_tokens=30))
     for p, o in zip(ps, outs):
         assert o[0].token_ids == plain_greedy(model, p, min(30, 64 - len(p)))
+
+
+def test_yarn_context_is_the_original_length_times_the_factor(one_thread):  # noqa: F811
+    """Qwen2.5's YaRN layout: max_position_embeddings equals the original context; the sampler serves factor
+    times more, and decoding past max_position_embeddings still equals the full forward."""
+    model, tok = tiny_model(32, YARN), CharTokenizer()
+    assert model.config.context_length() == 128
+    engine = Engine(model, tok, kv_cache_gib=0.01)
+    assert engine.max_model_len == 128
+    ps = prompts((40, 60), seed=3)
+    outs = engine.generate(ps, SamplingParams(max_tokens=10))
+    assert [o[0].token_ids for o in outs] == [plain_greedy(model, p, 10) for p in ps]
+    plain = tiny_model(32, None)
+    assert plain.config.context_length() == 32 and Engine(plain, tok, kv_cache_gib=0.01).max_model_len == 32

@@ -80,7 +80,7 @@ class Engine:
         self.model = model
         self.tokenizer = tokenizer
         cfg = model.config
-        self.max_model_len = min(max_model_len or cfg.max_position_embeddings, cfg.max_position_embeddings)
+        self.max_model_len = min(max_model_len or cfg.context_length(), cfg.context_length())
         windows = [w for w in (cfg.window_for_layer(i) for i in range(cfg.num_layers)) if w]
         if windows:  # the paged backend attends to the whole context: stop where a sliding window would start
             self.max_model_len = min(self.max_model_len, min(windows))

@@ -80,6 +80,15 @@ class ModelConfig:
         """What cos and sin are multiplied by: YaRN's attention factor, else 1.0."""
         return rope_attention_factor(self.rope_scaling, self.max_position_embeddings)
 
+    def context_length(self) -> int:
+        """Positions the model is meant to attend over: max_position_embeddings, or with YaRN the original
+        context times its factor when that is longer (Qwen2.5 ships 32768 with factor 4 for 131072 tokens)."""
+        if self.rope_type != "yarn":
+            return self.max_position_embeddings
+        original = self.rope_scaling.get("original_max_position_embeddings") or self.max_position_embeddings
+        factor = self.rope_scaling.get("factor") or 1.0
+        return max(self.max_position_embeddings, int(original * factor))
+
     def window_for_layer(self, layer_idx: int) -> int | None:
         if self.sliding_window is None:
             return None
