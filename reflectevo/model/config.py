@@ -15,7 +15,9 @@ SUPPORTED_ARCHITECTURES = {
     "LlamaForCausalLM": "llama",
     "MistralForCausalLM": "mistral",
     "Qwen2ForCausalLM": "qwen2",
+    "Qwen3ForCausalLM": "qwen3",
 }
+QWEN = ("qwen2", "qwen3")  # Qwen's sliding-window fields: use_sliding_window, max_window_layers, layer_types
 KNOWN_ROPE_TYPES = ROPE_TYPES
 
 
@@ -34,11 +36,11 @@ class ModelConfig:
     rope_freq_factors: list[float] | None = None  # GGUF rope_freqs.weight (llama.cpp's Llama-3.1 scaling): divides inv_freq
     max_position_embeddings: int = 4096
     tie_word_embeddings: bool = False
-    attention_bias: bool = False  # q/k/v biases; Llama's attention_bias also gives o_proj one (Qwen2's o_proj has none)
+    attention_bias: bool = False  # q/k/v biases; also o_proj's in Llama and Qwen3 (Qwen2's o_proj has none)
     mlp_bias: bool = False
     sliding_window: int | None = None
     max_window_layers: int = 0  # layers with index >= this use the sliding window (Qwen2); 0 = all
-    layer_types: list[str] | None = None  # Qwen2's per-layer "full_attention" / "sliding_attention": wins when set
+    layer_types: list[str] | None = None  # Qwen2/3's per-layer "full_attention" / "sliding_attention": wins when set
     architecture: str = "llama"
     name_or_path: str = ""
     bos_token_id: int | None = None
@@ -63,6 +65,11 @@ class ModelConfig:
         if self.rope_freq_factors is not None and len(self.rope_freq_factors) != self.head_dim // 2:
             raise ModelLoadError(f"rope_freqs has {len(self.rope_freq_factors)} factors, head_dim {self.head_dim} "
                                  f"needs {self.head_dim // 2}")
+
+    @property
+    def qk_norm(self) -> bool:
+        """Qwen3: an RMSNorm over each head of q and of k (weights of head_dim) after the projections, before RoPE."""
+        return self.architecture == "qwen3"
 
     @property
     def rope_type(self) -> str:
@@ -102,7 +109,7 @@ class ModelConfig:
         arch = next((SUPPORTED_ARCHITECTURES[a] for a in archs if a in SUPPORTED_ARCHITECTURES), None)
         if arch is None:
             model_type = cfg.get("model_type")
-            if model_type in ("llama", "mistral", "qwen2"):
+            if model_type in ("llama", "mistral", "qwen2", "qwen3"):
                 arch = model_type
             else:
                 raise ModelLoadError(
@@ -121,11 +128,11 @@ class ModelConfig:
             act = cfg.get("hidden_act", cfg.get("hidden_activation", "silu"))
             if act not in ("silu", "swish"):
                 raise ModelLoadError(f"{source}: hidden_act {act!r} is not supported (this decoder uses SwiGLU: silu)")
-            # a missing key takes transformers' default for the architecture (Mistral, Qwen2: a 4096-token window)
+            # a missing key takes transformers' default for the architecture (Mistral, Qwen2/3: a 4096-token window)
             window = cfg["sliding_window"] if "sliding_window" in cfg else (None if arch == "llama" else 4096)
-            if arch == "qwen2" and not cfg.get("use_sliding_window", False):
+            if arch in QWEN and not cfg.get("use_sliding_window", False):
                 window = None
-            layer_types = cfg.get("layer_types") if arch == "qwen2" else None  # Mistral's transformers ignores it
+            layer_types = cfg.get("layer_types") if arch in QWEN else None  # Mistral's transformers ignores it
             kinds = ("full_attention", "sliding_attention")
             if layer_types is not None and (not isinstance(layer_types, list)
                                             or any(t not in kinds for t in layer_types)
@@ -139,17 +146,19 @@ class ModelConfig:
                 num_layers=int(cfg["num_hidden_layers"]),
                 num_heads=heads,
                 num_kv_heads=int(cfg.get("num_key_value_heads") or heads),
-                head_dim=int(cfg.get("head_dim") or hidden // heads),
+                # transformers' Qwen3Config defaults head_dim to 128, not hidden / heads
+                head_dim=int(cfg.get("head_dim") or (128 if arch == "qwen3" else hidden // heads)),
                 rms_norm_eps=float(cfg.get("rms_norm_eps", 1e-6)),
                 rope_theta=float(rope_theta if rope_theta is not None else 10000.0),
                 rope_scaling=dict(rope_scaling) if rope_scaling else None,
                 max_position_embeddings=int(cfg.get("max_position_embeddings", 4096)),
                 tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
                 # q/k/v biases: always in Qwen2, never in Mistral (their configs' attention_bias key is not read)
-                attention_bias=arch == "qwen2" or (arch == "llama" and bool(cfg.get("attention_bias", False))),
+                attention_bias=(arch == "qwen2"
+                                or (arch in ("llama", "qwen3") and bool(cfg.get("attention_bias", False)))),
                 mlp_bias=bool(cfg.get("mlp_bias", False)) if arch == "llama" else False,
                 sliding_window=int(window) if window else None,
-                max_window_layers=int(cfg.get("max_window_layers", 28)) if arch == "qwen2" else 0,
+                max_window_layers=int(cfg.get("max_window_layers", 28)) if arch in QWEN else 0,
                 layer_types=list(layer_types) if layer_types is not None else None,
                 architecture=arch,
                 name_or_path=str(cfg.get("_name_or_path", "")),
@@ -190,12 +199,13 @@ class ModelConfig:
             "bos_token_id": self.bos_token_id,
             "eos_token_id": self.eos_token_ids[0] if len(self.eos_token_ids) == 1 else (self.eos_token_ids or None),
         }
-        if self.architecture == "llama":
+        if self.architecture in ("llama", "qwen3"):
             cfg["attention_bias"] = self.attention_bias
+        if self.architecture == "llama":
             cfg["mlp_bias"] = self.mlp_bias
         if self.architecture == "mistral":
             cfg["sliding_window"] = self.sliding_window
-        if self.architecture == "qwen2":
+        if self.architecture in QWEN:
             cfg["use_sliding_window"] = self.sliding_window is not None
             cfg["sliding_window"] = self.sliding_window
             cfg["max_window_layers"] = self.max_window_layers

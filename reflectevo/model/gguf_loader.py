@@ -2,6 +2,8 @@
 
 llama.cpp's converter permutes the rows of Q and K of llama-architecture models so that RoPE acts on adjacent
 pairs (GPT-J style); the Hugging Face layout rotates the two halves of each head. We undo that permutation.
+Qwen2 and Qwen3 keep the Hugging Face layout (llama.cpp rotates them NeoX style), so theirs stay as stored; a
+Qwen3 file's per-head attn_q_norm / attn_k_norm weights (usually f32) act on whole heads and are never permuted.
 """
 from __future__ import annotations
 
@@ -18,6 +20,7 @@ _LAYER_NAMES = {
     "attn_q": "self_attn.q_proj", "attn_k": "self_attn.k_proj", "attn_v": "self_attn.v_proj",
     "attn_output": "self_attn.o_proj", "ffn_gate": "mlp.gate_proj", "ffn_up": "mlp.up_proj",
     "ffn_down": "mlp.down_proj", "attn_norm": "input_layernorm", "ffn_norm": "post_attention_layernorm",
+    "attn_q_norm": "self_attn.q_norm", "attn_k_norm": "self_attn.k_norm",  # Qwen3's per-head q / k RMSNorms
 }
 _TOP_NAMES = {"token_embd": "embed_tokens", "output_norm": "norm", "output": "lm_head"}
 
@@ -94,8 +97,8 @@ def load_gguf(path: str | Path, dtype: torch.dtype = torch.float32):
 
 def config_from_gguf(fields: dict, tensor_names: set[str], source: str) -> ModelConfig:
     arch = fields.get("general.architecture")
-    if arch not in ("llama", "qwen2", "mistral"):
-        raise ModelLoadError(f"{source}: unknown architecture {arch!r} (supported: llama, mistral, qwen2)")
+    if arch not in ("llama", "qwen2", "qwen3", "mistral"):
+        raise ModelLoadError(f"{source}: unknown architecture {arch!r} (supported: llama, mistral, qwen2, qwen3)")
 
     def get(key, default=None):
         v = fields.get(f"{arch}.{key}", default)

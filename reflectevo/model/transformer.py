@@ -1,9 +1,14 @@
-"""A Llama-family decoder written out by hand: Llama 2/3/3.1, Mistral, Qwen2, SmolLM.
+"""A Llama-family decoder written out by hand: Llama 2/3/3.1, Mistral, Qwen2, Qwen3, SmolLM.
 
     x = embed(ids)
     for each layer:  x = x + o_proj(attention(rope(q_proj(rmsnorm(x))), rope(k_proj(.)), v_proj(.)))
                      x = x + down_proj(silu(gate_proj(rmsnorm(x))) * up_proj(rmsnorm(x)))
     logits = lm_head(rmsnorm(x))
+
+Qwen3 also normalises each head of q and k (``q_norm`` / ``k_norm``, RMSNorm weights of head_dim) between the
+projection and RoPE; they are part of Attention.forward, so every path (training, packing, checkpointing, the
+sampler's prefill and paged decode, CUDA-graph replays) runs them. They are not linear layers: NF4 and LoRA
+leave them alone.
 
 Seams for the rest of the project:
 - every linear layer is a plain ``nn.Linear`` that NF4 / LoRA layers replace in place (reflectevo.model.lora);
@@ -135,12 +140,19 @@ class Attention(nn.Module):
         self.v_proj = nn.Linear(cfg.hidden_size, cfg.num_kv_heads * cfg.head_dim, bias=bias)
         o_bias = bias and cfg.architecture != "qwen2"
         self.o_proj = nn.Linear(cfg.num_heads * cfg.head_dim, cfg.hidden_size, bias=o_bias)
+        if cfg.qk_norm:
+            self.q_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps)
+            self.k_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps)
+        else:
+            self.q_norm = self.k_norm = None
 
     def forward(self, x, cos, sin, attention=None, seq_ids=None):
         B, T, _ = x.shape
         q = self.q_proj(x).view(B, T, self.num_heads, self.head_dim)
         k = self.k_proj(x).view(B, T, self.num_kv_heads, self.head_dim)
         v = self.v_proj(x).view(B, T, self.num_kv_heads, self.head_dim)
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
         q, k = apply_rope(q, k, cos, sin)
         if attention is None:
             out = causal_attention(q, k, v, self.window, seq_ids)
