@@ -89,11 +89,13 @@ def add_eval_args(p):
     p.add_argument("--trial2-adapter", default=None,
                    help="PEFT LoRA adapter that answers trial 2 (two-stage SFT: the 'correct' stage; reflections "
                    "still from --adapter, trial 1 from the base model); loads a second copy of the model")
-    p.add_argument("--reflector-mode", default="auto", choices=["auto", "two-stage", "one-stage"],
+    p.add_argument("--reflector-mode", default="auto", choices=["auto", "two-stage", "one-stage", "none"],
                    help="two-stage: the reflector writes a reflection, then trial 2 is answered after it (by the base "
                    "model or --trial2-adapter); one-stage (setting I): the reflector's one reply holds the reflection "
-                   "and the new attempt, whose answer is trial 2's; auto (default): one-stage when --adapter's run "
-                   "directory has config.json from 'reflectevo sft --mode one-stage', else two-stage")
+                   "and the new attempt, whose answer is trial 2's; none (the paper's 'prompt w/o reflection' "
+                   "baseline): no reflection, trial 2 is answered right after the failed trial 1 and a request to try "
+                   "again (by the base model or --trial2-adapter; no --adapter); auto (default): one-stage when "
+                   "--adapter's run directory has config.json from 'reflectevo sft --mode one-stage', else two-stage")
     p.add_argument("--trial1-cache", default=None,
                    help="JSONL of trial-1 outputs keyed by id (read if present, missing ids appended; the raw "
                    "file of a generate / eval run is only read)")
@@ -233,6 +235,8 @@ def loop_config(args, test_time: bool):
                      reflector_mode=getattr(args, "reflector_mode", None) or "two-stage")
     if cfg.reflector_mode == "one-stage":  # the reflector answers trial 2 (its records name it)
         cfg.trial2_source = cfg.reflection_source
+    elif cfg.reflector_mode == "none":     # no reflector
+        cfg.reflection_source = "none"
     if not cfg.reflection_temperature >= 0:
         raise LoopArgError(f"--reflection-temperature must be >= 0, got {cfg.reflection_temperature}")
     if not 0 < cfg.reflection_top_p <= 1:
@@ -308,8 +312,9 @@ def cmd_curate(args) -> int:
 
 def resolve_reflector_mode(args) -> tuple[str, str]:
     """(mode, why): --reflector-mode, or for "auto" what the --adapter's run directory says; sets
-    ``args.reflector_mode``. One-stage with --trial2-adapter is an error."""
+    ``args.reflector_mode``. One-stage with --trial2-adapter, and none with --adapter, are errors."""
     from reflectevo.data.loop import ONE_STAGE_TRIAL2
+    from reflectevo.data.no_reflection import NO_REFLECTION_ADAPTER
     from reflectevo.data.one_stage import detect_reflector_mode
 
     mode = getattr(args, "reflector_mode", None) or "auto"
@@ -320,6 +325,8 @@ def resolve_reflector_mode(args) -> tuple[str, str]:
         why = "--reflector-mode"
     if mode == "one-stage" and getattr(args, "trial2_adapter", None):
         raise LoopArgError(ONE_STAGE_TRIAL2 + ("" if why == "--reflector-mode" else f" ({why.split(';')[0]})"))
+    if mode == "none" and getattr(args, "adapter", None):
+        raise LoopArgError(NO_REFLECTION_ADAPTER)
     args.reflector_mode = mode
     return mode, why
 
@@ -371,7 +378,7 @@ def cmd_eval(args) -> int:
                       resume=args.resume, prompts=prompts, meta=meta, trial2_engine=trial2_engine,
                       overwrite=args.overwrite)
     name = task.name + (" + adapter" if args.adapter else "") + (" + trial-2 adapter" if args.trial2_adapter else "")
-    name += " (one-stage)" if args.reflector_mode == "one-stage" else ""
+    name += {"one-stage": " (one-stage)", "none": " (retry without reflection)"}.get(args.reflector_mode, "")
     print(format_table({name: result}))
     print(f"wrote {args.out}")
     return 0

@@ -4,7 +4,9 @@ With the embedded SmolLM2-135M-Instruct and generated arithmetic word problems (
 
 1. generate: trial 1 -> 2 reflections per wrong answer -> trial 2 for each, on ``--n-train`` questions;
 2. curate the raw records into D+ / D± / Dpref;
-3. evaluate the base model (prompted test-time reflection) on ``--n-eval`` held-out questions;
+3. evaluate the base model on ``--n-eval`` held-out questions: first retrying without a reflection (the paper's
+   "prompt w/o reflection" baseline: told the answer was wrong, it simply tries again), then with prompted
+   test-time reflection (same trial-1 answers: the first row fills the trial-1 cache, the second reads it);
 4. one-stage LoRA SFT of the reflector on D+, evaluate it (same trial-1 answers, from a cache);
 5. DPO of the reflector on D± when pairs exist, evaluate it;
 6. print Acc@t1 / Acc@t2 / delta per setting and where the files are.
@@ -27,8 +29,9 @@ from pathlib import Path
 
 __all__ = ["add_demo_options", "run_demo", "run_demo_from_args"]
 
-OWNED = ("raw.jsonl", "curated", "trial1_cache.jsonl", "eval_base.json", "eval_base.raw.jsonl",
-         "eval_base.raw.settings.json", "sft", "eval_sft.json", "eval_sft.raw.jsonl", "eval_sft.raw.settings.json",
+OWNED = ("raw.jsonl", "curated", "trial1_cache.jsonl", "eval_retry.json", "eval_retry.raw.jsonl",
+         "eval_retry.raw.settings.json", "eval_base.json", "eval_base.raw.jsonl", "eval_base.raw.settings.json",
+         "sft", "eval_sft.json", "eval_sft.raw.jsonl", "eval_sft.raw.settings.json",
          "dpo", "eval_dpo.json", "eval_dpo.raw.jsonl", "eval_dpo.raw.settings.json", "summary.json")
 
 
@@ -167,7 +170,8 @@ def run_demo(args) -> dict:
         r = results[label]
         log(f"      Acc@t1 {r['acc_t1']:.1f}  Acc@t2 {r['acc_t2']:.1f}  delta {r['delta']:+.1f}")
 
-    log("[4/6] evaluate the base model with prompted reflection")
+    log("[4/6] evaluate the base model: retry without reflection, then prompted reflection")
+    evaluate("base (retry without reflection)", base_engine, None, "eval_retry.json", "none", reflector_mode="none")
     evaluate("base (prompted reflection)", base_engine, base_engine, "eval_base.json", name)
 
     # 4. one-stage SFT on D+

@@ -15,6 +15,10 @@
 * One-stage reflector mode (``cfg.reflector_mode="one-stage"``, the paper's setting I; ``one_stage.py``): the
   reflector's one reply to the one-stage prompt holds the reflection and the new attempt; the attempt is trial 2
   (verified as any trial; no separate trial-2 generation, so no ``trial2_engine``).
+* No-reflection mode (``cfg.reflector_mode="none"``, the paper's "prompt w/o reflection" baseline;
+  ``no_reflection.py``): no reflection; trial 2 (greedy, by ``trial2_engine`` or the trial engine) follows the failed
+  trial 1 and a request to try again; ``reflect_engine`` is not used (may be None), records name
+  reflection_source "none".
 * Acc@t2 = (correct at t1 + wrong at t1 but correct at trial 2 with the first reflection) / N
   (``reflectevo.data.evaluate.evaluate_records``); for free-text BIG-bench the token-F1 gain too.
 
@@ -36,6 +40,7 @@ from ..atomic import atomic_write_bytes
 from .evaluate import evaluate_records, format_table
 from .jsonl import DataError, append_jsonl, iter_jsonl, read_jsonl, repair_tail
 from .loop import ONE_STAGE_TRIAL2, LoopConfig, ReflectLoop, check_resumed_sources
+from .no_reflection import NO_REFLECTION
 
 __all__ = ["run_eval", "load_trial1_cache", "raw_path_for", "check_trial1_cache", "write_json_atomic",
            "format_table", "check_eval_raw", "settings_path_for",
@@ -185,7 +190,8 @@ def run_eval(task, items: list[dict], trial_engine, reflect_engine, tokenizer, o
              meta: dict | None = None, log=None, trial2_engine=None, overwrite: bool = False) -> dict:
     """Evaluate on ``items``; writes RESULT.json (+ RESULT.raw.jsonl) and returns the result dict.
     ``trial2_engine``: answers trial 2 instead of ``trial_engine`` (two-stage SFT: the "correct" adapter); not
-    with ``cfg.reflector_mode="one-stage"``, where the reflector answers trial 2 in its reply."""
+    with ``cfg.reflector_mode="one-stage"``, where the reflector answers trial 2 in its reply. With
+    ``cfg.reflector_mode="none"`` ``reflect_engine`` is not used."""
     cfg = cfg or LoopConfig()
     cfg.test_time = True
     cfg.n_reflections = 1
@@ -193,6 +199,8 @@ def run_eval(task, items: list[dict], trial_engine, reflect_engine, tokenizer, o
         if trial2_engine is not None:
             raise DataError(ONE_STAGE_TRIAL2)
         cfg.trial2_source = cfg.trial2_source or cfg.reflection_source
+    elif cfg.reflector_mode == NO_REFLECTION:
+        cfg.reflection_source = NO_REFLECTION   # no reflector (the settings file and the records say so)
     cfg.validate()
     out_json = Path(out_json)
     check_trial1_cache(out_json, trial1_cache)

@@ -54,7 +54,9 @@ demand), and trial-1 outputs may come from a cache (keyed by id) so that setting
 request with its reflection AND its new attempt in one reply, which is split and verified as trial 2 (no trial-2
 generation; ``one_stage.py``); the trial-2 entry's ``reason_prompt`` / ``reflection_prompt`` are that prompt, its
 ``reflections`` the reflection part, its ``scratchpad`` the attempt's transcript, ``one_stage_output`` the whole
-reply, and its ``reasoning_source`` the reflector's (``trial2_source``).
+reply, and its ``reasoning_source`` the reflector's (``trial2_source``). With ``reflector_mode="none"`` (evaluation
+only; the paper's "prompt w/o reflection" baseline, ``no_reflection.py``) no reflection is written: trial 2 follows
+the failed trial 1 and a retry request directly; its entry has ``reflections`` [] and ``reflection_source`` "none".
 """
 from __future__ import annotations
 
@@ -72,6 +74,8 @@ from ..errors import ReflectEvoError
 from .conversation import Prompt, PromptBuilder
 from .instructions import parse_demand, sample_demand
 from .jsonl import DataError, append_jsonl, completed_records, iter_jsonl
+from .no_reflection import NO_REFLECTION, run_retry
+from .one_stage import REFLECTOR_MODES
 from .prompts import DEFAULT, Prompts, Trial, action_answer, answer_format, format_action
 
 __all__ = ["LoopConfig", "ReflectLoop", "AdapterOffEngine", "question_seed", "check_resumed_sources"]
@@ -95,7 +99,7 @@ class LoopConfig:
     reflection_source: str = "N/A"
     trial2_source: str | None = None    # trial 2's reasoning_source when another model answers it (None: the same)
     prompts_id: str | None = None       # fingerprint of the prompt templates when not the built-in ones (settings)
-    reflector_mode: str = "two-stage"   # "one-stage": eval only, the reflector's reply is also trial 2 (one_stage.py)
+    reflector_mode: str = "two-stage"   # eval only: "one-stage" (one_stage.py) | "none" (no_reflection.py)
 
     def validate(self) -> None:
         if self.n_reflections < 1:
@@ -107,11 +111,12 @@ class LoopConfig:
                 raise DataError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
         if str(self.demand).strip().lower() != "random":
             parse_demand(self.demand)
-        if self.reflector_mode not in ("two-stage", "one-stage"):
-            raise DataError(f"--reflector-mode must be one-stage or two-stage, got {self.reflector_mode!r}")
-        if self.reflector_mode == "one-stage" and not self.test_time:
-            raise DataError("--reflector-mode one-stage: for evaluation only (generate samples reflections, then "
-                            "trial 2 from the generator)")
+        if self.reflector_mode not in REFLECTOR_MODES:
+            raise DataError(f"--reflector-mode must be one of {', '.join(REFLECTOR_MODES)}, "
+                            f"got {self.reflector_mode!r}")
+        if self.reflector_mode != "two-stage" and not self.test_time:
+            raise DataError(f"--reflector-mode {self.reflector_mode}: for evaluation only (generate samples "
+                            "reflections, then trial 2 from the generator)")
 
 
 ONE_STAGE_TRIAL2 = ("--trial2-adapter: not with the one-stage reflector mode (the one-stage model answers trial 2 "
@@ -219,7 +224,8 @@ class ReflectLoop:
     ``.token_ids`` and ``.finish_reason`` (reflectevo.gen). With no adapter both may be the same engine (then
     each phase hits the previous phase's cached blocks); with an adapter pass ``AdapterOffEngine`` for the
     trials. ``trial2_engine`` (default: the trial engine) answers trial 2 alone, e.g. the second-stage adapter of
-    two-stage SFT (not with ``cfg.reflector_mode="one-stage"``, where the reflector's reply is trial 2).
+    two-stage SFT (not with ``cfg.reflector_mode="one-stage"``, where the reflector's reply is trial 2; with
+    "none" it answers trial 2 right after trial 1 and ``reflect_engine`` is not used).
     ``tokenizer``: ``apply_chat_template``, ``encode(text, add_special_tokens=False)``, ``decode``.
     """
 
@@ -234,6 +240,8 @@ class ReflectLoop:
             if trial2_engine is not None:
                 raise DataError(ONE_STAGE_TRIAL2)
             self.cfg.trial2_source = self.cfg.trial2_source or self.cfg.reflection_source  # it answers trial 2
+        elif self.cfg.reflector_mode == NO_REFLECTION:
+            self.cfg.reflection_source = NO_REFLECTION  # no reflector: trial 2 from trial2_engine, right after trial 1
         self.trial_engine, self.reflect_engine = trial_engine, reflect_engine
         self.trial2_engine = trial2_engine if trial2_engine is not None else trial_engine
         self.build = PromptBuilder(tokenizer)
@@ -258,7 +266,7 @@ class ReflectLoop:
 
     def test_trial2_text(self, p: _Pending, reflection: str, prompt: Prompt) -> str:
         """Trial 2 on ``reflection`` as evaluation renders it (after the test-time reflection request)."""
-        if self.cfg.test_time and self.cfg.reflector_mode != "one-stage":
+        if self.cfg.test_time and self.cfg.reflector_mode != "one-stage":  # two-stage; none: the retry prompt
             return prompt.text
         messages = self.P.test_reflection_messages(self.task, p.item, p.t1_transcript)
         return self.build.render(self.P.trial2_messages(p.item, messages, reflection), self.P.response_prefix)
@@ -378,9 +386,12 @@ class ReflectLoop:
         if p.test_reflection_prompt:
             rec["test_reflection_prompt"] = p.test_reflection_prompt
         first = dict(p.t1) if isinstance(p.t1, dict) else self._entry(p.t1, 1, [], "")
-        rec["output"] = [first] + [{**self._entry(t2, 2, [r], p.reflection_prompt.text),
-                                    "test_reason_prompt": self.test_trial2_text(p, r, t2.prompt)}
-                                   for r, t2 in zip(p.reflections, p.t2)]
+        # mode none: one trial 2 per failure and no reflection (nor reflection prompt) behind it
+        reflections = p.reflections if self.cfg.reflector_mode != NO_REFLECTION else [None] * len(p.t2)
+        asked = p.reflection_prompt.text if p.reflection_prompt is not None else ""
+        rec["output"] = [first] + [{**self._entry(t2, 2, [] if r is None else [r], asked),
+                                    "test_reason_prompt": self.test_trial2_text(p, r or "", t2.prompt)}
+                                   for r, t2 in zip(reflections, p.t2)]
         for entry, text in zip(rec["output"][1:], p.outputs):
             entry["one_stage_output"] = text
         return rec
@@ -414,6 +425,9 @@ class ReflectLoop:
                 self.log(f"  one-stage reflection + new attempt: {sum(t.correct for t in t2)}/{len(t2)} correct "
                          f"[{time.perf_counter() - t0:.1f} s]")
             jobs = []
+        elif self.cfg.reflector_mode == NO_REFLECTION:
+            t2 = run_retry(self, failed)
+            jobs = [(p, 0) for p in failed]
         else:
             self.run_reflections(failed)
             if failed:
@@ -427,8 +441,9 @@ class ReflectLoop:
                 p.t2.append(tr)
         if jobs:
             fixed = sum(any(t.correct for t in p.t2) for p in failed)
+            how = "without a reflection" if self.cfg.reflector_mode == NO_REFLECTION else "by some reflection"
             self.log(f"  trial 2: {sum(t.correct for t in t2)}/{len(t2)} correct, {fixed}/{len(failed)} questions "
-                     f"fixed by some reflection [{time.perf_counter() - t0:.1f} s]")
+                     f"fixed {how} [{time.perf_counter() - t0:.1f} s]")
         records = [self.record(p) for p in pending]
         self.stats["questions"] += len(records)
         self.stats["t1_correct"] += sum(p.t1_correct for p in pending)

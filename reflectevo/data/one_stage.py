@@ -35,7 +35,7 @@ from .prompts import DEFAULT, Prompts, Trial, answer_format
 __all__ = ["REFLECTOR_MODES", "split_output", "infer_answer_format", "one_stage_prompt", "detect_reflector_mode",
            "run_one_stage"]
 
-REFLECTOR_MODES = ("two-stage", "one-stage")
+REFLECTOR_MODES = ("two-stage", "one-stage", "none")   # none: no reflection at all (no_reflection.py)
 _THOUGHT = re.compile(r"^[ \t]*Thought[ \t]*:", flags=re.I | re.M)
 _ACTION = re.compile(r"^[ \t]*Action[ \t]*:", flags=re.I | re.M)
 _MARKERS = {"brackets": r"Finish\s*\[", "angles": r"Finish\s*<<<", "code": r"\[BEGIN\]"}

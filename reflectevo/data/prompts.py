@@ -8,6 +8,8 @@ The loop runs ONE chat conversation per question; each phase's prompt is the pre
                   user: reflection_request (data generation, with one demand) | reflection_request_test]
     trial 2      [... the reflection conversation ..., assistant: the reflection, user: retry_request]
                                                                                         + assistant "Thought:"
+    trial 2 without a reflection (eval --reflector-mode none): [user: trial, assistant: trial-1 transcript,
+                  user: retry_without_reflection_request]                               + assistant "Thought:"
 
 So the reflection prompt holds the question, the failed trial and the demand, and trial 2 the question, the
 failed trial (with the observation that it failed) and the reflection, as in the paper; only the layout is
@@ -30,6 +32,9 @@ Templates (``DEFAULT_TEMPLATES``) can be replaced from a JSON file mapping name 
     reflect_and_retry_request                                  one-stage (setting I, ``one_stage.py``): instead of
                              {answer_rule} {question}          reflection_request_test, asks for a reflection AND
                                                                a new attempt in the task's answer format, in one reply
+    retry_without_reflection_request                           the "prompt w/o reflection" baseline (``retry.py``):
+                             {answer_rule} {question}          right after the failed trial 1, says it was wrong and
+                                                               asks for a new attempt in the task's format
     observation_correct / observation_incorrect                the line that ends a trial's transcript
     examples_<task>                                            a literal worked-examples block
 
@@ -95,6 +100,9 @@ DEFAULT_TEMPLATES: dict[str, str] = {
         "That answer was wrong. First write a short reflection: the most likely cause of the mistake and a plan "
         "that avoids it. Then leave a blank line and solve the question again in the same form as before:\n"
         "Thought: <your new reasoning>\nAction: {answer_rule}"),
+    "retry_without_reflection_request": (
+        "That answer was wrong. Solve the question again with a fresh attempt, in the same form as before:\n"
+        "Thought: <your new reasoning>\nAction: {answer_rule}"),
     "observation_correct": "Observation: The answer is right.",
     "observation_incorrect": "Observation: The answer is wrong.",
 }
@@ -106,6 +114,7 @@ PLACEHOLDERS: dict[str, tuple[str, ...]] = {
     "reflection_request_test": ("question",),
     "retry_request": ("question",),
     "reflect_and_retry_request": ("answer_rule", "question"),
+    "retry_without_reflection_request": ("answer_rule", "question"),
 }
 # placeholders of the single-turn layout: these texts are earlier turns of the conversation now
 RETIRED_PLACEHOLDERS = ("transcript", "reflection")
@@ -297,6 +306,12 @@ class Prompts:
         return _fill(self.templates["reflect_and_retry_request"], PLACEHOLDERS["reflect_and_retry_request"],
                      question=item["question"], answer_rule=self.answer_rule(task))
 
+    def retry_without_reflection_request(self, task, item: dict) -> str:
+        """The "prompt w/o reflection" baseline: the user turn right after a failed trial 1 asking for a new attempt."""
+        return _fill(self.templates["retry_without_reflection_request"],
+                     PLACEHOLDERS["retry_without_reflection_request"], question=item["question"],
+                     answer_rule=self.answer_rule(task))
+
     def retry_request(self, item: dict) -> str:
         """The user turn after the reflection asking for trial 2."""
         return _fill(self.templates["retry_request"], PLACEHOLDERS["retry_request"], question=item["question"])
@@ -320,6 +335,13 @@ class Prompts:
         """The test-time reflection conversation with the one-stage request as its last turn: what a one-stage
         model (setting I) answers with its reflection and its new attempt."""
         request = self.reflect_and_retry_request(task, item)
+        return self.trial_messages(task, item) + [{"role": "assistant", "content": transcript.strip()},
+                                                  {"role": "user", "content": request}]
+
+    def retry_messages(self, task, item: dict, transcript: str) -> list[dict]:
+        """Trial 2 without a reflection (``retry.py``): trial 1 (its transcript, observation included) + the
+        retry request; the caller opens the assistant turn with ``response_prefix``."""
+        request = self.retry_without_reflection_request(task, item)
         return self.trial_messages(task, item) + [{"role": "assistant", "content": transcript.strip()},
                                                   {"role": "user", "content": request}]
 
