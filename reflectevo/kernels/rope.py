@@ -89,18 +89,18 @@ def rope_inv_freq(head_dim: int, theta: float, scaling: dict | None = None,
     if kind == "default":
         return inv_freq
     if kind == "linear":
-        return inv_freq / float(_need(scaling, "factor"))
+        return inv_freq / _positive(scaling, "factor")
     if kind == "dynamic":
-        float(_need(scaling, "factor"))
+        _positive(scaling, "factor")
         if max_position_embeddings is None or head_dim < 4:
             raise ValueError(f"rope_scaling 'dynamic' needs max_position_embeddings and head_dim >= 4: {scaling}")
         return inv_freq
     if kind == "yarn":
         return _yarn_inv_freq(head_dim, float(theta), scaling, max_position_embeddings)
     if kind == "llama3":
-        factor = float(_need(scaling, "factor"))
-        low = float(_need(scaling, "low_freq_factor"))
-        high = float(_need(scaling, "high_freq_factor"))
+        factor = _positive(scaling, "factor")
+        low = _positive(scaling, "low_freq_factor")
+        high = _positive(scaling, "high_freq_factor")
         old_len = float(_original_len(scaling, max_position_embeddings))
         wavelen = 2 * math.pi / inv_freq
         low_wavelen, high_wavelen = old_len / low, old_len / high
@@ -118,16 +118,28 @@ def _need(scaling: dict, key: str):
     return scaling[key]
 
 
+def _positive(scaling: dict, key: str) -> float:
+    """``scaling[key]`` as a float, refused unless a positive finite number (0 would give inf / NaN frequencies)."""
+    value = _need(scaling, key)
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        number = float("nan")
+    if isinstance(value, bool) or not (math.isfinite(number) and number > 0):
+        raise ValueError(f"rope_scaling {key!r} must be a positive number, got {value!r}: {scaling}")
+    return number
+
+
 def _original_len(scaling: dict, max_position_embeddings: int | None):
     if scaling.get("original_max_position_embeddings") is None and max_position_embeddings is not None:
         return max_position_embeddings
-    return _need(scaling, "original_max_position_embeddings")
+    return _positive(scaling, "original_max_position_embeddings")
 
 
 def _yarn_factor(scaling: dict, max_position_embeddings: int | None) -> float:
     if scaling.get("factor") is None and max_position_embeddings is not None:
         return max_position_embeddings / float(_original_len(scaling, max_position_embeddings))
-    return float(_need(scaling, "factor"))
+    return _positive(scaling, "factor")
 
 
 def _yarn_inv_freq(head_dim: int, theta: float, scaling: dict, max_position_embeddings: int | None) -> torch.Tensor:

@@ -60,8 +60,9 @@ class ModelConfig:
         try:  # a scaling without its parameters, or an odd head_dim, fails here and not mid-build with a traceback
             rope_inv_freq(self.head_dim, self.rope_theta, self.rope_scaling, self.max_position_embeddings)
             rope_attention_factor(self.rope_scaling, self.max_position_embeddings)
-        except ValueError as e:
-            raise ModelLoadError(str(e)) from None
+        except (ValueError, ArithmeticError) as e:  # ArithmeticError: rope_theta 0 or 1 (log / division by zero)
+            raise ModelLoadError(f"rope_theta={self.rope_theta}, rope_scaling={self.rope_scaling}: {e}"
+                                 if isinstance(e, ArithmeticError) else str(e)) from None
         if self.rope_freq_factors is not None and len(self.rope_freq_factors) != self.head_dim // 2:
             raise ModelLoadError(f"rope_freqs has {len(self.rope_freq_factors)} factors, head_dim {self.head_dim} "
                                  f"needs {self.head_dim // 2}")

@@ -7,6 +7,7 @@ Qwen3 file's per-head attn_q_norm / attn_k_norm weights (usually f32) act on who
 """
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import numpy as np
@@ -108,7 +109,7 @@ def config_from_gguf(fields: dict, tensor_names: set[str], source: str) -> Model
 
     heads = int(get("attention.head_count"))
     hidden = int(get("embedding_length"))
-    scaling = _rope_scaling(fields, arch, source, get)
+    scaling = _rope_scaling(fields, arch, source)
     vocab = fields.get(f"{arch}.vocab_size") or len(fields.get("tokenizer.ggml.tokens", []))
     window = fields.get(f"{arch}.attention.sliding_window")
     return ModelConfig(
@@ -138,27 +139,44 @@ _YARN_DEFAULTS = {"attn_factor": 1.0, "yarn_attn_factor": 1.0, "yarn_ext_factor"
                   "yarn_log_multiplier": 0.0}
 
 
-def _rope_scaling(fields: dict, arch: str, source: str, get) -> dict | None:
+def _rope_scaling(fields: dict, arch: str, source: str) -> dict | None:
     """The ``rope_scaling`` dict of llama.cpp's {arch}.rope.scaling.* keys: none, linear or yarn.
+
+    As llama.cpp reads them: the factor is rope.scaling.factor, else the older rope.scale_linear (what convert.py
+    wrote for linear-scaled models until late 2023, with no type key); without a type key the scaling is linear,
+    and a factor of 0 / 1 or none at all then means no scaling. A linear or yarn type without a positive factor
+    is refused, naming the key.
 
     llama.cpp's YaRN (type, factor, original_context_length, yarn_beta_fast / yarn_beta_slow: what its
     converter writes for Qwen2 / Qwen2.5) scales cos/sin by 1 + 0.1 ln(factor) and floors / ceils the ramp
     bounds: transformers' "yarn" with its defaults. original_context_length defaults to context_length in both.
     """
     kind = fields.get(f"{arch}.rope.scaling.type")
-    if kind in (None, "none"):
+    factor_key = f"{arch}.rope.scaling.factor"
+    if fields.get(factor_key) is None and fields.get(f"{arch}.rope.scale_linear") is not None:
+        factor_key = f"{arch}.rope.scale_linear"
+    factor = fields.get(factor_key)
+    if kind is None:  # llama.cpp's default type is linear; only a factor other than 0 / 1 scales anything
+        if factor is None or float(factor) in (0.0, 1.0):
+            return None
+        kind = "linear"
+    if kind == "none":
         return None
-    if kind == "linear":
-        return {"rope_type": "linear", "factor": float(get("rope.scaling.factor"))}
-    if kind != "yarn":
+    if kind not in ("linear", "yarn"):
         raise ModelLoadError(f"{source}: RoPE scaling {kind!r} ({arch}.rope.scaling.type) is not supported "
                              "(none, linear, yarn)")
+    if factor is None:
+        raise ModelLoadError(f"{source}: GGUF metadata lacks {arch}.rope.scaling.factor")
+    if not (math.isfinite(float(factor)) and float(factor) > 0):
+        raise ModelLoadError(f"{source}: {factor_key} = {factor} is not supported (a positive factor)")
+    if kind == "linear":
+        return {"rope_type": "linear", "factor": float(factor)}
     for key, default in _YARN_DEFAULTS.items():
         value = fields.get(f"{arch}.rope.scaling.{key}")
         if value is not None and float(value) not in (default if isinstance(default, tuple) else (default,)):
             raise ModelLoadError(f"{source}: {arch}.rope.scaling.{key} = {value} is not supported "
                                  "(YaRN is read with llama.cpp's defaults only)")
-    scaling = {"rope_type": "yarn", "factor": float(get("rope.scaling.factor"))}
+    scaling = {"rope_type": "yarn", "factor": float(factor)}
     orig = fields.get(f"{arch}.rope.scaling.original_context_length")
     if orig:
         scaling["original_max_position_embeddings"] = int(orig)
