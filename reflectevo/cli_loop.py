@@ -263,6 +263,14 @@ def cmd_generate(args) -> int:
     else:
         write_json_atomic(sidecar, settings)
     _log(f"generate: {len(items)} {task.name} questions, {cfg.n_reflections} reflections per failure -> {out}")
+    if args.adapter:
+        from reflectevo.data.one_stage import detect_reflector_mode
+
+        mode, why = detect_reflector_mode(args.adapter)
+        if mode == "one-stage":   # it answers any reflection request with a reflection AND a new attempt
+            _log(f"generate: warning: --adapter {args.adapter} is a one-stage SFT adapter ({why}): its reflections "
+                 "may hold a new attempt whose answer trial 2 copies (and D+ would teach); generate reflections "
+                 "with a reflect-mode SFT or DPO adapter, or the base model")
     t0 = time.perf_counter()
     model, tok = load_generation_model(args, args.adapter)
     trial_engine, refl_engine = build_engines(model, tok, args.adapter is not None, args.kv_cache_gib,

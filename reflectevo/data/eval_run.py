@@ -21,6 +21,9 @@
   reflection_source "none".
 * Acc@t2 = (correct at t1 + wrong at t1 but correct at trial 2 with the first reflection) / N
   (``reflectevo.data.evaluate.evaluate_records``); for free-text BIG-bench the token-F1 gain too.
+  ``forced_actions`` (trials whose action came from the forced call, a cached trial 1 included) and
+  ``trial1_from_cache`` are counted on the raw records, so a killed and resumed run reports what an
+  uninterrupted one does.
 
 The raw records of the run go to ``RESULT.raw.jsonl`` beside RESULT.json, the result JSON is written atomically.
 An existing raw file with records is an error unless ``resume`` (continue it) or ``overwrite`` (start over). The
@@ -234,13 +237,16 @@ def run_eval(task, items: list[dict], trial_engine, reflect_engine, tokenizer, o
     loop = ReflectLoop(task, trial_engine, reflect_engine, tokenizer, cfg, prompts=prompts,
                        trial2_engine=trial2_engine, **kwargs)
     start = time.perf_counter()
-    stats = loop.run(items, raw, trial1_cache=cache, after_chunk=after_chunk)
+    loop.run(items, raw, trial1_cache=cache, after_chunk=after_chunk)
     wanted = {repr(it["id"]) for it in items}
     records = [r for r in read_jsonl(raw) if repr(r["id"]) in wanted]
     if append:  # records of a resumed raw file whose chunk ran before
         _append_trial1(trial1_cache, records, known)
     result = evaluate_records(records, task)
-    result.update({"trial1_from_cache": len(cache), "raw": str(raw), "seconds": time.perf_counter() - start,
+    # from the records, so that a resumed run reports what an uninterrupted one does
+    from_cache = sum(bool(r.get("trial1_from_cache")) for r in records)
+    forced = sum(bool(o.get("forced_action")) for r in records for o in r["output"] if isinstance(o, dict))
+    result.update({"trial1_from_cache": from_cache, "raw": str(raw), "seconds": time.perf_counter() - start,
                    "settings": {"seed": cfg.seed, "max_tokens": cfg.max_tokens,
                                 "reflection_max_tokens": cfg.reflection_max_tokens,
                                 "reflection_temperature": cfg.reflection_temperature,
@@ -249,7 +255,7 @@ def run_eval(task, items: list[dict], trial_engine, reflect_engine, tokenizer, o
                                 "reflection_source": cfg.reflection_source,
                                 "trial2_source": cfg.trial2_source or cfg.reasoning_source,
                                 "reflector_mode": cfg.reflector_mode},
-                   "forced_actions": stats.get("forced_actions", 0)})
+                   "forced_actions": forced})
     if meta:
         result.update(meta)
     write_json_atomic(out_json, result)

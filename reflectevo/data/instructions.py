@@ -10,6 +10,7 @@ key to its text; ``DEFAULT_DEMAND = "1-1-1"``.
 """
 from __future__ import annotations
 
+import hashlib
 import random
 import re
 from dataclasses import dataclass
@@ -17,7 +18,7 @@ from dataclasses import dataclass
 from .jsonl import DataError
 
 __all__ = ["Demand", "DEMANDS", "DEFAULT_DEMAND", "REVIEW_STYLES", "ERROR_CLASSES", "PLAN_STYLES",
-           "parse_demand", "sample_demand", "demand_text", "all_demands"]
+           "parse_demand", "sample_demand", "demand_text", "all_demands", "question_seed"]
 
 DEFAULT_DEMAND = "1-1-1"
 
@@ -99,3 +100,9 @@ def sample_demand(rng: random.Random | None = None) -> Demand:
     """One demand drawn uniformly from the 32 (``rng`` defaults to the ``random`` module)."""
     rng = rng or random
     return Demand(rng.choice(list(REVIEW_STYLES)), rng.choice(list(ERROR_CLASSES)), rng.choice(list(PLAN_STYLES)))
+
+
+def question_seed(seed: int, item_id) -> int:
+    """A 63-bit seed that depends only on (seed, question id): a question's reflection sampling and random demand."""
+    digest = hashlib.sha256(f"reflectevo|{seed}|{item_id!r}".encode("utf-8")).digest()
+    return int.from_bytes(digest[:8], "big") & ((1 << 63) - 1)

@@ -41,11 +41,13 @@ curated from it; equal to ``reflection_prompt`` in evaluation mode), and each of
 request), which the "correct" SFT stage trains on; equal to ``reason_prompt`` in evaluation mode.
 
 Records use the official raw schema (``id, question, answer, [test_list], output: [...]``, ``output[0]`` =
-trial 1, then one trial-2 entry per reflection) and are appended one line each (flushed) when their chunk
-completes, with an fsync per chunk. A rerun on the same file skips the questions already complete (a torn last
-line from a killed run is cut off first), so a kill loses at most one chunk and nothing is written twice. A
-question is complete when the file holds its id WITH the same question text: ids of files without official
-ids are line numbers, so an id there with another question is an error (another data file), never a skip.
+trial 1, then one trial-2 entry per reflection; ours besides: ``forced_action`` true on a trial whose action came
+from the forced call, ``trial1_from_cache`` true on a record whose trial 1 was read from a cache) and are appended
+one line each (flushed) when their chunk completes, with an fsync per chunk. A rerun on the same file skips the
+questions already complete (a torn last line from a killed run is cut off first), so a kill loses at most one
+chunk and nothing is written twice. A question is complete when the file holds its id WITH the same question
+text: ids of files without official ids are line numbers, so an id there with another question is an error
+(another data file), never a skip.
 
 Evaluation mode (``test_time=True``): one reflection per failure with the test-time reflection request (no
 demand), and trial-1 outputs may come from a cache (keyed by id) so that settings share the same first trials
@@ -60,7 +62,6 @@ the failed trial 1 and a retry request directly; its entry has ``reflections`` [
 """
 from __future__ import annotations
 
-import hashlib
 import os
 import random
 import re
@@ -72,7 +73,7 @@ from typing import Callable
 
 from ..errors import ReflectEvoError
 from .conversation import Prompt, PromptBuilder
-from .instructions import parse_demand, sample_demand
+from .instructions import parse_demand, question_seed, sample_demand
 from .jsonl import DataError, append_jsonl, completed_records, iter_jsonl
 from .no_reflection import NO_REFLECTION, run_retry
 from .one_stage import REFLECTOR_MODES
@@ -154,12 +155,6 @@ def check_resumed_sources(path, cfg: LoopConfig, ids, trial1_ids=()) -> None:
                                     f"has {want!r}; write this run to another file (or start it over)")
 
 
-def question_seed(seed: int, item_id) -> int:
-    """A 63-bit seed that depends only on (seed, question id)."""
-    digest = hashlib.sha256(f"reflectevo|{seed}|{item_id!r}".encode("utf-8")).digest()
-    return int.from_bytes(digest[:8], "big") & ((1 << 63) - 1)
-
-
 class AdapterOffEngine:
     """An engine whose calls run with the model's LoRA adapters switched off (the base model = the generator).
 
@@ -193,6 +188,7 @@ class _Trial:
     correct: bool = False
     error: str | None = None
     transcript: str = ""
+    forced: bool = False                            # its action came from the second (forced) call
 
 
 @dataclass
@@ -305,6 +301,7 @@ class ReflectLoop:
                 thought = self.P.parse_trial(self.task, texts[i]).thought
                 trials[i].trial = Trial(thought=thought, action=format_action(self.task, answer) if answer is not None
                                         else action.strip(), answer=answer)
+                trials[i].forced = True
                 reasons[i] = o[0].finish_reason
         answers = [tr.trial.answer for tr in trials]
         kwargs = {"workers": self.cfg.verify_workers} if is_code else {}
@@ -372,7 +369,8 @@ class ReflectLoop:
                 "reasoning_source": (self.cfg.trial2_source or self.cfg.reasoning_source) if trail == 2
                 else self.cfg.reasoning_source,
                 "reflection_source": self.cfg.reflection_source if trail == 2 else "N/A",
-                "reason_prompt": tr.prompt.text, "reflection_prompt": reflection_prompt}
+                "reason_prompt": tr.prompt.text, "reflection_prompt": reflection_prompt,
+                **({"forced_action": True} if tr.forced else {})}
 
     def record(self, p: _Pending) -> dict:
         item = p.item
@@ -385,6 +383,8 @@ class ReflectLoop:
             rec["demand"] = p.demand
         if p.test_reflection_prompt:
             rec["test_reflection_prompt"] = p.test_reflection_prompt
+        if isinstance(p.t1, dict):
+            rec["trial1_from_cache"] = True
         first = dict(p.t1) if isinstance(p.t1, dict) else self._entry(p.t1, 1, [], "")
         # mode none: one trial 2 per failure and no reflection (nor reflection prompt) behind it
         reflections = p.reflections if self.cfg.reflector_mode != NO_REFLECTION else [None] * len(p.t2)

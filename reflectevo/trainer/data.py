@@ -31,7 +31,9 @@ record's ``test_trial2_prompt`` (curation copies it from our loop's raw records)
 Token layout: a plain-text prompt (the official data) is rendered with the model's chat template (one user turn,
 generation prompt added); a prompt stored already rendered with this template (our raw records save prompts
 exactly as the model saw them: multi-turn conversations ending in an opened assistant turn, see
-:func:`chat_prompt`) is used as it is. Either is encoded with
+:func:`chat_prompt`) is used as it is. A stored prompt that is one of eval's conversations (the test-time
+reflection, one-stage and trial-2 prompts) is rendered again with this model's template first
+(:func:`reflectevo.data.rerender.rerender`): records another model generated hold its template, eval renders ours. Either is encoded with
 add_special_tokens=False; the response is the assistant content tokens plus the end-of-turn token (minus any
 start of the assistant turn the stored prompt already holds, such as "Thought:"). Only response tokens and the
 end-of-turn token carry labels. Too long: the prompt loses tokens from the left (a leading BOS is kept); the
@@ -362,6 +364,7 @@ def tokenize_records(records_with_lines, tokenizer, cfg, dpo: bool, path: str) -
             p, *texts = dpo_texts(rec, where)
         else:
             p, *texts = sft_texts(rec, cfg.mode, where, cfg.sft_prompt, prompts, fallback)
+        p = eval_rendering(rec, p, tokenizer, frame, prompts)
         prompt, opened = chat_prompt(tokenizer, p, frame)
         responses = [encode_response(tokenizer, continue_turn(opened, t)) for t in texts]
         ex = make_example(key, where, tokenizer.encode(prompt, add_special_tokens=False), responses, cfg.max_length,
@@ -377,6 +380,20 @@ def tokenize_records(records_with_lines, tokenizer, cfg, dpo: bool, path: str) -
               "'first_trial_reasoning' to build the one-stage prompt: trained on their reflect_prompt (a "
               "reflection request that asks not to give the answer)", file=sys.stderr, flush=True)
     return out, skipped
+
+
+def eval_rendering(record: dict, text: str, tokenizer, frame, prompts=None) -> str:
+    """``text``, or when it is one of eval's conversations stored with another chat template (another model's
+    records), the same conversation as eval renders it for this model (:mod:`reflectevo.data.rerender`). A text
+    this template rendered on another day (a template with a clock, ``strftime_now``) is kept: a run's data must
+    not change with the date (its --resume checks the data)."""
+    from reflectevo.data.rerender import rerender
+
+    fresh = rerender(record, text, tokenizer, prompts)
+    if fresh is None or fresh == text:
+        return text
+    clock = "strftime_now" in (getattr(tokenizer, "chat_template", None) or "")
+    return text if clock and opened_assistant_turn(frame, text) is not None else fresh
 
 
 def load_prompts(path):
