@@ -28,8 +28,9 @@ action and answer are parsed from the text (``Prompts.parse_trial``; an Action l
 "Action: B", is read as a bare answer). When the model ended without an action (it ran out of tokens or closed
 its turn before an "Action:" line, or left that line empty), a second greedy call, batched over all such trials,
 continues exactly that text with "\\nAction:" (after the empty "Action:" itself when there is one) and gives the
-action (the official code's second call). The oracle observation (right / wrong, from the gold answer) then ends
-the transcript; an answer whose check raises is wrong, with the reason in its ``error`` (``ReflectLoop.verify``).
+action (the official code's second call; ``forced.py``, which the attempt of a one-stage reply uses too). The
+oracle observation (right / wrong, from the gold answer) then ends the transcript; an answer whose check raises is
+wrong, with the reason in its ``error`` (``ReflectLoop.verify``).
 
 Prompts are saved exactly as the engine received them (the text its ids decode to, which is the chat
 template's rendering of the conversation): ``reason_prompt`` / ``reflection_prompt`` are the prompts of the
@@ -64,7 +65,6 @@ from __future__ import annotations
 
 import os
 import random
-import re
 import sys
 import time
 from dataclasses import dataclass, field
@@ -73,11 +73,12 @@ from typing import Callable
 
 from ..errors import ReflectEvoError
 from .conversation import Prompt, PromptBuilder
+from .forced import force_actions, needs_action
 from .instructions import parse_demand, question_seed, sample_demand
 from .jsonl import DataError, append_jsonl, completed_records, iter_jsonl
 from .no_reflection import NO_REFLECTION, run_retry
 from .one_stage import REFLECTOR_MODES
-from .prompts import DEFAULT, Prompts, Trial, action_answer, answer_format, format_action
+from .prompts import DEFAULT, Prompts, Trial, answer_format
 
 __all__ = ["LoopConfig", "ReflectLoop", "AdapterOffEngine", "question_seed", "check_resumed_sources"]
 
@@ -169,12 +170,6 @@ class AdapterOffEngine:
 
         with adapters_disabled(self.model):
             return self.engine.generate(prompts, params, **kwargs)
-
-
-def _action_cue(text: str) -> str:
-    """A trial's text ending where the forced action starts: after its empty "Action:" line, else a new one."""
-    text = text.rstrip()
-    return text if re.search(r"(?:^|\n)\s*Action\s*:$", text, flags=re.I) else text + "\nAction:"
 
 
 def _log_stderr(msg: str) -> None:
@@ -287,22 +282,10 @@ class ReflectLoop:
         reasons = [o[0].finish_reason for o in outs]
         trials = [_Trial(p, self.P.parse_trial(self.task, t)) for p, t in zip(prompts, texts)]
         is_code = answer_format(self.task) == "code"
-        need = [i for i, tr in enumerate(trials) if tr.trial.answer is None and not tr.trial.action.strip()]
-        if self.cfg.force_action and need:
-            forced = [self.build.start(prompts[i].text + _action_cue(texts[i])) for i in need]
-            sp = SP(temperature=0.0, max_tokens=self.cfg.max_tokens if is_code else self.cfg.action_max_tokens,
-                    stop=(["[END]"] if is_code else ["\n"]) + stops)
-            self.stats["forced_actions"] += len(need)
-            for i, o in zip(need, engine.generate([f.ids for f in forced], sp)):
-                action = o[0].text
-                if is_code and "[BEGIN]" in action and "[END]" not in action:
-                    action += "\n[END]"
-                answer = action_answer(self.task, action)
-                thought = self.P.parse_trial(self.task, texts[i]).thought
-                trials[i].trial = Trial(thought=thought, action=format_action(self.task, answer) if answer is not None
-                                        else action.strip(), answer=answer)
-                trials[i].forced = True
-                reasons[i] = o[0].finish_reason
+        need = [i for i, tr in enumerate(trials) if needs_action(tr.trial)] if self.cfg.force_action else []
+        jobs = [(prompts[i].text, texts[i], trials[i].trial.thought) for i in need]
+        for i, (trial, reason) in zip(need, force_actions(self, engine, jobs)):
+            trials[i].trial, trials[i].forced, reasons[i] = trial, True, reason
         answers = [tr.trial.answer for tr in trials]
         kwargs = {"workers": self.cfg.verify_workers} if is_code else {}
         verdicts, failures = self.verify(answers, items, kwargs)

@@ -12,8 +12,11 @@ run directory's config.json says ``{"kind": "sft", "mode": "one-stage"}``): for 
 writes one reply to that prompt (the reflection sampling settings, seeded per question, with
 ``reflection_max_tokens + max_tokens`` tokens and the trial's stop sequences); :func:`split_output` cuts it into
 the reflection and the new attempt, the attempt is parsed like any trial (``Prompts.parse_trial``) and checked by
-the task's verifier; there is no separate trial-2 generation and no forced action (an attempt without a
-parsable answer is wrong, as any unparsable answer is).
+the task's verifier; there is no separate trial-2 generation. An attempt that stopped before its action (a Thought
+and no "Action:" line, or an empty one) gets the forced action of every trial (``forced.py``): one greedy call on
+the reflector continuing the one-stage prompt + the whole reply + "\\nAction:", with the settings of the other
+modes' forced action; that trial 2 says ``forced_action: true``. A reply without an attempt (a reflection only) or
+whose action holds no parsable answer is wrong, as any unparsable answer is.
 
 The split (:func:`split_output`): the attempt starts at the first line that begins with ``Thought:``; without one,
 at the first line that begins with ``Action:``; without either, at the LAST answer marker of the task's format
@@ -81,7 +84,8 @@ def one_stage_prompt(record: dict, task=None, tokenizer=None, prompts: Prompts |
     """The one-stage prompt of a raw or curated record (D+), as eval sends it for that trial 1.
 
     * With ``task`` and ``tokenizer``: the conversation built from ``question`` and ``first_trial_reasoning``
-      (or ``output[0].scratchpad``), rendered with the chat template: eval's text for the same trial 1.
+      (or ``output[0].scratchpad``) by :mod:`reflectevo.data.official` (the transcript as eval writes it, an MBPP
+      question with its asserts), rendered with the chat template: eval's text for the same trial 1.
     * Else, a record that stores its test-time reflection prompt (``test_reflection_prompt``: our loop's raw
       records and the D+ curated from them, rendered as the model saw it) gets that text with its last
       test-time reflection request replaced by the one-stage request: the same conversation eval renders
@@ -93,11 +97,9 @@ def one_stage_prompt(record: dict, task=None, tokenizer=None, prompts: Prompts |
 
     P = prompts or DEFAULT
     if task is not None and tokenizer is not None:
-        transcript = _trial1_transcript(record)
-        if transcript is None or "question" not in record:
-            raise DataError("record needs 'question' and 'first_trial_reasoning' (or output[0].scratchpad)")
-        return tokenizer.apply_chat_template(P.one_stage_messages(task, record, transcript),
-                                             add_generation_prompt=True)
+        from .official import eval_prompt
+
+        return eval_prompt("one-stage", task, record, tokenizer, P)[0]
     stored = record.get("test_reflection_prompt")
     if isinstance(stored, str) and stored.strip():
         if "question" not in record:
@@ -142,6 +144,7 @@ def run_one_stage(loop, pending: list) -> list:
     each question's reflection_messages / reflection_prompt (the one-stage prompt) / test_reflection_prompt
     (the two-stage test-time conversation, its documented meaning) / reflections / outputs / t2; returns the
     trial-2 results in order."""
+    from .forced import force_actions, needs_action
     from .loop import _Trial, question_seed
 
     if not pending:
@@ -165,6 +168,12 @@ def run_one_stage(loop, pending: list) -> list:
         p.reflections, p.outputs = [reflection], [text]
         results.append(_Trial(p.reflection_prompt, trial))
         reasons.append((o[0].finish_reason, bool(attempt)))
+    # an attempt that stopped before its action: the forced action, as for every trial (continuing the reply)
+    need = [i for i, (tr, (_, has_attempt)) in enumerate(zip(results, reasons))
+            if has_attempt and needs_action(tr.trial)] if cfg.force_action else []
+    jobs = [(pending[i].reflection_prompt.text, pending[i].outputs[0], results[i].trial.thought) for i in need]
+    for i, (trial, reason) in zip(need, force_actions(loop, loop.reflect_engine, jobs)):
+        results[i].trial, results[i].forced, reasons[i] = trial, True, (reason, True)
     is_code = answer_format(task) == "code"
     kwargs = {"workers": cfg.verify_workers} if is_code else {}
     verdicts, failures = loop.verify([r.trial.answer for r in results], [p.item for p in pending], kwargs)

@@ -445,11 +445,9 @@ def test_reflection_prompt(record: dict, task=None, tokenizer=None, prompts: Pro
         return stored
     if task is None or tokenizer is None:
         return test_time_reflection_prompt(record)
-    transcript = _trial1_transcript(record)
-    if transcript is None or "question" not in record:
-        raise DataError("record needs 'question' and 'first_trial_reasoning' (or output[0].scratchpad)")
-    messages = (prompts or DEFAULT).test_reflection_messages(task, record, transcript)
-    return tokenizer.apply_chat_template(messages, add_generation_prompt=True)
+    from .official import eval_prompt   # the transcript as eval writes it, an MBPP question with its asserts
+
+    return eval_prompt("reflect", task, record, tokenizer, prompts)[0]
 
 
 test_reflection_prompt.__test__ = False  # a library function, not a test, when a test module imports it

@@ -161,6 +161,7 @@ class Tokenizer:
         except Exception as e:
             raise ModelLoadError(f"{tj}: cannot read tokenizer ({str(e).splitlines()[0]})") from None
         cfg = _read_json(path / "tokenizer_config.json")
+        _llama_sentencepiece_pipeline(backend, cfg)
         gen = _read_json(path / "generation_config.json")
         model_cfg = _read_json(path / "config.json")
         template = cfg.get("chat_template")
@@ -266,6 +267,38 @@ class Tokenizer:
         if self.chat_template:
             cfg["chat_template"] = self.chat_template
         (out / "tokenizer_config.json").write_text(json.dumps(cfg, indent=2, ensure_ascii=False))
+
+
+_LLAMA_CLASSES = ("LlamaTokenizer", "LlamaTokenizerFast")  # (transformers 5 builds CodeLlamaTokenizer otherwise)
+# the normalizer transformers 4's LlamaConverter wrote for legacy SentencePiece tokenizers (Llama-2, Mistral-7B
+# v0.1 / v0.2 on the Hub): a "▁" in front of EVERY piece of text between added tokens, spaces as "▁"
+_LEGACY_SPM_NORMALIZER = {"type": "Sequence", "normalizers": [
+    {"type": "Prepend", "prepend": "\u2581"}, {"type": "Replace", "pattern": {"String": " "}, "content": "\u2581"}]}
+
+
+def _llama_sentencepiece_pipeline(backend: HFTokenizer, cfg: dict) -> None:
+    """A SentencePiece tokenizer.json of a ``LlamaTokenizer`` (Llama-2, Mistral-7B-Instruct-v0.2) set up as
+    transformers 5 loads it: that class rebuilds the pipeline from the vocab and merges, whatever the file's
+    normalizer says (no normalizer; Metaspace without splitting, prepend scheme "always" with ``legacy`` true, else
+    "first", "never" with ``add_prefix_space`` false; decoder "▁" -> space, bytes, first space stripped when a
+    prefix space is added). The file's legacy normalizer differs where a text starts with a space: it prepends
+    "▁" to " So" too ("▁" "▁So", where the model writes "▁So" after "Thought:"). Other files stay as they are.
+    """
+    if cfg.get("tokenizer_class") not in _LLAMA_CLASSES:
+        return
+    spec = json.loads(backend.to_str())
+    model, pre = spec.get("model") or {}, spec.get("pre_tokenizer")
+    sentencepiece = (spec.get("normalizer") == _LEGACY_SPM_NORMALIZER and pre is None) or (
+        spec.get("normalizer") is None and isinstance(pre, dict) and pre.get("type") == "Metaspace")
+    if model.get("type") != "BPE" or not model.get("byte_fallback") or not sentencepiece:
+        return  # not the SentencePiece layout (e.g. a byte-level BPE filed under LlamaTokenizer): as it is
+    add_prefix_space = cfg.get("add_prefix_space")
+    add_prefix_space = True if add_prefix_space is None else bool(add_prefix_space)
+    scheme = ("always" if cfg.get("legacy", False) else "first") if add_prefix_space else "never"
+    backend.normalizer = None
+    backend.pre_tokenizer = pre_tokenizers.Metaspace(replacement="\u2581", prepend_scheme=scheme, split=False)
+    steps = [decoders.Replace("\u2581", " "), decoders.ByteFallback(), decoders.Fuse()]
+    backend.decoder = decoders.Sequence(steps + [decoders.Strip(content=" ", left=1, right=0)] * add_prefix_space)
 
 
 def _gguf_eos_ids(fields: dict) -> list[int]:

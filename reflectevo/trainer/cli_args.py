@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from reflectevo.data.tasks import TASKS
 from reflectevo.trainer.config import (DEFAULT_TARGETS, DPO_LOSSES, OPTIMIZERS, SCHEDULERS, SFT_MODES, SFT_PROMPTS,
                                       TrainConfig, TrainError)
 
@@ -29,6 +30,12 @@ def add_train_args(parser: argparse.ArgumentParser, dpo: bool) -> argparse.Argum
                "one-stage a request that asks not to give the answer)")
         a("--prompts", default=None, help="JSON file of prompt templates, the one eval gets with --prompts (the "
           "one-stage prompt is built with it)")
+    a("--task", default=None, choices=TASKS,
+      help="the task of the data (eval's --task): records that store no prompt of eval's (the official D+ / D± / "
+           "Dpref) train on the conversation eval sends for their trial 1, built from question + "
+           "first_trial_reasoning (+ reflections for trial 2; MBPP: + test_list), rendered with this model's chat "
+           "template. Default: each record's own 'task' field; without one such records keep their stored / "
+           "one-message prompts (a warning says so)")
     a("--model", default="smollm2-135m", help="smollm2-135m | Hugging Face model dir | .gguf file")
     a("--out", required=True, help="run directory (metrics.jsonl, adapter/, state/, summary.json)")
     a("--adapter", default=None, help="start from this PEFT LoRA adapter" +
@@ -85,7 +92,7 @@ def config_from_args(args, dpo: bool) -> TrainConfig:
     targets = tuple(t.strip() for t in str(args.target_modules).split(",") if t.strip())
     cfg = TrainConfig(
         mode=getattr(args, "mode", "one-stage"), sft_prompt=getattr(args, "sft_prompt", "test-time"),
-        prompts=getattr(args, "prompts", None), max_length=args.max_length,
+        prompts=getattr(args, "prompts", None), task=getattr(args, "task", None), max_length=args.max_length,
         max_prompt_length=getattr(args, "max_prompt_length", None), on_too_long=args.on_too_long,
         eval_fraction=args.eval_fraction, data_path=str(args.data), epochs=args.epochs, max_steps=args.max_steps,
         batch_size=args.batch_size, grad_accum=args.grad_accum, lr=args.lr, weight_decay=args.weight_decay,

@@ -25,6 +25,7 @@ class TrainConfig:
     mode: str = "one-stage"                 # SFT only: one-stage | reflect | correct
     sft_prompt: str = "test-time"           # SFT prompts: "test-time" (what eval sends) | "stored" (as recorded)
     prompts: str | None = None              # SFT: a --prompts JSON file (eval's templates) for the prompts built here
+    task: str | None = None                 # the data's task (--task): records storing no prompt of eval's get eval's
     max_length: int = 1024                  # tokens per sequence (prompt + response [+ eot])
     max_prompt_length: int | None = None    # DPO: prompt tokens kept (the end of the prompt); None = 7/8 of max_length
     on_too_long: str = "error"              # a response that cannot fit max_length: "error" | "skip"
@@ -74,6 +75,11 @@ class TrainConfig:
             bad("sft_prompt", f"expected one of {', '.join(SFT_PROMPTS)}, got {self.sft_prompt!r}")
         if not dpo and self.mode not in SFT_MODES:
             bad("mode", f"expected one of {', '.join(SFT_MODES)}, got {self.mode!r}")
+        if self.task is not None:
+            from reflectevo.data.tasks import TASKS
+
+            if self.task not in TASKS:
+                bad("task", f"expected one of {', '.join(TASKS)}, got {self.task!r}")
         if self.max_length < 8:
             bad("max_length", f"must be >= 8, got {self.max_length}")
         if self.max_prompt_length is not None and not 1 <= self.max_prompt_length < self.max_length:

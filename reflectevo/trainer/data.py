@@ -1,4 +1,4 @@
-"""Records -> token ids -> packed micro-batches.
+"""Records -> token ids (packing into micro-batches: :mod:`reflectevo.trainer.packing`).
 
 Prompts and targets per setting (docs/paper.md), taken from the official fields:
 
@@ -27,6 +27,12 @@ request contradicts the one-stage target).
 *** The trial-2 prompt eval answers (after the test-time reflection request, not the data-generation one): the
 record's ``test_trial2_prompt`` (curation copies it from our loop's raw records), else ``reason_prompt[1]``, which
 ``--sft-prompt stored`` always uses. Either loses a leaked trial-2 answer (*).
+Records that store no prompt of eval's (the official data: no ``test_reflection_prompt`` / ``test_trial2_prompt``,
+a pair's ``reflection_prompt`` that is no conversation of eval's) with their task known (``TrainConfig.task``, i.e.
+``--task``, else the record's "task" field) get eval's conversation for the mode, built from their fields by
+:mod:`reflectevo.data.official` and rendered with this model's template (:func:`official_prompt`); a field it
+needs and the record lacks is a TrainError naming file:line and the field. Without a task they keep the prompts
+above (one plain message, the data-generation prompt), which differ from eval's: one warning line says so.
 
 Token layout: a plain-text prompt (the official data) is rendered with the model's chat template (one user turn,
 generation prompt added); a prompt stored already rendered with this template (our raw records save prompts
@@ -38,25 +44,18 @@ add_special_tokens=False; the response is the assistant content tokens plus the 
 start of the assistant turn the stored prompt already holds, such as "Thought:"). Only response tokens and the
 end-of-turn token carry labels. Too long: the prompt loses tokens from the left (a leading BOS is kept); the
 response is never shortened - one that cannot fit is an error (or skipped).
-
-Packing: the sequences of a micro-batch go into one row, back to back (no padding token is computed); each keeps
-its own ``seq_ids`` value and positions restarting at 0, so attention never crosses a sequence boundary
-(flash-attn varlen, or one causal SDPA per sequence). ``pack`` can also fill rows of a fixed length
-first-fit-decreasing. Input = ids[:-1], labels = ids[1:] masked to -100 on prompt targets.
 """
 from __future__ import annotations
 
 import hashlib
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-
-import torch
 
 from reflectevo.errors import ReflectEvoError
 from reflectevo.trainer.config import TrainError
+from reflectevo.trainer.packing import IGNORE, Batch, make_batch, pack, sequences_of  # noqa: F401 (re-exported)
 
-IGNORE = -100
 ONE_STAGE_SEPARATOR = "\n\n"
 _SENTINEL = "\ue000user text\ue000"     # stands for the user message when the chat template is rendered bare
 
@@ -71,26 +70,6 @@ class Example:
     @property
     def num_tokens(self) -> int:
         return sum(len(self.prompt) + len(r) - 1 for r in self.responses)
-
-
-@dataclass
-class Batch:
-    input_ids: torch.Tensor     # [R, T]
-    positions: torch.Tensor     # [R, T]
-    seq_ids: torch.Tensor       # [R, T] sequence number inside its row, -1 on padding
-    labels: torch.Tensor        # [R, T] next token, IGNORE on prompt and padding
-    seq_index: torch.Tensor     # [R, T] index of the sequence in the batch (for per-sequence sums), -1 on padding
-    num_seqs: int
-    keys: list[str]
-    num_tokens: int             # real (non-padding) tokens
-    num_labels: int             # tokens that carry a label
-    meta: dict = field(default_factory=dict)
-
-    def to(self, device) -> "Batch":
-        move = {k: getattr(self, k).to(device, non_blocking=True)
-                for k in ("input_ids", "positions", "seq_ids", "labels", "seq_index")}
-        return Batch(**move, num_seqs=self.num_seqs, keys=self.keys, num_tokens=self.num_tokens,
-                     num_labels=self.num_labels, meta=self.meta)
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -211,12 +190,14 @@ def one_stage_prompt_text(record: dict, where: str, sft_prompt: str = "test-time
 
 
 def sft_texts(record: dict, mode: str, where: str, sft_prompt: str = "test-time", prompts=None,
-              warn: list | None = None) -> tuple[str, str]:
-    """(prompt text, response text) of one D+ record for an SFT mode (trial transcripts without observation)."""
+              warn: list | None = None, prompt: str | None = None) -> tuple[str, str]:
+    """(prompt text, response text) of one D+ record for an SFT mode (trial transcripts without observation);
+    ``prompt``: the prompt the caller built (eval's conversation, :func:`official_prompt`), else the record's."""
     if mode in ("one-stage", "reflect"):
         refl = _text(_field(record, "reflections", where, f"the target of --mode {mode}"), "reflections", where)
-        prompt = (one_stage_prompt_text(record, where, sft_prompt, prompts, warn) if mode == "one-stage" else
-                  reflection_prompt_text(record, where, dpo=False, sft_prompt=sft_prompt))
+        if prompt is None:
+            prompt = (one_stage_prompt_text(record, where, sft_prompt, prompts, warn) if mode == "one-stage" else
+                      reflection_prompt_text(record, where, dpo=False, sft_prompt=sft_prompt))
         if mode == "reflect":
             return prompt, refl.strip()
         second = _text(_field(record, "second_trial_reasoning", where, "the corrected answer of --mode one-stage"),
@@ -225,7 +206,9 @@ def sft_texts(record: dict, mode: str, where: str, sft_prompt: str = "test-time"
     second = _text(_field(record, "second_trial_reasoning", where, "the target of --mode correct"),
                    "second_trial_reasoning", where)
     # the leak check looks for the whole stored transcript, observation included (the official leak holds it)
-    return trial2_prompt_text(record, where, second, sft_prompt), _trial_target(second, where)
+    if prompt is None:
+        prompt = trial2_prompt_text(record, where, second, sft_prompt)
+    return prompt, _trial_target(second, where)
 
 
 def _trial_target(transcript: str, where: str) -> str:
@@ -237,14 +220,74 @@ def _trial_target(transcript: str, where: str) -> str:
     return target
 
 
-def dpo_texts(record: dict, where: str) -> tuple[str, str, str]:
-    """(test-time reflection prompt, chosen reflection, rejected reflection) of one D± / Dpref record.
+def dpo_texts(record: dict, where: str, prompt: str | None = None) -> tuple[str, str, str]:
+    """(test-time reflection prompt, chosen reflection, rejected reflection) of one D± / Dpref record
+    (``prompt``: the prompt the caller built, else the record's).
 
     The responses are reflections, which never carry an oracle observation (only trial transcripts do)."""
     chosen = _text(_field(record, "reflection_chosen", where, "the chosen reflection"), "reflection_chosen", where)
     rejected = _text(_field(record, "reflection_rejected", where, "the rejected reflection"),
                      "reflection_rejected", where)
-    return reflection_prompt_text(record, where, dpo=True), chosen.strip(), rejected.strip()
+    if prompt is None:
+        prompt = reflection_prompt_text(record, where, dpo=True)
+    return prompt, chosen.strip(), rejected.strip()
+
+
+# ------------------------------------------------------------------------------------------------------------
+# records that store no prompt of eval's (the official data): eval's conversation built for the task
+# ------------------------------------------------------------------------------------------------------------
+_STORED = {"reflect": "test_reflection_prompt", "one-stage": "test_reflection_prompt",
+           "correct": "test_trial2_prompt", "dpo": "reflection_prompt"}
+_BUILT = {"reflect": "reflect", "one-stage": "one-stage", "correct": "trial2", "dpo": "reflect"}
+
+
+def stores_eval_prompt(record: dict, kind: str, tokenizer, frame, prompts=None) -> bool:
+    """Whether ``record`` stores eval's prompt of ``kind`` (an SFT mode or "dpo"): a conversation rendered with this
+    tokenizer's template, or one of eval's conversations rendered with another (:mod:`reflectevo.data.rerender`)."""
+    from reflectevo.data.rerender import rerender
+
+    text = record.get(_STORED[kind])
+    if not isinstance(text, str) or not text.strip():
+        return False
+    return opened_assistant_turn(frame, text) is not None or rerender(record, text, tokenizer, prompts) is not None
+
+
+def record_task(record: dict, task: str | None, where: str):
+    """The task of a record: ``task`` (--task), else the record's "task" field, else None."""
+    from reflectevo.data.jsonl import DataError
+    from reflectevo.data.tasks import TASKS, get_task
+
+    name = task or record.get("task")
+    if not name:
+        return None
+    try:
+        return get_task(name)
+    except DataError:
+        what = "--task" if task else f"{where}: field 'task'"
+        raise TrainError(f"{what}: unknown task {name!r}; known tasks: {', '.join(TASKS)}") from None
+
+
+def official_prompt(record: dict, kind: str, where: str, task: str | None, tokenizer, frame, prompts=None,
+                    unbuilt: list | None = None) -> tuple[str, str] | None:
+    """(eval's prompt of ``kind`` rendered with ``tokenizer``, its opened start of the assistant turn) for a record
+    that stores none (:func:`stores_eval_prompt`) when its task is known (:func:`record_task`), built from its
+    fields by :mod:`reflectevo.data.official`; TrainError naming file:line and the field it lacks. None: the record's
+    own prompt stands (it stores eval's, or the task is unknown: ``unbuilt`` then collects ``where`` when the record
+    has the fields to build eval's)."""
+    from reflectevo.data.official import MissingField, eval_prompt
+
+    if stores_eval_prompt(record, kind, tokenizer, frame, prompts):
+        return None
+    found = record_task(record, task, where)
+    if found is None:
+        if unbuilt is not None and all(isinstance(record.get(f), str) and record[f].strip()
+                                       for f in ("question", "first_trial_reasoning")):
+            unbuilt.append(where)
+        return None
+    try:
+        return eval_prompt(_BUILT[kind], found, record, tokenizer, prompts)
+    except MissingField as e:
+        raise TrainError(f"{where}: {e}; eval's {found.name} prompt cannot be built") from None
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -355,17 +398,23 @@ def tokenize_records(records_with_lines, tokenizer, cfg, dpo: bool, path: str) -
     keys = example_keys(records_with_lines)
     budget = cfg.prompt_budget() if dpo else cfg.max_length
     frame = chat_frame(tokenizer)
-    prompts, fallback = load_prompts(getattr(cfg, "prompts", None)), []
+    prompts, fallback, unbuilt = load_prompts(getattr(cfg, "prompts", None)), [], []
+    kind = "dpo" if dpo else cfg.mode
     for key, (line, rec) in zip(keys, records_with_lines):
         where = f"{path}:{line}"
         if not isinstance(rec, dict):
             raise TrainError(f"{where}: expected a JSON object")
+        built = None
+        if dpo or cfg.sft_prompt == "test-time":
+            built = official_prompt(rec, kind, where, getattr(cfg, "task", None), tokenizer, frame, prompts, unbuilt)
         if dpo:
-            p, *texts = dpo_texts(rec, where)
+            p, *texts = dpo_texts(rec, where, None if built is None else built[0])
         else:
-            p, *texts = sft_texts(rec, cfg.mode, where, cfg.sft_prompt, prompts, fallback)
-        p = eval_rendering(rec, p, tokenizer, frame, prompts)
-        prompt, opened = chat_prompt(tokenizer, p, frame)
+            p, *texts = sft_texts(rec, cfg.mode, where, cfg.sft_prompt, prompts, fallback,
+                                  None if built is None else built[0])
+        if built is None:
+            p = eval_rendering(rec, p, tokenizer, frame, prompts)
+        prompt, opened = chat_prompt(tokenizer, p, frame) if built is None else built
         responses = [encode_response(tokenizer, continue_turn(opened, t)) for t in texts]
         ex = make_example(key, where, tokenizer.encode(prompt, add_special_tokens=False), responses, cfg.max_length,
                           budget, tokenizer.bos_token_id, cfg.on_too_long)
@@ -379,6 +428,14 @@ def tokenize_records(records_with_lines, tokenizer, cfg, dpo: bool, path: str) -
         print(f"[reflectevo] warning: {len(fallback)} record(s) (first {fallback[0]}) lack 'question' / "
               "'first_trial_reasoning' to build the one-stage prompt: trained on their reflect_prompt (a "
               "reflection request that asks not to give the answer)", file=sys.stderr, flush=True)
+    if unbuilt and not getattr(cfg, "_told_task", False):   # once per run (training and held-out records alike)
+        import sys
+
+        cfg._told_task = True
+        print(f"[reflectevo] warning: {len(unbuilt)} record(s) (first {unbuilt[0]}) store no prompt of eval's "
+              "(official data): trained on their own one-message / data-generation prompts, which differ from the "
+              "conversation eval sends the trained model; pass --task T (the task of the data) to train on eval's "
+              "prompts", file=sys.stderr, flush=True)
     return out, skipped
 
 
@@ -427,66 +484,6 @@ def data_digest(examples: list[Example]) -> str:
         for r in ex.responses:
             h.update(str(r).encode())
     return h.hexdigest()[:16]
-
-
-# ------------------------------------------------------------------------------------------------------------
-# packing
-# ------------------------------------------------------------------------------------------------------------
-def sequences_of(examples: list[Example], dpo: bool) -> list[tuple[list[int], list[int]]]:
-    """(inputs, labels) per sequence; DPO order: all chosen, then all rejected."""
-    def one(prompt, resp):
-        ids = prompt + resp
-        labels = [IGNORE] * (len(prompt) - 1) + resp
-        return ids[:-1], labels
-
-    if not dpo:
-        return [one(ex.prompt, ex.responses[0]) for ex in examples]
-    return [one(ex.prompt, ex.responses[0]) for ex in examples] + [one(ex.prompt, ex.responses[1]) for ex in examples]
-
-
-def pack(seqs: list[tuple[list[int], list[int]]], row_len: int, keys: list[str], pad_id: int = 0) -> Batch:
-    """First-fit-decreasing packing of sequences into rows of at most row_len tokens."""
-    order = sorted(range(len(seqs)), key=lambda i: (-len(seqs[i][0]), i))
-    rows: list[list[int]] = []
-    fill: list[int] = []
-    for i in order:
-        n = len(seqs[i][0])
-        if n > row_len:
-            raise TrainError(f"internal: sequence of {n} tokens exceeds the row length {row_len}")
-        for r, f in enumerate(fill):
-            if f + n <= row_len:
-                rows[r].append(i)
-                fill[r] += n
-                break
-        else:
-            rows.append([i])
-            fill.append(n)
-    R, T = len(rows), max(fill)
-    ids = torch.full((R, T), pad_id, dtype=torch.long)
-    pos = torch.zeros((R, T), dtype=torch.long)
-    sid = torch.full((R, T), -1, dtype=torch.long)
-    lab = torch.full((R, T), IGNORE, dtype=torch.long)
-    sidx = torch.full((R, T), -1, dtype=torch.long)
-    for r, members in enumerate(rows):
-        at = 0
-        for local, i in enumerate(sorted(members)):
-            inp, labels = seqs[i]
-            n = len(inp)
-            ids[r, at:at + n] = torch.tensor(inp)
-            lab[r, at:at + n] = torch.tensor(labels)
-            pos[r, at:at + n] = torch.arange(n)
-            sid[r, at:at + n] = local
-            sidx[r, at:at + n] = i
-            at += n
-    # rows holding one sequence each need no per-sequence attention (trailing padding is never attended)
-    meta = {"packed": any(len(m) > 1 for m in rows)}
-    return Batch(ids, pos, sid, lab, sidx, len(seqs), keys, sum(fill), int((lab != IGNORE).sum()), meta)
-
-
-def make_batch(examples: list[Example], cfg, dpo: bool, pad_id: int | None) -> Batch:
-    """The micro-batch as one packed row (each sequence already fits ``cfg.max_length``)."""
-    seqs = sequences_of(examples, dpo)
-    return pack(seqs, sum(len(inp) for inp, _ in seqs), [ex.key for ex in examples], pad_id or 0)
 
 
 def load_examples(path: str | Path, tokenizer, cfg, dpo: bool) -> list[Example]:
