@@ -25,10 +25,10 @@ Observation the stop string cuts off (the target then ends with </s> where the c
 Known divergences, pinned as strict xfails (see their reasons):
 * GGUF: llama.cpp's SentencePiece tokenizer puts a "▁" in front of the text after every special token
   ("<s>▁[INST]", as mistral-common and the Llama-2 reference code encode the chat format); transformers' GGUF
-  tokenizer (and ours, which matches it) does not (the Hub layout with legacy true does);
-* Llama-2's template renders an assistant turn as " " + content + " " + </s>: the model writes "▁" before </s>,
-  which the trainer's target leaves out (trainer/data.py), and opens its turn with "▁Thought" where the loop's
-  opener gives "]Thought" (data/conversation.py).
+  tokenizer (and ours, which matches it) does not (the Hub layout with legacy true does).
+Llama-2's template renders an assistant turn as " " + content + " " + </s>: the loop opens its turn "[/INST] Thought:"
+("▁Thought", as transformers' continue_final_message prefill) and the trainer's target keeps the "▁" before </s>
+(data/conversation.py assistant_frame); Mistral's prompts and targets are what they were ("[/INST]Thought:", no "▁").
 """
 from __future__ import annotations
 
@@ -289,12 +289,15 @@ def example(tok, rec, mode=None, **kw):
 
 
 def hf_ids(hf, messages, opener=""):
-    """transformers' rendering (generation prompt, then ``opener`` as the loop opens the assistant turn) and its
-    ids of that text."""
-    text = hf.apply_chat_template(messages, tokenize=False, add_generation_prompt=True) + opener
-    if not opener:
-        assert hf.apply_chat_template(messages, tokenize=True, return_dict=False, add_generation_prompt=True) == \
-            hf.encode(text, add_special_tokens=False)
+    """transformers' rendering (generation prompt; with ``opener`` the assistant turn opened with it, as
+    continue_final_message prefills it) and its ids of that text."""
+    text = hf.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    if opener:
+        prefill = hf_prefill(hf, messages, opener)
+        assert prefill[0] == text + ASSISTANT_OPENING[hf.chat_template] + opener
+        return prefill
+    assert hf.apply_chat_template(messages, tokenize=True, return_dict=False, add_generation_prompt=True) == \
+        hf.encode(text, add_special_tokens=False)
     return text, hf.encode(text, add_special_tokens=False)
 
 
@@ -307,6 +310,9 @@ def hf_prefill(hf, messages, opener: str):
     return text, list(ids)
 
 
+# what each template puts between its generation prompt and an assistant message's content: Mistral nothing (the
+# prompts as before the opener followed the template: "[/INST]Thought:"), Llama-2 a space ("[/INST] Thought:")
+ASSISTANT_OPENING = {MISTRAL_TEMPLATE: "", LLAMA2_TEMPLATE: " "}
 SPECIAL_TEXTS = ("<s>", "</s>", "<unk>")
 
 
@@ -368,13 +374,7 @@ def test_loop_prompts_are_transformers_ids_of_the_same_conversation(run):
         assert run.ev.sent("trial2", rec["id"]) == [want[1]]
 
 
-@pytest.mark.parametrize("name", [
-    "mistral-v0.2",
-    pytest.param("llama2", marks=pytest.mark.xfail(strict=True, reason=(
-        "data/conversation.py PromptBuilder.render appends the opener to the generation prompt: '[/INST]Thought:' "
-        "(ids ']' 'Thought'); Llama-2's template renders assistant text as ' ' + content, so transformers' prefill "
-        "(continue_final_message) and the model's own reply start '[/INST] Thought:' ('▁Thought'). Fix in "
-        "data/: render the opened turn with continue_final_message (see the report)")))])
+@pytest.mark.parametrize("name", ["mistral-v0.2", "llama2"])
 def test_the_opened_thought_is_the_templates_own_assistant_turn(name, tmp_path_factory):
     """A trial prompt opens the assistant turn with "Thought:": the text (and ids) must be the template's own
     rendering of an assistant turn that starts with it, as transformers prefills one."""
@@ -386,6 +386,10 @@ def test_the_opened_thought_is_the_templates_own_assistant_turn(name, tmp_path_f
         assert t1["reason_prompt"] == text
         assert r.gen.sent("trial1", rec["id"]) == [ids], first_difference(r.tok, r.gen.sent("trial1", rec["id"])[0],
                                                                           ids)
+        assert text.endswith("[/INST] Thought:" if name == "llama2" else "[/INST]Thought:")   # Mistral: as it was
+        pieces = [r.tok.backend.id_to_token(i) for i in ids[-4:]]
+        after = pieces[pieces.index("▁[/INST]") + 1]                # Llama-2 "▁Thought", Mistral "T" "hought:"
+        assert after.startswith("▁") == (name == "llama2"), pieces
 
 
 GGUF_NOT_LLAMA_CPP = pytest.mark.xfail(strict=True, reason=(
@@ -440,7 +444,7 @@ def test_correct_sft_example_is_eval_trial2_prompt_plus_generated_trial(run):
         ex = example(tok, rec, "correct")
         at_eval = run.ev.sent("trial2", rec["id"])
         assert [ex.prompt] == at_eval, first_difference(tok, ex.prompt, at_eval[0])
-        assert tok.decode(ex.prompt).endswith("[/INST]Thought:")
+        assert tok.decode(ex.prompt).endswith("[/INST] Thought:" if run.name == "llama2" else "[/INST]Thought:")
         text = trial2_text(rec["answer"]).strip()
         want = known(run, generated(run, "trial2", rec["id"], text))
         assert ex.responses == [want], first_difference(tok, ex.responses[0], want)
@@ -467,11 +471,12 @@ def test_dpo_example_is_eval_reflector_prompt_plus_generated_reflections(run):
 
 
 def known(run, ids: list[int]) -> list[int]:
-    """Generated ids as the trainer is known to take them: Llama-2 loses the "▁" before </s> (strict xfail
-    test_llama2_targets_keep_the_space_the_template_puts_before_eos); otherwise as they are."""
+    """Generated ids as the trainer takes them: the target is the template's closed turn, so with Llama-2 a trial
+    the stop string cut (no " " written before its </s>) still ends "▁" </s> ("content </s>"); otherwise as they
+    are."""
     space = run.tok.token_to_id("▁")
-    if run.name == "llama2" and ids[-2:] == [space, EOS]:
-        return ids[:-2] + [EOS]
+    if run.name == "llama2" and ids[-2:] != [space, EOS]:
+        return ids[:-1] + [space, EOS]
     return ids
 
 
@@ -485,11 +490,6 @@ def _check_labels(ex, dpo: bool):
 
 
 # ------------------------------------------------------------------------------------------------- Llama-2: "▁</s>"
-@pytest.mark.xfail(strict=True, reason=(
-    "Llama-2's template ends an assistant turn with ' ' + </s> (content.strip() + ' ' + eos_token), so the model "
-    "writes '▁' then </s>; the loop strips the text and trainer/data.py encode_response appends only the eot id: "
-    "the target loses the '▁' before </s>. Fix in trainer/data.py: end the response with the ids of what the "
-    "template renders after an assistant message's content up to and including its end-of-turn token."))
 @pytest.mark.parametrize("mode", ["reflect", "correct", "dpo"])
 def test_llama2_targets_keep_the_space_the_template_puts_before_eos(mode, tmp_path_factory):
     r = pipeline("llama2", tmp_path_factory)

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import re
 
+from .conversation import PromptBuilder
 from .prompts import _FORMATS, DEFAULT, Prompts, _trial1_transcript
 
 __all__ = ["rerender"]
@@ -78,5 +79,5 @@ def rerender(record: dict, text: str, tokenizer, prompts: Prompts | None = None)
         kinds += [(reflect, ""), (base + [{"role": "user", "content": P.reflect_and_retry_request(task, record)}], "")]
         for messages, opener in kinds:
             if _is_rendering(text, [m["content"].strip() for m in messages], opener):
-                return tokenizer.apply_chat_template(messages, add_generation_prompt=True) + opener
+                return PromptBuilder(tokenizer).render(messages, opener)   # as the loop / eval render it
     return None

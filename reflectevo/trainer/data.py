@@ -40,10 +40,10 @@ exactly as the model saw them: multi-turn conversations ending in an opened assi
 :func:`chat_prompt`) is used as it is. A stored prompt that is one of eval's conversations (the test-time
 reflection, one-stage and trial-2 prompts) is rendered again with this model's template first
 (:func:`reflectevo.data.rerender.rerender`): records another model generated hold its template, eval renders ours. Either is encoded with
-add_special_tokens=False; the response is the assistant content tokens plus the end-of-turn token (minus any
-start of the assistant turn the stored prompt already holds, such as "Thought:"). Only response tokens and the
-end-of-turn token carry labels. Too long: the prompt loses tokens from the left (a leading BOS is kept); the
-response is never shortened - one that cannot fit is an error (or skipped).
+add_special_tokens=False; the response is the assistant content tokens (minus any start of the assistant turn the
+stored prompt already holds, such as "Thought:") plus what the template renders after them up to the end-of-turn
+token (Llama-2: " </s>"). Only response tokens and those carry labels. Too long: the prompt loses tokens from
+the left (a leading BOS is kept); the response is never shortened - one that cannot fit is an error (or skipped).
 """
 from __future__ import annotations
 
@@ -348,10 +348,13 @@ def encode_prompt(tokenizer, text: str) -> list[int]:
 
 
 def encode_response(tokenizer, text: str) -> list[int]:
+    """The content's ids, then what the template renders after it up to its end-of-turn token (Llama-2 " </s>")."""
+    from reflectevo.data.conversation import assistant_frame
+
     eot = tokenizer.eot_token_id
     if eot is None:
         raise TrainError("tokenizer: no end-of-turn token (chat template / eos) to end the response with")
-    return tokenizer.encode(text, add_special_tokens=False) + [eot]
+    return tokenizer.encode(text + assistant_frame(tokenizer)[1], add_special_tokens=False) + [eot]
 
 
 def truncate_prompt(prompt: list[int], keep: int, bos_id: int | None) -> list[int]:
