@@ -382,6 +382,9 @@ def test_evaluate_hand_computed():
     table = format_table({"base": r, "tuned": evaluate_records(recs)})
     lines = table.splitlines()
     assert lines[0].split()[:4] == ["name", "N", "Acc@t1", "Acc@t2"] and "66.7" in lines[2] and "+25.0" in lines[3]
+    assert "F1@t1" in lines[0] and lines[3].split()[-3:] == ["-", "-", "-"]
+    no_free = format_table({"tuned": evaluate_records(recs)}).splitlines()
+    assert no_free[0].split() == ["name", "N", "Acc@t1", "Acc@t2", "delta"] and len(no_free[2].split()) == 5
     with pytest.raises(DataError, match="record 1"):
         evaluate_records([{"id": 1}])
 

@@ -81,14 +81,15 @@ def evaluate_file(path, task=None) -> dict:
 def format_table(results: Mapping[str, dict] | Iterable[dict]) -> str:
     """A plain-text table of results (a mapping name -> result, or a list of results named by their task)."""
     rows = list(results.items()) if isinstance(results, Mapping) else [(r.get("task") or "?", r) for r in results]
-    header = ["name", "N", "Acc@t1", "Acc@t2", "delta", "F1@t1", "F1@t2", "F1 gain"]
+    with_f1 = any(r.get("f1_t1") is not None for _, r in rows)  # free-text items only (BIG-bench)
+    header = ["name", "N", "Acc@t1", "Acc@t2", "delta"] + ["F1@t1", "F1@t2", "F1 gain"] * with_f1
 
     def fmt(r: dict, key: str) -> str:
         v = r.get(key)
         return "-" if v is None else (f"{v:+.1f}" if key in ("delta", "f1_gain") else f"{v:.1f}")
 
-    table = [header] + [[str(name), str(r.get("n", "-")), fmt(r, "acc_t1"), fmt(r, "acc_t2"), fmt(r, "delta"),
-                         fmt(r, "f1_t1"), fmt(r, "f1_t2"), fmt(r, "f1_gain")] for name, r in rows]
+    table = [header] + [[str(name), str(r.get("n", "-")), fmt(r, "acc_t1"), fmt(r, "acc_t2"), fmt(r, "delta")]
+                        + [fmt(r, "f1_t1"), fmt(r, "f1_t2"), fmt(r, "f1_gain")] * with_f1 for name, r in rows]
     widths = [max(len(row[i]) for row in table) for i in range(len(header))]
     lines = ["  ".join(cell.ljust(w) if i == 0 else cell.rjust(w) for i, (cell, w) in enumerate(zip(row, widths)))
              for row in table]
