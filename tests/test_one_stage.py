@@ -329,3 +329,22 @@ def test_cli_refuses_one_stage_with_a_trial2_adapter_in_one_line(tmp_path):
     lines = [ln for ln in r.stderr.strip().splitlines() if ln.strip()]
     assert len(lines) == 1 and "--trial2-adapter: not with the one-stage" in lines[0], r.stderr
     assert "config.json" in lines[0] and not (tmp_path / "r.raw.jsonl").exists()
+
+
+def test_a_reflection_quoting_the_failed_attempt_is_not_the_attempt():
+    from reflectevo.data.one_stage import split_output
+
+    t1 = "Thought: 3 + 5 = 9.\nAction: Finish[9]\nObservation: The answer is wrong."
+    reply = ("I wrote\nThought: 3 + 5 = 9.\nAction: Finish[9]\nbut 3 + 5 is 8.\n\n"
+             "Thought: 3 + 5 = 8.\nAction: Finish[8]")
+    reflection, attempt = split_output(get_task("arithmetic"), reply, quoted=t1)
+    assert attempt == "Thought: 3 + 5 = 8.\nAction: Finish[8]"
+    assert reflection.startswith("I wrote\nThought: 3 + 5 = 9.") and reflection.endswith("but 3 + 5 is 8.")
+    assert P.parse_trial(TASK, attempt).answer == "8"
+    # the same retry as trial 1: every cue line is quoted, the last one is the attempt
+    same = "The sum is right after all.\n\nThought: 3 + 5 = 9.\nAction: Finish[9]"
+    assert split_output(get_task("arithmetic"), same, quoted=t1)[1] == "Thought: 3 + 5 = 9.\nAction: Finish[9]"
+    # quoted Action line only, then a new Action
+    act = "Action: Finish[9] was wrong.\nAction: Finish[8]"
+    assert split_output(get_task("arithmetic"), act, quoted="Thought: x\nAction: Finish[9] was wrong.")[1] == \
+        "Action: Finish[8]"

@@ -23,8 +23,11 @@ at the first line that begins with ``Action:``; without either, at the LAST answ
 (``Finish[``, ``Finish<<<``, ``[BEGIN]``: a reflection may quote the failed answer before giving its own); the
 reflection is the text before it (possibly empty: an answer only). Without any of these the whole reply is the
 reflection and the attempt is empty (no answer: wrong). Cues are matched case-insensitively, at the start of a
-line only (a reflection that mentions "the Thought: part" mid-sentence is not cut there). When the attempt holds
-two Thought/Action rounds, the first action counts (``parse_trial``: text after it is the model running on).
+line only (a reflection that mentions "the Thought: part" mid-sentence is not cut there). A cue line that repeats
+a line of the failed trial 1 (``quoted``: the reflection quoting the failed attempt) is passed over while a later
+cue line of the same kind does not; when every one does, the last is the attempt (the model retried the same
+thing). When the attempt holds two Thought/Action rounds, the first action counts (``parse_trial``: text after
+it is the model running on).
 """
 from __future__ import annotations
 
@@ -44,10 +47,26 @@ _ACTION = re.compile(r"^[ \t]*Action[ \t]*:", flags=re.I | re.M)
 _MARKERS = {"brackets": r"Finish\s*\[", "angles": r"Finish\s*<<<", "code": r"\[BEGIN\]"}
 
 
-def split_output(task, text: str | None) -> tuple[str, str]:
-    """(reflection, attempt) of a one-stage reply (see the module docstring for the rule); both stripped."""
+def _line_key(line: str) -> str:
+    return " ".join(line.split()).lower()
+
+
+def _attempt_cue(cue: re.Pattern, text: str, quoted: set[str]):
+    """The first match of ``cue`` whose line is not one of the ``quoted`` lines, else the last match, else None."""
+    found = list(cue.finditer(text))
+    for m in found:
+        end = text.find("\n", m.start())
+        if _line_key(text[m.start():end if end >= 0 else len(text)]) not in quoted:
+            return m
+    return found[-1] if found else None
+
+
+def split_output(task, text: str | None, quoted: str | None = None) -> tuple[str, str]:
+    """(reflection, attempt) of a one-stage reply (see the module docstring for the rule); both stripped.
+    ``quoted``: the failed trial-1 transcript, whose lines a reflection may repeat before the new attempt."""
     text = text or ""
-    m = _THOUGHT.search(text) or _ACTION.search(text)
+    lines = {_line_key(line) for line in (quoted or "").splitlines() if line.strip()}
+    m = _attempt_cue(_THOUGHT, text, lines) or _attempt_cue(_ACTION, text, lines)
     if m is not None:
         return text[:m.start()].strip(), text[m.start():].strip()
     markers = list(re.finditer(_MARKERS[answer_format(task)], text, flags=re.I))
@@ -163,7 +182,7 @@ def run_one_stage(loop, pending: list) -> list:
     results, reasons = [], []
     for p, o in zip(pending, outs):
         text = o[0].text
-        reflection, attempt = split_output(task, text)
+        reflection, attempt = split_output(task, text, quoted=p.t1_transcript)
         trial = P.parse_trial(task, attempt) if attempt else Trial(thought="", action="", answer=None)
         p.reflections, p.outputs = [reflection], [text]
         results.append(_Trial(p.reflection_prompt, trial))
