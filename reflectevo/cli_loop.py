@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -35,7 +36,7 @@ def _task_args(p, data_required: bool = False):
 
 def _model_args(p, adapter_help: str):
     p.add_argument("--model", default="smollm2-135m", help="smollm2-135m | Hugging Face model dir | .gguf file")
-    p.add_argument("--adapter", default=None, help=adapter_help)
+    p.add_argument("--adapter", default=None, type=os.path.normpath, help=adapter_help)
     p.add_argument("--device", default=None, help="cpu | cuda (default: cuda when available)")
     p.add_argument("--dtype", default=None, help="float32 | bfloat16 | float16 (default: bf16 on CUDA, fp32 on CPU)")
     p.add_argument("--quantize", default=None, choices=["nf4"], help="4-bit NF4 base weights")
@@ -86,7 +87,7 @@ def add_eval_args(p):
     _task_args(p)
     _model_args(p, "PEFT LoRA adapter of a trained reflector (reflections from it; trials from the base model)")
     p.add_argument("--out", required=True, help="RESULT.json (raw records go to RESULT.raw.jsonl)")
-    p.add_argument("--trial2-adapter", default=None,
+    p.add_argument("--trial2-adapter", default=None, type=os.path.normpath,
                    help="PEFT LoRA adapter that answers trial 2 (two-stage SFT: the 'correct' stage; reflections "
                    "still from --adapter, trial 1 from the base model); loads a second copy of the model")
     p.add_argument("--reflector-mode", default="auto", choices=["auto", "two-stage", "one-stage", "none"],

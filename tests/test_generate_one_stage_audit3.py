@@ -4,6 +4,7 @@ teach it). generate says so in one warning line, before the model loads; other a
 from __future__ import annotations
 
 import json
+import os
 
 import pytest
 
@@ -38,5 +39,5 @@ def test_generate_warns_about_a_one_stage_adapter(tmp_path, capsys, monkeypatch,
     if not warned:
         assert lines == []
         return
-    assert len(lines) == 1 and lines[0].startswith("generate: warning: --adapter " + adapter)
+    assert len(lines) == 1 and lines[0].startswith("generate: warning: --adapter " + os.path.normpath(adapter))
     assert "config.json" in lines[0] and "reflect" in lines[0]

@@ -262,3 +262,20 @@ def test_sft_and_dpo_take_task_with_the_task_names(dpo, tmp_path):
         assert config_from_args(parser.parse_args(base + ["--task", name]), dpo).task == name
     with pytest.raises(SystemExit):
         parser.parse_args(base + ["--task", "chess"])
+
+
+def test_dpo_takes_prompts_and_builds_the_pair_prompt_with_them(tmp_path):
+    """`reflectevo dpo --prompts F`: an official pair's prompt (built with --task) uses F's test-time request."""
+    from reflectevo.trainer.cli_args import add_train_args, config_from_args
+
+    override = tmp_path / "prompts.json"
+    override.write_text(json.dumps({"reflection_request_test": "Say plainly why it failed: {question}"}))
+    parser = add_train_args(argparse.ArgumentParser(), True)
+    args = parser.parse_args(["--data", str(tmp_path / "d.jsonl"), "--out", str(tmp_path / "run"),
+                              "--prompts", str(override), "--task", "logiqa"])
+    assert config_from_args(args, True).prompts == str(override)
+    tok = tokenizer("smollm2")
+    _, _, d_pm = records("logiqa", tmp_path)
+    ours = tok.decode(prompt_ids(tok, d_pm, None, task="logiqa", prompts=str(override)))
+    default = tok.decode(prompt_ids(tok, d_pm, None, task="logiqa"))
+    assert "Say plainly why it failed:" in ours and "Say plainly why it failed:" not in default

@@ -28,14 +28,14 @@ def add_train_args(parser: argparse.ArgumentParser, dpo: bool) -> argparse.Argum
                "first_trial_reasoning fall back to reflect_prompt); correct its test_trial2_prompt (else "
                "reason_prompt[1]); stored = the data-generation prompts (reflect_prompt, reason_prompt[1]; for "
                "one-stage a request that asks not to give the answer)")
-        a("--prompts", default=None, help="JSON file of prompt templates, the one eval gets with --prompts (the "
-          "one-stage prompt is built with it)")
     a("--task", default=None, choices=TASKS,
       help="the task of the data (eval's --task): records that store no prompt of eval's (the official D+ / D± / "
            "Dpref) train on the conversation eval sends for their trial 1, built from question + "
            "first_trial_reasoning (+ reflections for trial 2; MBPP: + test_list), rendered with this model's chat "
            "template. Default: each record's own 'task' field; without one such records keep their stored / "
            "one-message prompts (a warning says so)")
+    a("--prompts", default=None, help="JSON file of prompt templates, the one eval gets with --prompts (prompts "
+      "built for records - one-stage, --task - use it, and stored ones are recognised with it)")
     a("--model", default="smollm2-135m", help="smollm2-135m | Hugging Face model dir | .gguf file")
     a("--out", required=True, help="run directory (metrics.jsonl, adapter/, state/, summary.json)")
     a("--adapter", default=None, help="start from this PEFT LoRA adapter" +
