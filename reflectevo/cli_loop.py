@@ -359,6 +359,12 @@ def cmd_eval(args) -> int:
         raise LoopArgError("--resume and --overwrite exclude each other")
     check_eval_raw(args.out, items, cfg, args.resume, args.overwrite, args.trial1_cache)
     _log(f"eval: reflector mode {mode} ({why})")   # after the checks: an error stays one line
+    from reflectevo.data.one_stage import trained_prompts_mismatch
+
+    for adapter in (args.adapter, args.trial2_adapter):
+        mismatch = trained_prompts_mismatch(adapter, getattr(args, "prompts", None))
+        if mismatch:
+            _log(f"eval: warning: {mismatch}")
     t0 = time.perf_counter()
     model, tok = load_generation_model(args, args.adapter)
     # both models before any engine: an engine without --kv-cache-gib sizes its cache from the memory left

@@ -208,3 +208,32 @@ def run_one_stage(loop, pending: list) -> list:
         p.t2 = [tr]
     loop.stats["reflections"] += len(pending)
     return results
+
+
+def trained_prompts_mismatch(adapter, prompts_path) -> str | None:
+    """A warning when the adapter's run (RUN/config.json beside RUN/adapter/) was trained with other --prompts than
+    eval is given (compared by the files' JSON content; a file that is gone by its path); None when they agree or
+    nothing says."""
+    if not adapter:
+        return None
+    config = Path(adapter).resolve().parent / "config.json"
+    try:
+        data = json.loads(config.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    if not isinstance(data, dict) or data.get("kind") not in ("sft", "dpo") or "prompts" not in data:
+        return None
+
+    def content(path):
+        if not path:
+            return None
+        try:
+            return json.loads(Path(path).read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            return str(Path(path).resolve())
+
+    trained = data.get("prompts")
+    if content(trained) == content(prompts_path):
+        return None
+    return (f"the adapter was trained with --prompts {trained or '(none: the default prompts)'} ({config}), eval "
+            f"runs with --prompts {prompts_path or '(none: the default prompts)'}: its prompts differ from training")
