@@ -31,18 +31,7 @@ RETRY = ("That answer was wrong. Solve the question again with a fresh attempt, 
          f"Thought: <your new reasoning>\nAction: {RULE}")
 
 
-class TagTokenizer:
-    """Chat turns as tags, one token per character."""
-
-    def apply_chat_template(self, messages, add_generation_prompt=True):
-        return "".join(f"<{m['role']}>{m['content']}</{m['role']}>" for m in messages) + "<assistant>"
-
-    def encode(self, text, add_special_tokens=False):
-        return [ord(c) for c in text]
-
-    def decode(self, ids, skip_special_tokens=False):
-        return "".join(map(chr, ids))
-
+from test_loop import FakeTokenizer as TagTokenizer  # noqa: E402  (chat turns as tags, one token per character)
 
 TOK = TagTokenizer()
 TRIAL2 = {1: " I recount. Action: Finish[11]",        # fixed

@@ -65,18 +65,7 @@ def test_the_first_attempt_of_a_reply_with_two_counts():
 
 
 # ------------------------------------------------------------------------------------------------ fake engine
-class FakeTokenizer:
-    """Chat turns as tags, one token per character."""
-
-    def apply_chat_template(self, messages, add_generation_prompt=True):
-        return "".join(f"<{m['role']}>{m['content']}</{m['role']}>" for m in messages) + "<assistant>"
-
-    def encode(self, text, add_special_tokens=False):
-        return [ord(c) for c in text]
-
-    def decode(self, ids, skip_special_tokens=False):
-        return "".join(map(chr, ids))
-
+from test_loop import FakeTokenizer  # noqa: E402  (chat turns as tags, one token per character)
 
 TOK = FakeTokenizer()
 REPLIES = {  # trial 1: Q0 right, the others wrong; one-stage replies:
