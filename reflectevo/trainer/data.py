@@ -397,7 +397,9 @@ def example_keys(records_with_lines) -> list[str]:
 
 def tokenize_records(records_with_lines, tokenizer, cfg, dpo: bool, path: str) -> tuple[list[Example], int]:
     """Examples for [(line, record)], plus how many were skipped as too long."""
-    out, skipped = [], 0
+    from reflectevo.trainer.clock import fixed_clock
+
+    out, skipped, tokenizer = [], 0, fixed_clock(tokenizer)   # one date: the data must not change with the day
     keys = example_keys(records_with_lines)
     budget = cfg.prompt_budget() if dpo else cfg.max_length
     frame = chat_frame(tokenizer)
@@ -425,9 +427,10 @@ def tokenize_records(records_with_lines, tokenizer, cfg, dpo: bool, path: str) -
             skipped += 1
         else:
             out.append(ex)
-    if fallback:
+    if fallback and not getattr(cfg, "_told_fallback", False):   # once per run, as the --task warning below
         import sys
 
+        cfg._told_fallback = True
         print(f"[reflectevo] warning: {len(fallback)} record(s) (first {fallback[0]}) lack 'question' / "
               "'first_trial_reasoning' to build the one-stage prompt: trained on their reflect_prompt (a "
               "reflection request that asks not to give the answer)", file=sys.stderr, flush=True)
