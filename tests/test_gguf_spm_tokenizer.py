@@ -114,15 +114,22 @@ def write_spm_gguf(path, template=MISTRAL_TEMPLATE, add_bos=None, add_eos=None, 
         w.add_add_eos_token(add_eos)
     if template:
         w.add_chat_template(template)
+    write_random_llama_tensors(w, len(tokens), hidden, heads, kv_heads, ffn, layers, seed)
+    return path
+
+
+def write_random_llama_tensors(w, vocab: int, hidden: int, heads: int, kv_heads: int, ffn: int, layers: int,
+                               seed: int = 0) -> None:
+    """Random llama-layout tensors (norm weights near 1) into GGUFWriter ``w``, then the file is written and closed."""
     g = torch.Generator().manual_seed(seed)
 
     def rand(*shape):
         return (torch.randn(*shape, generator=g) * 0.3).numpy()
 
     head_dim = hidden // heads
-    w.add_tensor("token_embd.weight", rand(len(tokens), hidden))
+    w.add_tensor("token_embd.weight", rand(vocab, hidden))
     w.add_tensor("output_norm.weight", 1 + rand(hidden))
-    w.add_tensor("output.weight", rand(len(tokens), hidden))
+    w.add_tensor("output.weight", rand(vocab, hidden))
     for i in range(layers):
         for name, shape in [("attn_q", (hidden, hidden)), ("attn_k", (kv_heads * head_dim, hidden)),
                             ("attn_v", (kv_heads * head_dim, hidden)), ("attn_output", (hidden, hidden)),
@@ -134,7 +141,6 @@ def write_spm_gguf(path, template=MISTRAL_TEMPLATE, add_bos=None, add_eos=None, 
     w.write_kv_data_to_file()
     w.write_tensors_to_file()
     w.close()
-    return path
 
 
 VARIANTS = {

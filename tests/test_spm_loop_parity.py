@@ -54,7 +54,7 @@ gguf = pytest.importorskip("gguf")
 transformers = pytest.importorskip("transformers")
 pytest.importorskip("transformers.integrations.gguf", reason="this transformers has no GGUF tokenizer support")
 
-from test_gguf_spm_tokenizer import LLAMA2_TEMPLATE, MISTRAL_TEMPLATE  # noqa: E402
+from test_gguf_spm_tokenizer import LLAMA2_TEMPLATE, MISTRAL_TEMPLATE, write_random_llama_tensors  # noqa: E402
 
 TASK = get_task("arithmetic")
 ITEMS = [{"id": f"q{i}", "question": f"Tom has {i + 3} apples and buys {i + 5} more. How many apples does he have?",
@@ -117,26 +117,7 @@ def write_gguf(path, template: str):
     w.add_add_bos_token(True)       # as Mistral / Llama-2 files: BOS on encode(text) unless told not to
     w.add_add_eos_token(False)
     w.add_chat_template(template)
-    g = torch.Generator().manual_seed(0)
-
-    def rand(*shape):
-        return (torch.randn(*shape, generator=g) * 0.3).numpy()
-
-    hd = hidden // heads
-    w.add_tensor("token_embd.weight", rand(len(tokens), hidden))
-    w.add_tensor("output_norm.weight", 1 + rand(hidden))
-    w.add_tensor("output.weight", rand(len(tokens), hidden))
-    for i in range(layers):
-        for name, shape in [("attn_q", (hidden, hidden)), ("attn_k", (kv_heads * hd, hidden)),
-                            ("attn_v", (kv_heads * hd, hidden)), ("attn_output", (hidden, hidden)),
-                            ("ffn_gate", (ffn, hidden)), ("ffn_up", (ffn, hidden)), ("ffn_down", (hidden, ffn))]:
-            w.add_tensor(f"blk.{i}.{name}.weight", rand(*shape))
-        w.add_tensor(f"blk.{i}.attn_norm.weight", 1 + rand(hidden))
-        w.add_tensor(f"blk.{i}.ffn_norm.weight", 1 + rand(hidden))
-    w.write_header_to_file()
-    w.write_kv_data_to_file()
-    w.write_tensors_to_file()
-    w.close()
+    write_random_llama_tensors(w, len(tokens), hidden, heads, kv_heads, ffn, layers)
 
 
 def spm_pieces(tok, text: str, space_prefix: bool) -> list[int]:

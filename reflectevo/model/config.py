@@ -218,13 +218,18 @@ class ModelConfig:
         return dataclasses.replace(self, **changes)
 
 
-def read_config_json(path: Path) -> ModelConfig:
+def read_json_object(path: Path, name: str) -> dict:
+    """A JSON object file (``name`` for the message when it is missing); one-line errors naming the file."""
     try:
-        cfg = json.loads(path.read_text())
+        obj = json.loads(Path(path).read_text())
     except FileNotFoundError:
-        raise ModelLoadError(f"{path}: config.json not found") from None
+        raise ModelLoadError(f"{path}: {name} not found") from None
     except json.JSONDecodeError as e:
         raise ModelLoadError(f"{path}:{e.lineno}: invalid JSON ({e.msg})") from None
-    if not isinstance(cfg, dict):
-        raise ModelLoadError(f"{path}: expected a JSON object, got {type(cfg).__name__}")
-    return ModelConfig.from_hf(cfg, source=str(path))
+    if not isinstance(obj, dict):
+        raise ModelLoadError(f"{path}: expected a JSON object, got {type(obj).__name__}")
+    return obj
+
+
+def read_config_json(path: Path) -> ModelConfig:
+    return ModelConfig.from_hf(read_json_object(path, "config.json"), source=str(path))

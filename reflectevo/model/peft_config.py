@@ -94,14 +94,9 @@ class LoraHyperparameters:
 
 def read_config(cfg_path: Path) -> dict:
     """adapter_config.json as a dict, checked: every key either honoured or without effect, else an error."""
-    try:
-        cfg = json.loads(cfg_path.read_text())
-    except FileNotFoundError:
-        raise ModelLoadError(f"{cfg_path}: adapter_config.json not found") from None
-    except json.JSONDecodeError as e:
-        raise ModelLoadError(f"{cfg_path}:{e.lineno}: invalid JSON ({e.msg})") from None
-    if not isinstance(cfg, dict):
-        raise ModelLoadError(f"{cfg_path}: expected a JSON object, got {type(cfg).__name__}")
+    from reflectevo.model.config import read_json_object
+
+    cfg = read_json_object(cfg_path, "adapter_config.json")
     if cfg.get("peft_type", "LORA") != "LORA":
         raise ModelLoadError(f"{cfg_path}: peft_type {cfg.get('peft_type')!r} is not supported (only LORA)")
     bias = cfg.get("bias", "none")
