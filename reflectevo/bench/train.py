@@ -22,6 +22,7 @@ micro-step (SFT: 2 sequences).
 """
 from __future__ import annotations
 
+import copy
 import statistics
 import time
 
@@ -62,12 +63,14 @@ class Ours:
         from reflectevo.trainer.config import TrainConfig
         from reflectevo.trainer.data import Example, make_batch
         from reflectevo.trainer.dpo import compute_reference
-        from reflectevo.trainer.loop import build_optimizer
+        from reflectevo.trainer.loop import build_optimizer, store_frozen_linears
 
         self.model, self.device = model, torch.device(device)
         cuda = self.device.type == "cuda"
         self.cfg = TrainConfig(max_length=seq, batch_size=len(pairs), lora_r=r, bf16=cuda or bf16)
         self.params = attach_lora(model, r=r, alpha=2 * r, dropout=0.0)
+        if self.cfg.bf16:
+            store_frozen_linears(model, torch.bfloat16)   # as `reflectevo sft/dpo` does under bf16
         model.gradient_checkpointing = cuda
         self.opt = build_optimizer(self.params, self.cfg, self.device)
         self.dpo_ex = [Example(str(i), "bench", p, [c, rj]) for i, (p, c, rj) in enumerate(pairs)]
@@ -277,10 +280,16 @@ def _bench_pair(ours_factory, ref_factory, pairs, seq, device, sft_seqs, warmup,
     rows, totals = {}, {}
     if not separate:
         model, hf = ours_factory(), ref_factory()
+        # bf16: also the reference as its users run it fastest, weights loaded in bf16 (peft keeps the adapters
+        # in fp32 under autocast); its norms and residual stream then compute in bf16, ours stay fp32
+        hf16 = copy.deepcopy(hf).to(torch.bfloat16) if bf16 else None
         ours = Ours(model, pairs, seq, r, device, sft_seqs, bf16)
         ref = Reference(hf, pairs, r, device, sft_seqs, bf16)
         fns = {"ours_sft": ours.sft, "ref_sft": ref.sft, "ours_dpo": ours.dpo,
                "ours_dpo_onthefly": lambda: ours.dpo(True), "ref_dpo": ref.dpo}
+        if hf16 is not None:
+            ref16 = Reference(hf16, pairs, r, device, sft_seqs, bf16)
+            fns.update({"ref16_sft": ref16.sft, "ref16_dpo": ref16.dpo})
         if memory_only:
             for fn in fns.values():
                 fn()
@@ -322,6 +331,9 @@ def _bench_pair(ours_factory, ref_factory, pairs, seq, device, sft_seqs, warmup,
     rows["speedup_sft"] = rows["ref_sft"]["median_s"] / rows["ours_sft"]["median_s"]
     rows["speedup_dpo_cached_ref"] = rows["ref_dpo"]["median_s"] / rows["ours_dpo"]["median_s"]
     rows["speedup_dpo_ref_on_the_fly"] = rows["ref_dpo"]["median_s"] / rows["ours_dpo_onthefly"]["median_s"]
+    if "ref16_sft" in rows:
+        rows["speedup_sft_vs_bf16_weights"] = rows["ref16_sft"]["median_s"] / rows["ours_sft"]["median_s"]
+        rows["speedup_dpo_cached_ref_vs_bf16_weights"] = rows["ref16_dpo"]["median_s"] / rows["ours_dpo"]["median_s"]
     rows["ours_reference_pass_s"] = ref_s
     return rows
 
@@ -344,8 +356,9 @@ def _cpu_memory_subprocess(quick: bool, bf16: bool = False) -> dict | None:
 
 def run(device="cpu", quick=False, warmup=1, repeats=2, source="smollm2-135m", memory=True,
         memory_only=False, llama8b: bool | None = None, seq: int | None = None, bf16: bool = False) -> dict:
-    """CPU: ``source`` in fp32, both stacks side by side (``bf16``: both under bf16 autocast, the weights kept in
-    fp32, as ``reflectevo sft --bf16`` trains on a CPU). CUDA (or ``llama8b=True``): Llama-3-8B shapes, QLoRA."""
+    """CPU: ``source`` in fp32, both stacks side by side (``bf16``: both under bf16 autocast from fp32 weights,
+    ours with the frozen decoder linears stored in bf16 as ``reflectevo sft --bf16`` keeps them, plus the
+    reference with all its weights loaded in bf16). CUDA (or ``llama8b=True``): Llama-3-8B shapes, QLoRA."""
     device = str(device)
     cuda, seq_override = torch.device(device).type == "cuda", seq
     llama8b = cuda if llama8b is None else llama8b
@@ -368,7 +381,8 @@ def run(device="cpu", quick=False, warmup=1, repeats=2, source="smollm2-135m", m
             return holder["hf"]
 
         vocab, ours_f = 49152, ours_f_model
-        model_name = f"{source} (fp32" + (" weights, bf16 autocast on both stacks)" if bf16 else ")")
+        model_name = f"{source} (fp32" + (" weights, bf16 autocast on both stacks; ours stores its frozen decoder "
+                                          "linears in bf16)" if bf16 else ")")
     if quick:
         warmup, repeats = 1, 1
     elif llama8b:  # the H200 run of 2026-11-30 spread 0.56-0.90 s over two repeats of one step
@@ -402,7 +416,9 @@ def format_table(res: dict) -> str:
              "|---|---|---:|---:|---:|---:|---:|---:|"]
     names = [("ours_sft", "SFT", "reflectevo"), ("ref_sft", "SFT", "transformers+peft"),
              ("ours_dpo", "DPO", "reflectevo (cached ref)"), ("ours_dpo_onthefly", "DPO", "reflectevo (ref on the fly)"),
-             ("ref_dpo", "DPO", "transformers+peft (ref per step)")]
+             ("ref_dpo", "DPO", "transformers+peft (ref per step)"),
+             ("ref16_sft", "SFT", "transformers+peft, bf16 weights"),
+             ("ref16_dpo", "DPO", "transformers+peft, bf16 weights (ref per step)")]
 
     def mib(x):
         return "n/a" if x is None else f"{x / 2**20:,.0f}"
@@ -419,6 +435,9 @@ def format_table(res: dict) -> str:
         lines += ["", f"Speed-up (reference time / ours): SFT {r['speedup_sft']:.2f}x, DPO with cached reference "
                       f"{r['speedup_dpo_cached_ref']:.2f}x, DPO with reference on the fly "
                       f"{r['speedup_dpo_ref_on_the_fly']:.2f}x."]
+        if "speedup_sft_vs_bf16_weights" in r:
+            lines.append(f"Against the reference with bf16 weights: SFT {r['speedup_sft_vs_bf16_weights']:.2f}x, DPO "
+                         f"with cached reference {r['speedup_dpo_cached_ref_vs_bf16_weights']:.2f}x.")
     lines.append(f"Our one-off reference pass over the pairs: {r['ours_reference_pass_s']:.2f} s.")
     return "\n".join(lines)
 
