@@ -63,14 +63,12 @@ class Ours:
         from reflectevo.trainer.config import TrainConfig
         from reflectevo.trainer.data import Example, make_batch
         from reflectevo.trainer.dpo import compute_reference
-        from reflectevo.trainer.loop import build_optimizer, store_frozen_linears
+        from reflectevo.trainer.loop import build_optimizer
 
         self.model, self.device = model, torch.device(device)
         cuda = self.device.type == "cuda"
         self.cfg = TrainConfig(max_length=seq, batch_size=len(pairs), lora_r=r, bf16=cuda or bf16)
         self.params = attach_lora(model, r=r, alpha=2 * r, dropout=0.0)
-        if self.cfg.bf16:
-            store_frozen_linears(model, torch.bfloat16)   # as `reflectevo sft/dpo` does under bf16
         model.gradient_checkpointing = cuda
         self.opt = build_optimizer(self.params, self.cfg, self.device)
         self.dpo_ex = [Example(str(i), "bench", p, [c, rj]) for i, (p, c, rj) in enumerate(pairs)]
@@ -356,9 +354,9 @@ def _cpu_memory_subprocess(quick: bool, bf16: bool = False) -> dict | None:
 
 def run(device="cpu", quick=False, warmup=1, repeats=2, source="smollm2-135m", memory=True,
         memory_only=False, llama8b: bool | None = None, seq: int | None = None, bf16: bool = False) -> dict:
-    """CPU: ``source`` in fp32, both stacks side by side (``bf16``: both under bf16 autocast from fp32 weights,
-    ours with the frozen decoder linears stored in bf16 as ``reflectevo sft --bf16`` keeps them, plus the
-    reference with all its weights loaded in bf16). CUDA (or ``llama8b=True``): Llama-3-8B shapes, QLoRA."""
+    """CPU: ``source`` in fp32, both stacks side by side (``bf16``: both under bf16 autocast from fp32 weights, as
+    ``reflectevo sft --bf16`` trains on a CPU, plus the reference with all its weights loaded in bf16).
+    CUDA (or ``llama8b=True``): Llama-3-8B shapes, QLoRA."""
     device = str(device)
     cuda, seq_override = torch.device(device).type == "cuda", seq
     llama8b = cuda if llama8b is None else llama8b
@@ -381,8 +379,7 @@ def run(device="cpu", quick=False, warmup=1, repeats=2, source="smollm2-135m", m
             return holder["hf"]
 
         vocab, ours_f = 49152, ours_f_model
-        model_name = f"{source} (fp32" + (" weights, bf16 autocast on both stacks; ours stores its frozen decoder "
-                                          "linears in bf16)" if bf16 else ")")
+        model_name = f"{source} (fp32" + (" weights, bf16 autocast on both stacks)" if bf16 else ")")
     if quick:
         warmup, repeats = 1, 1
     elif llama8b:  # the H200 run of 2026-11-30 spread 0.56-0.90 s over two repeats of one step

@@ -122,7 +122,6 @@ def load_for_training(args, cfg: TrainConfig):
     import torch
 
     from reflectevo.model import load_model
-    from reflectevo.trainer.loop import bf16_on, store_frozen_linears
 
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     if device.startswith("cuda") and not torch.cuda.is_available():
@@ -133,10 +132,6 @@ def load_for_training(args, cfg: TrainConfig):
     cfg.base_model_name = model.config.name_or_path or str(args.model)
     if args.adapter:
         load_adapter_checked(model, args.adapter)
-    if not qlora and bf16_on(cfg, torch.device(device)):
-        for p in model.parameters():   # frozen: prepare_model unfreezes only the adapters it trains
-            p.requires_grad_(False)
-        store_frozen_linears(model, torch.bfloat16)
     return model, tok
 
 

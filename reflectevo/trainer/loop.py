@@ -59,34 +59,6 @@ def prepare_model(model, cfg: TrainConfig, device: torch.device) -> dict[str, to
     return params
 
 
-def bf16_on(cfg: TrainConfig, device: torch.device) -> bool:
-    return bool(cfg.bf16 if cfg.bf16 is not None else device.type == "cuda")
-
-
-def store_frozen_linears(model, dtype: torch.dtype = torch.bfloat16) -> int:
-    """Store the frozen fp32 nn.Linear layers of the decoder (LoRA bases included, adapters never) in ``dtype``;
-    returns how many. For a model that then runs only under ``dtype`` autocast, as the trainer's does.
-
-    Autocast casts such a weight (and bias) anew at every call: it caches the casts of trainable leaves only,
-    and a checkpointed layer casts again when it recomputes. The same values stored once give bitwise the same
-    products and gradients, with half the frozen base's memory and none of those copies (SmolLM2-135M, LoRA
-    r=16, one 1826-token SFT step on a 2-core AMX CPU: 6.2 s -> 4.0 s). Embeddings, norms and the head stay:
-    autocast does not cast them, and the fused loss reads the head outside autocast. Outside autocast the
-    stored layers need ``dtype`` inputs, so the CLI applies this to the model it loads for one run only."""
-    from reflectevo.model.lora import lora_parameters
-
-    adapters = {id(p) for p in lora_parameters(model)}
-    n = 0
-    for layer in model.layers:
-        for m in layer.modules():
-            params = list(m.parameters(recurse=False))
-            if (type(m) is torch.nn.Linear and m.weight.dtype == torch.float32
-                    and not any(id(p) in adapters or p.requires_grad for p in params)):
-                m.to(dtype)
-                n += 1
-    return n
-
-
 def model_fingerprint(model) -> str:
     c = model.config
     return f"{c.architecture} layers={c.num_layers} hidden={c.hidden_size} ffn={c.intermediate_size} " \
@@ -133,8 +105,8 @@ def lora_layout(model) -> str:
 def model_identity(model, cfg: TrainConfig, device: torch.device) -> dict:
     """What a resumed run, or a cached reference, must share with the run that wrote it: the architecture, the
     base weights (float or NF4) and the compute precision."""
-    return {"model_shape": model_fingerprint(model), "model": base_weights_digest(model),
-            "bf16": bf16_on(cfg, device)}
+    bf16 = cfg.bf16 if cfg.bf16 is not None else device.type == "cuda"
+    return {"model_shape": model_fingerprint(model), "model": base_weights_digest(model), "bf16": bool(bf16)}
 
 
 def check_out_dir(out_dir, cfg: TrainConfig) -> None:
@@ -231,7 +203,8 @@ def _hms(seconds: float) -> str:
 
 
 def _autocast(device: torch.device, cfg: TrainConfig):
-    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16_on(cfg, device))
+    on = cfg.bf16 if cfg.bf16 is not None else device.type == "cuda"
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=bool(on))
 
 
 def reset_peak_memory(device: torch.device) -> None:
