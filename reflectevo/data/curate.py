@@ -217,7 +217,7 @@ def _curate_one(rec: dict, judge: Judge | None, prompts: Prompts, pair_prompt: s
     for a, b in itertools.combinations(correct, 2):
         if a[0] == b[0]:
             continue
-        choice = (judge or heuristic_preference)(rec, a[0], b[0])
+        choice = (heuristic_preference if judge is None else judge)(rec, a[0], b[0])
         if choice == 0:
             result["d_pref"].append(pair(a, b))
         elif choice == 1:
