@@ -51,3 +51,28 @@ def test_curate_leaves_out_a_torn_last_line_and_leaves_the_file_alone(tmp_path, 
     raw.write_text(lines[0] + "\n" + lines[2][:40] + "\n" + lines[1] + "\n")  # torn in the middle: bad data
     with pytest.raises(DataError, match=r"raw\.jsonl:2: malformed JSON"):
         curate_file(raw, tmp_path / "sets2", eval_fraction=0.0)
+
+
+def test_is_correct_and_trial_of_another_type_are_clear_errors(tmp_path):
+    """A string "false" is truthy: it would have put a wrong trial 2 in D+; a string "2" dropped the trial."""
+    import json
+
+    import pytest
+
+    from reflectevo.data.curate import curate_file
+    from reflectevo.data.jsonl import DataError
+
+    for field, value, message in (("is_correct", "false", r"output\[1\]\.is_correct is 'false'"),
+                                  ("is_correct", None, r"output\[1\]\.is_correct is None"),
+                                  ("trail", "2", r"output\[1\]\.trail is '2'; expected 1 or 2"),
+                                  ("trail", 3, r"output\[1\]\.trail is 3")):
+        good, bad = _record([("plan one", True)]), _record([("plan one", True)])
+        good["id"] = "q0"
+        bad["output"][1][field] = value
+        raw = tmp_path / f"raw-{field}-{value}.jsonl"
+        raw.write_text(json.dumps(good) + "\n" + json.dumps(bad) + "\n")
+        with pytest.raises(DataError, match=rf"raw-{field}-{value}\.jsonl:2: {message}"):
+            curate_file(raw, tmp_path / "sets", eval_fraction=0.0)
+    rec = _record([("plan one", True)])
+    rec["output"][1]["is_correct"] = 1                      # 0 / 1 as JSON numbers stay accepted
+    assert curate_records([rec], eval_fraction=0.0)[1]["d_plus"] == 1

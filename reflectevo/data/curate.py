@@ -158,6 +158,11 @@ def _check_record(rec: dict, where: str) -> None:
         for f in ("is_correct", "generated_answer"):
             if f not in out:
                 raise DataError(f"{where}: output[{i}] missing field {f!r}")
+        if not isinstance(out["is_correct"], (bool, int)) or out["is_correct"] not in (0, 1):
+            raise DataError(f"{where}: output[{i}].is_correct is {out['is_correct']!r}; expected true or false")
+        trial = _field(out, "trail", "trial", default=None)
+        if trial is not None and (isinstance(trial, bool) or trial not in (1, 2)):
+            raise DataError(f"{where}: output[{i}].trail is {trial!r}; expected 1 or 2")
 
 
 def _distinct(trials: list[tuple]) -> list[tuple]:
