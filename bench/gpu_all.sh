@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# The GPU check in one call: the CUDA tests (kernels compiled, not interpreted), then every benchmark at its GPU
-# shapes, results as JSON + Markdown under OUTDIR (default $OUT or bench/results/gpu-<date>), a summary last.
+# The GPU check in one call: the CUDA tests (kernels compiled, not interpreted), then the kernels, sampler and
+# train benchmarks at their GPU shapes, results as JSON + Markdown under OUTDIR (default $OUT or
+# bench/results/gpu-<date>), a summary last.
 #
 #   bash bench/gpu_all.sh [OUTDIR]          (GPU_BENCH="kernels" runs a subset of the benchmarks)
 #

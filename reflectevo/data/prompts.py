@@ -32,9 +32,10 @@ Templates (``DEFAULT_TEMPLATES``) can be replaced from a JSON file mapping name 
     reflect_and_retry_request                                  one-stage (setting I, ``one_stage.py``): instead of
                              {answer_rule} {question}          reflection_request_test, asks for a reflection AND
                                                                a new attempt in the task's answer format, in one reply
-    retry_without_reflection_request                           the "prompt w/o reflection" baseline (``retry.py``):
-                             {answer_rule} {question}          right after the failed trial 1, says it was wrong and
-                                                               asks for a new attempt in the task's format
+    retry_without_reflection_request                           the "prompt w/o reflection" baseline
+                             {answer_rule} {question}          (``no_reflection.py``): right after the failed trial 1,
+                                                               says it was wrong and asks for a new attempt in the
+                                                               task's format
     observation_correct / observation_incorrect                the line that ends a trial's transcript
     examples_<task>                                            a literal worked-examples block
 
@@ -339,7 +340,7 @@ class Prompts:
                                                   {"role": "user", "content": request}]
 
     def retry_messages(self, task, item: dict, transcript: str) -> list[dict]:
-        """Trial 2 without a reflection (``retry.py``): trial 1 (its transcript, observation included) + the
+        """Trial 2 without a reflection (``no_reflection.py``): trial 1 (its transcript, observation included) + the
         retry request; the caller opens the assistant turn with ``response_prefix``."""
         request = self.retry_without_reflection_request(task, item)
         return self.trial_messages(task, item) + [{"role": "assistant", "content": transcript.strip()},
