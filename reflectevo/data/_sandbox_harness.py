@@ -4,11 +4,13 @@ argv: payload.json mode uid gid (stdlib only; must stay runnable by any Python >
   mode "ns": we are PID 1 of fresh pid/mount/net/ipc/uts namespaces; mount private read-only tmpfs over the
   world-writable directories (a writable one on /dev/shm), make the interpreter's files reachable for the
   unprivileged uid, work in a private size-limited tmpfs directory (TMPDIR points there).
-  mode "plain": no namespaces; work in the directory the payload names.
+  mode "plain": no namespaces; work in the directory the payload names; we are a child subreaper, so what the run
+  leaves behind (even a ``setsid`` daemon) stays our descendant, and we kill it before we exit.
 stdin carries the nonce (one line) and is then replaced by /dev/null. We fork: the child sets the rlimits,
-drops to ``uid``/``gid`` and runs the candidate; it proves it reached the end with a token of its own on a
-private pipe. Only then, and when no other process of this run is still alive, does this parent write the
-nonce to the fd named in the payload. stdout/stderr are size-limited files set up by the caller.
+drops to ``uid``/``gid`` (when that is 0, inside a user namespace, it gives up every capability instead) and runs
+the candidate; it proves it reached the end with a token of its own on a private pipe. Only then, and when no
+other process of this run is still alive, does this parent write the nonce to the fd named in the payload.
+stdout/stderr are size-limited files set up by the caller.
 """
 import ctypes
 import json
@@ -116,42 +118,107 @@ def _reach_interpreter(libc):
                 pass
 
 
-def _other_processes_alive():
-    """True when another live process of this run (same environment marker) exists: a daemon left behind."""
-    marker = ("REFLECTEVO_SANDBOX_MARK=" + os.environ.get("REFLECTEVO_SANDBOX_MARK", "")).encode()
-    me = os.getpid()
+def _live_processes():
+    """(pid, parent pid, state letter) of every live (not zombie) process but us; None without /proc (macOS)."""
+    me, found = os.getpid(), []
     try:
         entries = os.listdir("/proc")
-    except OSError:  # no /proc (macOS): nothing to look at; the caller still kills our process group
-        return False
+    except OSError:
+        return None
     for entry in entries:
         if not entry.isdigit() or int(entry) == me:
             continue
         try:
             with open(f"/proc/{entry}/stat", "rb") as f:
-                if f.read().rsplit(b")", 1)[1].split()[0] == b"Z":
-                    continue
-            with open(f"/proc/{entry}/environ", "rb") as f:
+                fields = f.read().rsplit(b")", 1)[1].split()
+            if fields[0] not in (b"Z", b"X"):
+                found.append((int(entry), int(fields[1]), fields[0]))
+        except (OSError, IndexError, ValueError):
+            continue
+    return found
+
+
+def _other_processes_alive():
+    """True when another live process of this run exists (a daemon left behind): in "ns" mode (we are PID 1) any other
+    process of our PID namespace; else an orphan we adopted as subreaper, or one carrying this run's environment
+    marker (a process that cleared its environment has none, but it is still one of those two)."""
+    marker = ("REFLECTEVO_SANDBOX_MARK=" + os.environ.get("REFLECTEVO_SANDBOX_MARK", "")).encode()
+    me = os.getpid()
+    for pid, ppid, _state in _live_processes() or ():  # no /proc (macOS): the caller still kills our process group
+        if me == 1 or ppid == me:
+            return True
+        try:
+            with open(f"/proc/{pid}/environ", "rb") as f:
                 if marker in f.read():
                     return True
-        except (OSError, IndexError):
+        except OSError:
             continue
     return False
 
 
+def _kill_descendants(rounds=100):
+    """"plain" mode, as subreaper (what the run left behind is our descendant, not init's): stop every descendant (a
+    stopped process cannot fork, so a fork bomb cannot outrun us), then SIGKILL them, until none is left."""
+    me = os.getpid()
+    for attempt in range(rounds):
+        while True:  # reap the zombies we adopted
+            try:
+                if os.waitpid(-1, os.WNOHANG)[0] == 0:
+                    break
+            except ChildProcessError:
+                break
+        children, state = {}, {}
+        for pid, ppid, letter in _live_processes() or ():
+            children.setdefault(ppid, []).append(pid)
+            state[pid] = letter
+        tree, stack = set(), [me]
+        while stack:
+            for child in children.get(stack.pop(), []):
+                if child not in tree:
+                    tree.add(child)
+                    stack.append(child)
+        if not tree:
+            return
+        running = {pid for pid in tree if state[pid] not in (b"T", b"t")}
+        victims, sig = (running, signal.SIGSTOP) if running and attempt < rounds - 1 else (tree, signal.SIGKILL)
+        for pid in victims:
+            try:
+                os.kill(pid, sig)
+            except OSError:
+                pass
+        time.sleep(0.002)
+
+
+def _drop_capabilities():
+    """Still uid 0 (inside an unprivileged user namespace only our own id is mapped): give up every capability, for
+    good (bounding and ambient sets too, so that execve cannot bring them back). With them the program could unmount
+    the private /tmp or /proc and reach the caller's files and processes underneath."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    for cap in range(64):  # PR_CAPBSET_DROP, up to the first capability this kernel does not know
+        if libc.prctl(24, cap, 0, 0, 0) != 0 and ctypes.get_errno() == 22:
+            break
+    libc.prctl(47, 4, 0, 0, 0)  # PR_CAP_AMBIENT, PR_CAP_AMBIENT_CLEAR_ALL
+    header = (ctypes.c_uint32 * 2)(0x20080522, 0)  # _LINUX_CAPABILITY_VERSION_3, this process
+    if libc.capset(header, (ctypes.c_uint32 * 6)()) != 0:
+        raise OSError(ctypes.get_errno(), "capset")
+
+
 def _drop_privileges(uid, gid):
-    if os.getuid() != 0 or uid == 0:
+    if os.getuid() != 0:
         return
-    try:
-        os.setgroups([])
-        os.setgid(gid)
-        os.setuid(uid)
-    except OSError:
-        try:  # an unmapped id (user namespaces): nobody is the next best thing
-            os.setgid(65534)
-            os.setuid(65534)
+    if uid != 0:
+        try:
+            os.setgroups([])
+            os.setgid(gid)
+            os.setuid(uid)
         except OSError:
-            pass
+            try:  # an unmapped id (user namespaces): nobody is the next best thing
+                os.setgid(65534)
+                os.setuid(65534)
+            except OSError:
+                pass
+    if os.getuid() == 0:
+        _drop_capabilities()
 
 
 def _run_candidate(payload, uid, gid, report_fd, token):
@@ -200,6 +267,11 @@ def main():
     # the candidate runs in a child, which cannot write the nonce (done_fd is closed there) nor signal this
     # (privileged) parent; its token is in its own memory, so a program written to forge it can (sandbox.py)
     token = os.urandom(16).hex().encode()
+    if mode != "ns":  # orphans of the run (a setsid daemon) come to us, not to init: _other_processes_alive sees them
+        try:
+            ctypes.CDLL(None).prctl(36, 1, 0, 0, 0)  # PR_SET_CHILD_SUBREAPER (Linux)
+        except (OSError, AttributeError):
+            pass
     report_r, report_w = os.pipe()
     pid = os.fork()
     if pid == 0:
@@ -229,10 +301,12 @@ def main():
     exit_code = os.waitstatus_to_exitcode(status)
     if exit_code < 0:
         exit_code = 128 - exit_code
+    if exit_code == 0 and report == token and _other_processes_alive():
+        sys.stderr.write("sandbox: the program left processes running\n")
+        exit_code = 3
+    if mode != "ns":
+        _kill_descendants()
     if exit_code == 0 and report == token:
-        if _other_processes_alive():
-            sys.stderr.write("sandbox: the program left processes running\n")
-            os._exit(3)
         os.write(done_fd, (nonce + "\n").encode())
     os._exit(exit_code)
 

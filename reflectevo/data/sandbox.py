@@ -17,13 +17,15 @@ forces the fallback):
     under an unprivileged uid/gid (a per-run id, so parallel runs cannot signal or touch each other; ``nobody``
     if that id cannot be used): it cannot write or delete files outside its directory, nor signal the harness.
     (Through a user namespace, i.e. when we are not root, the id cannot change and the code can write wherever
-    our own user can, outside the private mounts.)
+    our own user can, outside the private mounts; it runs without capabilities, so it cannot unmount them.)
 ``"plain"`` (fallback when namespaces are unavailable, e.g. a container without CAP_SYS_ADMIN)
     The child runs in its own session in a fresh temporary directory (deleted afterwards). As root it still
-    drops to the unprivileged uid, so files outside the directory stay safe except in world-writable places
-    such as /tmp (a file written there survives). On exit or timeout we SIGKILL the process group, then sweep
-    /proc for descendants by ancestry and for any process carrying this run's unique environment marker
-    (``REFLECTEVO_SANDBOX_MARK``), which catches ``setsid`` daemons unless they also clear their environment.
+    drops to the unprivileged uid, so files outside the directory stay safe except in world-writable places:
+    what that uid left at the top of /tmp, /var/tmp, /dev/shm or /run/lock is removed, what it put deeper (in
+    another world-writable directory) survives. The harness is a child subreaper: orphans of the run (``setsid``
+    daemons) stay its descendants, and it kills them before it exits. On exit or timeout we sweep /proc for its
+    descendants, for any process carrying this run's unique environment marker (``REFLECTEVO_SANDBOX_MARK``) and,
+    as root, for every process of the run's uid (killed at once); then we SIGKILL the process group.
     There is NO network isolation in this mode, and when not root the code runs as our own user: it could
     delete our files or signal our processes. It protects against accidents of model-written code (loops,
     memory/fork/output bombs, stray processes, early exits), not against deliberately hostile code.
@@ -175,8 +177,9 @@ def _tasks_of_our_user() -> int | None:
     return count
 
 
-def _proc_table() -> dict[int, tuple[int, bool]]:
-    """pid -> (parent pid, is zombie) for every process we can see (none without /proc)."""
+def _proc_table() -> dict[int, tuple[int, str, int]]:
+    """pid -> (parent pid, state letter: "Z" zombie, "T"/"t" stopped, ..., real uid) for every process we can see
+    (none without /proc)."""
     table = {}
     try:
         entries = os.listdir("/proc")
@@ -186,12 +189,12 @@ def _proc_table() -> dict[int, tuple[int, bool]]:
         if not entry.isdigit():
             continue
         try:
-            with open(f"/proc/{entry}/stat", "rb") as f:
-                stat = f.read().decode(errors="replace")
-        except OSError:
+            with open(f"/proc/{entry}/status", "rb") as f:
+                fields = dict(line.split(b":", 1) for line in f if b":" in line)
+            table[int(entry)] = (int(fields[b"PPid"]), fields[b"State"].split()[0].decode(),
+                                 int(fields[b"Uid"].split()[0]))
+        except (OSError, KeyError, ValueError, IndexError):
             continue
-        fields = stat[stat.rfind(")") + 2 :].split()
-        table[int(entry)] = (int(fields[1]), fields[0] == "Z")
     return table
 
 
@@ -203,14 +206,40 @@ def _has_marker(pid: int, marker: bytes) -> bool:
         return False
 
 
-def _sweep(root_pid: int, marker: str, rounds: int = 20) -> None:
-    """SIGKILL every live descendant of ``root_pid`` and every process carrying ``marker`` in its environment."""
+def _kill_group(pgid: int) -> None:
+    try:
+        os.killpg(pgid, signal.SIGKILL)
+    except OSError:
+        pass
+
+
+def _kill_uid(uid: int, gid: int) -> None:
+    """SIGKILL every process of ``uid`` at once: kill(-1) sent by a process of that uid, which the kernel makes atomic
+    against fork (a sweep signals one process after another, and a fork bomb can outrun it)."""
+    kill = shutil.which("kill")
+    cmd = [kill, "-9", "-1"] if kill else [_plain_interpreter(), "-I", "-S", "-c", "import os; os.kill(-1, 9)"]
+    try:
+        subprocess.run(cmd, user=uid, group=gid, extra_groups=[], stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                       stderr=subprocess.DEVNULL, timeout=10)
+    except (OSError, subprocess.SubprocessError):
+        pass
+
+
+def _sweep(root_pid: int, marker: str, ids: tuple[int, int] | None = None, rounds: int = 60) -> None:
+    """SIGKILL every live descendant of ``root_pid``, every process carrying ``marker`` in its environment and every
+    process whose real uid is ``ids[0]`` (the run's own uid and gid, when it has them: those go at once, see _kill_uid).
+    The others are stopped first (a stopped process cannot fork: a fork bomb of setsid processes outran one SIGKILL
+    per round), and ``root_pid`` goes last: while it lives (in "plain" mode a subreaper) the orphans of the run, even
+    those that cleared their environment, stay its descendants."""
     needle = f"{MARK_ENV}={marker}".encode()
-    me = os.getpid()
-    for _ in range(rounds):
+    me, uid = os.getpid(), ids[0] if ids else None
+    for attempt in range(rounds):
         table = _proc_table()
+        if attempt == 1 and ids and any(ruid == uid and state not in "ZX" for _p, state, ruid in table.values()):
+            _kill_uid(*ids)
+            table = _proc_table()
         children: dict[int, list[int]] = {}
-        for pid, (ppid, _z) in table.items():
+        for pid, (ppid, _s, _u) in table.items():
             children.setdefault(ppid, []).append(pid)
         victims, stack = set(), [root_pid]
         while stack:
@@ -218,24 +247,31 @@ def _sweep(root_pid: int, marker: str, rounds: int = 20) -> None:
                 if child not in victims:
                     victims.add(child)
                     stack.append(child)
-        victims |= {pid for pid, (_p, zombie) in table.items() if not zombie and _has_marker(pid, needle)}
-        victims = {p for p in victims if p != me and not table.get(p, (0, True))[1]}
-        if root_pid in table and not table[root_pid][1]:
-            victims.add(root_pid)
-        if not victims:
+        victims |= {pid for pid, (_p, state, ruid) in table.items()
+                    if state != "Z" and (ruid == uid or _has_marker(pid, needle))}
+        victims = {p for p in victims if p not in (me, root_pid) and table.get(p, (0, "Z", 0))[1] not in "ZX"}
+        running = {p for p in victims if table[p][1] not in "Tt"}
+        if running and attempt < rounds - 1:
+            victims, sig = running, signal.SIGSTOP
+        elif victims:
+            sig = signal.SIGKILL
+        elif root_pid in table and table[root_pid][1] not in "ZX":
+            victims, sig = {root_pid}, signal.SIGKILL
+        else:
             return
         for pid in victims:
             try:
-                os.kill(pid, signal.SIGKILL)
+                os.kill(pid, sig)
             except OSError:
                 pass
-        time.sleep(0.01)
+        time.sleep(0.005)
 
 
-def _read_head(path: str, limit: int) -> str:
+def _read_head(fd: int, limit: int) -> str:
+    """The first ``limit`` bytes of the file open at ``fd`` (not reopened by path: without root, in "plain" mode, the
+    program runs under our uid and could have put a FIFO, which would block us forever, in its place)."""
     try:
-        with open(path, "rb") as f:
-            data = f.read(limit + 1)
+        data = os.pread(fd, limit + 1, 0)
     except OSError:
         return ""
     text = data[:limit].decode("utf-8", errors="replace")
@@ -277,20 +313,46 @@ def _remove_tree(path: str) -> None:
         except OSError:
             pass
 
-    for root, dirs, _files in os.walk(path):
-        for d in dirs:
+    try:
+        for root, dirs, _files in os.walk(path):
+            for d in dirs:
+                try:
+                    full = os.path.join(root, d)
+                    if not os.path.islink(full):
+                        os.chmod(full, 0o700)
+                except OSError:
+                    pass
+        if sys.version_info >= (3, 12):
+            shutil.rmtree(path, onexc=make_writable_and_retry)
+        else:
+            shutil.rmtree(path, onerror=make_writable_and_retry)
+    except RecursionError:  # a tree deeper than the recursion limit: os.walk / rmtree recurse (before 3.12 / 3.13)
+        pass
+    if os.path.lexists(path):  # the system's tools walk any depth (chmod -R skips the symbolic links it meets)
+        for cmd in (["chmod", "-R", "u+rwx", "--", path], ["rm", "-rf", "--", path]):
             try:
-                full = os.path.join(root, d)
-                if not os.path.islink(full):
-                    os.chmod(full, 0o700)
+                subprocess.run(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
             except OSError:
                 pass
-    if sys.version_info >= (3, 12):
-        shutil.rmtree(path, onexc=make_writable_and_retry)
-    else:
-        shutil.rmtree(path, onerror=make_writable_and_retry)
-    if os.path.exists(path):
-        shutil.rmtree(path, ignore_errors=True)
+
+
+def _remove_owned_by(uid: int) -> None:
+    """"plain" mode as root: remove what the run's own uid left at the top of the world-writable directories."""
+    for top in sorted({"/tmp", "/var/tmp", "/dev/shm", "/run/lock", tempfile.gettempdir()}):
+        try:
+            entries = list(os.scandir(top))
+        except OSError:
+            continue
+        for entry in entries:
+            try:
+                if entry.stat(follow_symlinks=False).st_uid != uid:
+                    continue
+                if entry.is_dir(follow_symlinks=False):
+                    _remove_tree(entry.path)
+                else:
+                    os.unlink(entry.path)
+            except OSError:
+                pass
 
 
 def run_program(code: str, test_list: list[str] | tuple[str, ...] = (), test_setup_code: str = "",
@@ -307,8 +369,8 @@ def run_program(code: str, test_list: list[str] | tuple[str, ...] = (), test_set
     if mode == "ns" and "--user" in _probe_namespaces():
         uid = gid = 0  # only our own id is mapped inside an unprivileged user namespace: no switch possible
     host_dir = tempfile.mkdtemp(prefix="reflectevo-sbx-")
-    done_r = done_w = -1
-    try:  # whatever fails (fork, Ctrl-C), the directory and the pipe go
+    done_r = done_w = out_fd = err_fd = -1
+    try:  # whatever fails (fork, Ctrl-C), the directory, the pipe and the output files go
         os.chmod(host_dir, 0o711)  # the unprivileged uid may pass through to its work dir, not list or read here
         workdir = os.path.join(host_dir, "work")
         os.mkdir(workdir, 0o700)
@@ -338,9 +400,10 @@ def run_program(code: str, test_list: list[str] | tuple[str, ...] = (), test_set
         proc = None
         status, returncode = "failed", None
         try:
-            with open(out_path, "wb") as out, open(err_path, "wb") as err:
-                proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=out, stderr=err, env=env,
-                                        cwd=host_dir, pass_fds=(done_w,), start_new_session=True)
+            out_fd = os.open(out_path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o644)
+            err_fd = os.open(err_path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o644)
+            proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=out_fd, stderr=err_fd, env=env, cwd=host_dir,
+                                    pass_fds=(done_w,), start_new_session=True)
             os.close(done_w)
             done_w = -1
             try:
@@ -353,12 +416,14 @@ def run_program(code: str, test_list: list[str] | tuple[str, ...] = (), test_set
         finally:
             if proc is not None:
                 # the child is not reaped yet (see _wait_unreaped), so its pid (= process group id) cannot have
-                # been reused
-                try:
-                    os.killpg(proc.pid, signal.SIGKILL)
-                except OSError:
-                    pass
-                _sweep(proc.pid, marker)
+                # been reused. In "ns" mode that group holds the namespace's PID 1, with which the kernel kills the
+                # whole run: first. In "plain" mode the harness (a subreaper) goes last, after the sweep.
+                if mode == "ns":
+                    _kill_group(proc.pid)
+                _sweep(proc.pid, marker, (uid, gid) if os.geteuid() == 0 and uid != 0 else None)
+                _kill_group(proc.pid)
+                if mode == "plain" and os.geteuid() == 0:
+                    _remove_owned_by(uid)
                 try:
                     proc.wait(timeout=5)
                 except subprocess.TimeoutExpired:
@@ -374,9 +439,9 @@ def run_program(code: str, test_list: list[str] | tuple[str, ...] = (), test_set
         except OSError:
             done = ""
         seconds = time.monotonic() - start
-        stdout, stderr = _read_head(out_path, max_output), _read_head(err_path, max_output)
+        stdout, stderr = _read_head(out_fd, max_output), _read_head(err_fd, max_output)
     finally:
-        for fd in (done_r, done_w):
+        for fd in (done_r, done_w, out_fd, err_fd):
             if fd >= 0:
                 os.close(fd)
         _remove_tree(host_dir)
