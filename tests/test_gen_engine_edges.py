@@ -43,3 +43,22 @@ def test_engine_repetition_penalty_matches_transformers_greedy(tiny):
         ids.append(int(penalty(torch.tensor([ids]), logits.clone()).argmax()))
     assert outs[0][0].token_ids == ids[len(prompts[0]):] != plain_greedy(model, prompts[0], 8, eos=())
     assert outs[1][0].token_ids == plain_greedy(model, prompts[1], 8)
+
+
+def test_scheduler_with_leaked_blocks_raises_instead_of_spinning():
+    """With nothing running every block is free; if some were not (a leak), the head of the queue could never be
+    admitted and the engine's loop would spin on empty steps forever."""
+    from reflectevo.gen.block_manager import BlockManager
+    from reflectevo.gen.sampling_params import SamplingParams
+    from reflectevo.gen.scheduler import Scheduler
+    from reflectevo.gen.sequence import Sequence
+
+    bm = BlockManager(num_blocks=4, block_size=16)
+    sp = SamplingParams()
+    bm.allocate(Sequence(0, 0, 0, list(range(40)), sp, 0))      # 3 blocks held by no scheduled sequence
+    sched = Scheduler(bm, max_num_seqs=8, max_num_batched_tokens=4096, stats={"preemptions": 0,
+                                                                             "prefix_cache_hit_tokens": 0,
+                                                                             "prefill_tokens_computed": 0})
+    sched.add(Sequence(1, 1, 0, [7] * 30, sp, 0))                  # needs 2 of the 4 blocks: fits an empty cache
+    with pytest.raises(RuntimeError, match=r"1 sequences waiting, none running, and only 1 of 4 KV blocks free"):
+        sched.schedule()

@@ -54,6 +54,9 @@ class Scheduler:
             batch.append(seq)
         if batch:
             return batch, True
+        if self.waiting and not self.running:  # with nothing running every block should be free
+            raise RuntimeError(f"scheduler: {len(self.waiting)} sequences waiting, none running, and only "
+                               f"{self.bm.num_free} of {self.bm.num_blocks} KV blocks free (blocks leaked)")
 
         queue, running = deque(self.running), []
         while queue:
