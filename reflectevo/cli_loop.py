@@ -165,7 +165,20 @@ def default_device(device: str | None) -> str:
         raise LoopArgError(f"--device {device}: not a device (cpu, cuda, cuda:N)") from None
     if kind == "cuda" and not torch.cuda.is_available():
         raise LoopArgError(f"--device {device}: CUDA is not available here")
+    use_cuda_device(device)
     return device
+
+
+def use_cuda_device(device) -> None:
+    """Make ``cuda:N`` the current CUDA device: Triton launches its kernels, and CUDA graphs capture, on the current
+    device, whatever device their tensors are on."""
+    import torch
+
+    d = torch.device(device)
+    if d.type == "cuda" and d.index is not None:
+        if d.index >= torch.cuda.device_count():
+            raise LoopArgError(f"--device {device}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+        torch.cuda.set_device(d)
 
 
 def check_engine_options(kv_cache_gib, max_num_seqs: int = 1, device: str | None = None) -> None:

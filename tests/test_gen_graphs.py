@@ -89,3 +89,15 @@ def test_engine_builds_graphs_on_cuda_by_default(tiny):  # noqa: F811
     eng = Engine(model.cuda(), tok, kv_cache_gib=0.05)
     assert eng.runner.graphs is not None
     model.cpu()
+
+
+def test_reset_prefix_cache_drops_the_captured_graphs_too(tiny, one_thread):  # noqa: F811
+    """The call users make after a change the weights signature cannot see (a replaced buffer, a Python-side RoPE
+    factor): captured graphs hold the old buffers' addresses and replay the old values, so they go with the cache."""
+    model, tok = tiny
+    eng = Engine(model, tok, kv_cache_gib=0.01)
+    eng.runner.enable_graphs(8, eng.max_model_len, emulate=True)
+    eng.generate([[5, 6, 7]], SamplingParams(max_tokens=2))
+    eng.runner.graphs.graphs[1] = ("stale", None)
+    eng.reset_prefix_cache()
+    assert eng.runner.graphs.graphs == {} and not eng.block_manager.block_of

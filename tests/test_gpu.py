@@ -340,3 +340,79 @@ def test_engine_decode_through_cuda_graphs_matches_eager(quantize):
     graphed = eng.generate(prompts, params)
     assert eng.runner.graphs is not None and eng.runner.graphs.failed is None and eng.runner.graphs.graphs
     assert [[o.token_ids for o in r] for r in graphed] == [[o.token_ids for o in r] for r in eager]
+
+
+def test_fp32_logit_gemm_of_16_bit_inputs_runs_on_cuda():
+    """The fused losses take fp32 logits of bf16 / fp16 chunks from ``torch.mm(..., out_dtype=torch.float32)`` and,
+    when that call fails, fall back to logits rounded to the input dtype for the rest of the process (silently: only
+    the CPU, where the path is never taken, checks the fallback). On the GPU's torch the call must succeed."""
+    import importlib
+
+    ll = importlib.import_module("reflectevo.kernels.linear_logprobs")
+    g = torch.Generator().manual_seed(5)
+    for dtype in (torch.bfloat16, torch.float16):
+        x = (torch.randn(64, 512, generator=g) * 2).to(CUDA, dtype)
+        w = (torch.randn(1000, 512, generator=g) / 8).to(CUDA, dtype)
+        z = ll._logits_fp32(x, w)
+        assert ll._MM_OUT_DTYPE[0], f"torch.mm(out_dtype=float32) failed for {dtype}: the losses use rounded logits"
+        assert z.dtype == torch.float32 and rel(z, x.double() @ w.double().t()) <= 1e-5  # rounded: ~1e-3
+
+
+def test_checkpointed_qlora_step_on_cuda_matches_the_plain_one():
+    """Gradient checkpointing (the CUDA default) recomputes each layer in the backward under the forward's bf16
+    autocast, drawing the LoRA dropout masks again from the CUDA generator the checkpoint restored: loss and adapter
+    gradients equal those of the same step without checkpointing (a mask drawn anew would change them by O(1))."""
+    from reflectevo.model import ModelConfig, Transformer
+    from reflectevo.model.lora import attach_lora, quantize_model
+
+    torch.manual_seed(0)
+    cfg = ModelConfig(vocab_size=512, hidden_size=256, intermediate_size=512, num_layers=2, num_heads=8,
+                      num_kv_heads=2, head_dim=32, max_position_embeddings=512)
+    model = quantize_model(Transformer(cfg).to(CUDA), compute_dtype=torch.bfloat16)
+    params = attach_lora(model, r=8, dropout=0.1)
+    with torch.no_grad():
+        for p in params:
+            p.normal_(0, 0.05)
+    model.train()
+    g = torch.Generator().manual_seed(1)
+    ids = torch.randint(0, 512, (2, 96), generator=g).to(CUDA)
+    labels = torch.randint(0, 512, (2 * 96,), generator=g)
+    labels[::3] = -100
+
+    def step(checkpointing):
+        model.gradient_checkpointing = checkpointing
+        for p in params:
+            p.grad = None
+        torch.manual_seed(7)
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            h = model.hidden_states(ids)
+            loss = linear_cross_entropy(h.reshape(-1, h.shape[-1]), model.lm_head.weight, labels.to(CUDA))
+        loss.backward()
+        return loss.item(), [p.grad.clone() for p in params]
+
+    loss_plain, grads_plain = step(False)
+    loss_ckpt, grads_ckpt = step(True)
+    assert math.isfinite(loss_plain) and abs(loss_ckpt - loss_plain) <= 1e-6 * abs(loss_plain)
+    for got, want in zip(grads_ckpt, grads_plain):  # not bitwise: the attention backward may sum with atomics
+        assert rel(got, want) <= 1e-2
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs a second GPU")
+def test_kernels_run_on_cuda_n_once_it_is_the_current_device():
+    """Torch ops follow their tensors; Triton launches on the current device. ``--device cuda:1`` makes it current
+    (``use_cuda_device``, as Python callers do with ``torch.cuda.set_device``); a kernel given cuda:1 tensors then
+    runs there."""
+    from reflectevo.cli_loop import use_cuda_device
+
+    dev = torch.device("cuda", 1)
+    g = torch.Generator().manual_seed(4)
+    x = torch.randn(8, 300, 256, generator=g)
+    w = torch.randn(256, generator=g)
+    before = torch.cuda.current_device()
+    try:
+        use_cuda_device("cuda:1")
+        out = rms_norm(x.to(dev), w.to(dev))
+        torch.cuda.synchronize(dev)
+    finally:
+        torch.cuda.set_device(before)
+    assert out.device == dev and rel(out, rms_norm_reference(x.double(), w.double())) <= 1e-5

@@ -69,7 +69,7 @@ def time_ours(model, tokenizer, prompts, n, max_tokens, device, **engine_kw):
     engine = Engine(model, tokenizer, **engine_kw)
     if torch.device(device).type == "cuda":  # compile, autotune and capture the decode graphs the run will use
         engine.generate(prompts, SamplingParams(n=n, max_tokens=8, ignore_eos=True))
-        engine.reset_prefix_cache()  # then cache-cold for the timed run
+        engine.block_manager.reset_prefix_cache()  # then cache-cold for the timed run (graphs kept)
     else:
         engine.generate([prompts[0][:8]], SamplingParams(max_tokens=2))  # warm-up, cache-cold for the real prompts
     engine.stats.update(prefill_tokens_computed=0, prefix_cache_hit_tokens=0, preemptions=0)
@@ -237,7 +237,7 @@ def _decode_step_ms(model, prompts, max_tokens, device, kv_cache_gib, **engine_k
     eng.generate(prompts, SamplingParams(max_tokens=3, ignore_eos=True))  # compiles / captures at the timed shapes
     times, cpu = {}, {}
     for m in (1, max_tokens):
-        eng.reset_prefix_cache()
+        eng.block_manager.reset_prefix_cache()  # cache-cold; the captured graphs stay
         _sync(device)
         t0, c0 = time.perf_counter(), time.process_time()
         eng.generate(prompts, SamplingParams(max_tokens=m, ignore_eos=True))

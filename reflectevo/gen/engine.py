@@ -112,8 +112,12 @@ class Engine:
         """Forget every cached prefix, so the next prompts compute all their K/V again. ``generate`` does this
         itself when it sees the weights changed (in place, replaced, a trainable parameter's content, an NF4
         base's storage, LoRA scaling or switches); call it after a change it cannot see, e.g. to a module's code
-        or buffers, or a frozen weight edited in place through ``.data`` (which has its own version counter). Only between ``generate`` calls."""
+        or buffers, or a frozen weight edited in place through ``.data`` (which has its own version counter). Only
+        between ``generate`` calls. Captured CUDA graphs go too: they hold the old buffers' addresses and replay
+        Python-side values (e.g. a RoPE factor) as they were at capture."""
         self.block_manager.reset_prefix_cache()
+        if self.runner.graphs is not None:
+            self.runner.graphs.invalidate()
 
     @staticmethod
     def _kv_budget(device: torch.device, kv_cache_gib, fraction: float) -> float:
@@ -172,8 +176,6 @@ class Engine:
         signature = self._weights_signature()
         if signature != self._weights_seen:  # cached K/V (and captured graphs) came from other weights
             self.reset_prefix_cache()
-            if self.runner.graphs is not None:
-                self.runner.graphs.invalidate()
             self._weights_seen = signature
         was_training = self.model.training
         self.model.eval()  # no dropout (LoRA) while sampling; the caller's mode comes back afterwards

@@ -155,6 +155,8 @@ def _logits_fp32(xc, w):
     if _MM_OUT_DTYPE[0]:
         try:
             return torch.mm(xc, w.T, out_dtype=torch.float32)
+        except torch.cuda.OutOfMemoryError:  # says nothing about out_dtype: it must not end it for the process
+            raise
         except (RuntimeError, TypeError):
             _MM_OUT_DTYPE[0] = False
     return (xc @ w.T).float()

@@ -126,6 +126,13 @@ def load_for_training(args, cfg: TrainConfig):
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise TrainError(f"--device {device}: CUDA is not available on this machine")
+    if device.startswith("cuda"):
+        from reflectevo.cli_loop import LoopArgError, use_cuda_device
+
+        try:
+            use_cuda_device(device)
+        except (LoopArgError, RuntimeError) as e:
+            raise TrainError(str(e)) from None
     qlora = cfg.qlora if cfg.qlora is not None else device.startswith("cuda")
     cfg.qlora = qlora
     model, tok = load_model(args.model, device=device, quantize="nf4" if qlora else None)
