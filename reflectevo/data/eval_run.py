@@ -140,12 +140,15 @@ def _key(rec: dict) -> tuple:
 
 def load_trial1_cache(path) -> dict:
     """(repr(id), question) -> trial-1 output entry (``output[0]``). A torn last line (a run killed while
-    appending) is cut off first; later lines of the same question win."""
+    appending) is cut off first, but in the raw file of a run (``is_run_raw``), which is only read (its run may be
+    writing that line), it is left out; later lines of the same question win."""
     cache = {}
     if path is None or not Path(path).exists():
         return cache
-    repair_tail(path)
-    for line, rec in iter_jsonl(path, ("id", "question", "output")):
+    run_raw = is_run_raw(path)
+    if not run_raw:
+        repair_tail(path)
+    for line, rec in iter_jsonl(path, ("id", "question", "output"), torn_tail_ok=run_raw):
         out = rec["output"]
         if not isinstance(out, list) or not out or not isinstance(out[0], dict):
             raise DataError(f"{path}:{line}: 'output' must be a non-empty list of trial entries")
@@ -168,7 +171,7 @@ def is_run_raw(path) -> bool:
         return False
     if path.with_name(path.stem + ".settings.json").exists():
         return True
-    for _line, rec in iter_jsonl(path):
+    for _line, rec in iter_jsonl(path, torn_tail_ok=True):
         out = rec.get("output")
         if isinstance(out, list) and len(out) > 1:
             return True
