@@ -152,3 +152,19 @@ def test_eval_resume_with_other_prompts_or_quantization_is_refused(tmp_path, cap
     assert f"{NO_MODEL} (nf4)" in _last_error(capsys, main([*base, "--quantize", "nf4"]))
     assert NO_MODEL in _last_error(capsys, main(base))  # the same settings: goes on to the model
     assert len(read_jsonl(tmp_path / "r.raw.jsonl")) == len(ITEMS)
+
+
+def test_eval_warns_when_the_trial1_cache_was_answered_by_another_model(tmp_path):
+    """The cache is matched on (id, question): trial 1 (so Acc@t1) from another model would pass unnoticed."""
+    cache = tmp_path / "t1.jsonl"
+    eng = ScriptedEngine(script_a)
+    run_eval(get_task("arithmetic"), ITEMS[:2], eng, eng, FakeTokenizer(), tmp_path / "a.json",
+             LoopConfig(reasoning_source="model-A"), trial1_cache=cache, log=None)
+    lines = []
+    for source, out in (("model-A", "b.json"), ("model-B", "c.json")):
+        eng = ScriptedEngine(script_a)
+        run_eval(get_task("arithmetic"), ITEMS, eng, eng, FakeTokenizer(), tmp_path / out,
+                 LoopConfig(reasoning_source=source), trial1_cache=cache, log=lines.append)
+    warnings = [x for x in lines if "warning" in x]
+    assert len(warnings) == 1 and "trial 1 of 4 questions comes from it, answered by 'model-A'" in warnings[0]
+    assert "this run's model is 'model-B'" in warnings[0]

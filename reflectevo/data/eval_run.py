@@ -227,6 +227,12 @@ def run_eval(task, items: list[dict], trial_engine, reflect_engine, tokenizer, o
         elif repr(item["id"]) in cached_ids:
             raise DataError(f"{trial1_cache}: id {item['id']!r} has another question than the test data "
                             "(a trial-1 cache from another data set?)")
+    foreign = [str(e["reasoning_source"]) for e in cache.values()
+               if e.get("reasoning_source") not in (None, "", "N/A", cfg.reasoning_source)]
+    if foreign and cfg.reasoning_source not in (None, "", "N/A"):
+        (log or _log)(f"[reflectevo] warning: --trial1-cache {trial1_cache}: trial 1 of {len(foreign)} questions comes "
+                      f"from it, answered by {', '.join(map(repr, sorted(set(foreign))))}; this run's model is "
+                      f"{cfg.reasoning_source!r}")
     known = set(cache_raw)
     append = trial1_cache is not None and not is_run_raw(trial1_cache)
     if trial1_cache is not None and not append:
