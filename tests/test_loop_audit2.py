@@ -168,3 +168,18 @@ def test_eval_warns_when_the_trial1_cache_was_answered_by_another_model(tmp_path
     warnings = [x for x in lines if "warning" in x]
     assert len(warnings) == 1 and "trial 1 of 4 questions comes from it, answered by 'model-A'" in warnings[0]
     assert "this run's model is 'model-B'" in warnings[0]
+
+
+def test_a_trial1_cache_entry_with_a_string_is_correct_is_a_clear_error(tmp_path):
+    """bool("False") is True: a foreign cache writing strings would have counted every trial 1 as correct."""
+    cache = tmp_path / "t1.jsonl"
+    eng = ScriptedEngine(script_a)
+    run_eval(get_task("arithmetic"), ITEMS[:2], eng, eng, FakeTokenizer(), tmp_path / "a.json", LoopConfig(),
+             trial1_cache=cache, log=None)
+    recs = read_jsonl(cache)
+    recs[1]["output"][0]["is_correct"] = "False"
+    cache.write_text("".join(json.dumps(r) + "\n" for r in recs))
+    eng = ScriptedEngine(script_a)
+    with pytest.raises(DataError, match=r"t1\.jsonl:2: output\[0\]\.is_correct is 'False'; expected true or false"):
+        run_eval(get_task("arithmetic"), ITEMS, eng, eng, FakeTokenizer(), tmp_path / "b.json", LoopConfig(),
+                 trial1_cache=cache, log=None)

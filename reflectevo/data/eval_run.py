@@ -155,6 +155,8 @@ def load_trial1_cache(path) -> dict:
         for f in ("is_correct", "scratchpad"):
             if f not in out[0]:
                 raise DataError(f"{path}:{line}: output[0] missing field {f!r}")
+        if not isinstance(out[0]["is_correct"], (bool, int)) or out[0]["is_correct"] not in (0, 1):
+            raise DataError(f"{path}:{line}: output[0].is_correct is {out[0]['is_correct']!r}; expected true or false")
         if int(out[0].get("trail", out[0].get("trial", 1))) != 1:
             raise DataError(f"{path}:{line}: output[0] is not a trial-1 entry")
         cache[_key(rec)] = out[0]
