@@ -15,8 +15,8 @@ GOOD = "def add(a, b):\n    return a + b\n"
 TESTS = ["assert add(1, 2) == 3", "assert add(-1, 1) == 0"]
 
 
-def leftover_processes():
-    """Live processes that carry a sandbox marker in their environment."""
+def live_processes_with(needle: bytes, where: str) -> list[int]:
+    """Live (not zombie) processes whose /proc/PID/``where`` (environ, cmdline) contains ``needle``."""
     found = []
     for entry in os.listdir("/proc"):
         if not entry.isdigit():
@@ -25,12 +25,17 @@ def leftover_processes():
             with open(f"/proc/{entry}/stat", "rb") as f:
                 if f.read().rsplit(b")", 1)[1].split()[0] == b"Z":
                     continue
-            with open(f"/proc/{entry}/environ", "rb") as f:
-                if MARK_ENV.encode() + b"=" in f.read():
+            with open(f"/proc/{entry}/{where}", "rb") as f:
+                if needle in f.read():
                     found.append(int(entry))
         except (OSError, IndexError):
             continue
     return found
+
+
+def leftover_processes():
+    """Live processes that carry a sandbox marker in their environment."""
+    return live_processes_with(MARK_ENV.encode() + b"=", "environ")
 
 
 def sandbox_dirs():

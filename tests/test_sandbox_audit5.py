@@ -12,6 +12,7 @@ import pytest
 
 from reflectevo.data import sandbox
 from reflectevo.data.sandbox import run_program
+from test_sandbox import live_processes_with, mode  # noqa: F401 (fixture)
 
 TIMEOUT = 2.0
 SLACK = 1.5
@@ -25,20 +26,7 @@ def sandbox_dirs():
 
 def processes_with(needle: bytes):
     """Live processes whose command line contains ``needle``."""
-    found = []
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            with open(f"/proc/{entry}/stat", "rb") as f:
-                if f.read().rsplit(b")", 1)[1].split()[0] == b"Z":
-                    continue
-            with open(f"/proc/{entry}/cmdline", "rb") as f:
-                if needle in f.read():
-                    found.append(int(entry))
-        except (OSError, IndexError):
-            continue
-    return found
+    return live_processes_with(needle, "cmdline")
 
 
 def kill_all(pids):
@@ -47,15 +35,6 @@ def kill_all(pids):
             os.kill(pid, 9)
         except OSError:
             pass
-
-
-@pytest.fixture(params=["ns", "plain"])
-def mode(request, monkeypatch):
-    if request.param == "ns" and sandbox.sandbox_mode() != "ns":
-        pytest.skip("namespaces unavailable here")
-    if request.param == "plain":
-        monkeypatch.setenv("REFLECTEVO_SANDBOX", "plain")
-    return request.param
 
 
 def _daemons(duration: str) -> dict[str, str]:

@@ -29,6 +29,7 @@ import torch
 from reflectevo.trainer import TrainError
 from reflectevo.trainer.data import (IGNORE, encode_prompt, encode_response, make_batch, make_example,
                                     pack, sequences_of, tokenize_records)
+from test_gen import one_thread  # noqa: F401 (fixture)
 from trainer_tiny import WORDS, cfg, tiny_model, tiny_tokenizer
 
 VOCAB = 96            # tiny_model's vocabulary
@@ -259,13 +260,7 @@ def test_batch_layout_labels_and_order(dpo):
 # ------------------------------------------------------------------------------------------------------------
 # 3 (numerics), 6: packed forward == each sequence alone
 # ------------------------------------------------------------------------------------------------------------
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """The tiny model's ops are too small to split: a second intra-op thread only waits for a busy core."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")   # the tiny model's ops are too small to split
 
 
 @pytest.fixture(scope="module")
