@@ -3,16 +3,14 @@ keep capabilities inside a user namespace, output files swapped for FIFOs, files
 import os
 import secrets
 import shutil
-import subprocess
 import sys
 import tempfile
 import time
 
 import pytest
 
-from reflectevo.data import sandbox
 from reflectevo.data.sandbox import run_program
-from test_sandbox import live_processes_with, mode  # noqa: F401 (fixture)
+from test_sandbox import _as_nobody, live_processes_with, mode  # noqa: F401 (fixture)
 
 TIMEOUT = 2.0
 SLACK = 1.5
@@ -140,26 +138,6 @@ def test_plain_mode_removes_what_the_run_uid_left_in_world_writable_dirs(monkeyp
                 os.unlink(p + ".txt")
 
 
-def _as_nobody(script: str, forced: str, timeout: float = 40):
-    """Run ``script`` (the project importable) as uid 65534: its stdout, or None when it ran past ``timeout``."""
-    from reflectevo.data.sandbox import _others_can_read, _plain_interpreter
-    python = _plain_interpreter()
-    if os.geteuid() != 0 or shutil.which("setpriv") is None or not _others_can_read(os.path.dirname(python)):
-        pytest.skip("needs root, setpriv and a Python an unprivileged user can run")
-    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(sandbox.__file__))))
-    if not _others_can_read(os.path.join(root, "reflectevo", "data", "sandbox.py")):
-        pytest.skip("the project is not readable by other users")
-    env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "REFLECTEVO_SANDBOX": forced, "HOME": "/"}
-    try:
-        r = subprocess.run(["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", python, "-I", "-c",
-                            f"import sys; sys.path.insert(0, {root!r})\n" + script], capture_output=True, text=True,
-                           timeout=timeout, env=env, cwd="/")
-    except subprocess.TimeoutExpired:
-        return None
-    assert r.returncode == 0, r.stderr
-    return r.stdout
-
-
 def test_user_namespace_candidate_has_no_capabilities():
     """Through an unprivileged user namespace the program stayed uid 0 there with every capability: it could unmount
     the private /tmp (and /proc) and reach the caller's /tmp and processes underneath."""
@@ -172,7 +150,7 @@ def test_user_namespace_candidate_has_no_capabilities():
         "tests = ['assert capabilities() == 0', 'assert not unmounted(\"/tmp\")', 'assert not unmounted(\"/proc\")']\n"
         "r = run_program(code, tests, timeout=3)\n"
         "print(sandbox_mode(), r.passed, repr(r.stderr[-300:]))\n")
-    out = _as_nobody(script, "")
+    out = _as_nobody(script, "", timeout=40)
     mode, passed = out.split()[:2]
     if mode != "ns":
         pytest.skip("no user namespaces for an unprivileged user here")
