@@ -7,6 +7,7 @@ import torch
 from reflectevo.model import load_model
 from reflectevo.model.tokenizer import Tokenizer
 from test_model import write_tiny_tokenizer
+from gguf_writer import write_tiny_gguf
 
 transformers = pytest.importorskip("transformers")
 
@@ -66,53 +67,7 @@ def test_chat_template_jinja_file_wins_over_tokenizer_config(tmp_path):
 
 def write_llama_gguf(path, hf, extra_tensors=()):
     """A float32 llama-architecture GGUF of ``hf`` laid out as llama.cpp's converter writes it."""
-    gguf = pytest.importorskip("gguf")
-    cfg = hf.config
-    heads, kv_heads = cfg.num_attention_heads, cfg.num_key_value_heads
-    w = gguf.GGUFWriter(str(path), "llama")
-    w.add_block_count(cfg.num_hidden_layers)
-    w.add_context_length(cfg.max_position_embeddings)
-    w.add_embedding_length(cfg.hidden_size)
-    w.add_feed_forward_length(cfg.intermediate_size)
-    w.add_head_count(heads)
-    w.add_head_count_kv(kv_heads)
-    w.add_layer_norm_rms_eps(cfg.rms_norm_eps)
-    w.add_rope_freq_base(float(hf.config.rope_parameters["rope_theta"]))
-    w.add_tokenizer_model("gpt2")
-    w.add_token_list([f"t{i}" for i in range(cfg.vocab_size)])
-    w.add_token_types([1] * cfg.vocab_size)
-    w.add_token_merges([])
-    w.add_eos_token_id(0)
-
-    def permute(t, n):  # llama.cpp turns HF's rotate-half rows into adjacent pairs
-        return t.reshape(n, 2, t.shape[0] // n // 2, *t.shape[1:]).swapaxes(1, 2).reshape(t.shape)
-
-    names = {"self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k", "self_attn.v_proj": "attn_v",
-             "self_attn.o_proj": "attn_output", "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up",
-             "mlp.down_proj": "ffn_down", "input_layernorm": "attn_norm", "post_attention_layernorm": "ffn_norm"}
-    for key, t in hf.state_dict().items():
-        t = t.detach().float()
-        if key == "model.embed_tokens.weight":
-            name = "token_embd.weight"
-        elif key == "model.norm.weight":
-            name = "output_norm.weight"
-        elif key == "lm_head.weight":
-            name = "output.weight"
-        else:
-            _, _, layer, module = key.split(".", 3)
-            module, _, kind = module.rpartition(".")
-            name = f"blk.{layer}.{names[module]}.{kind}"
-            if module == "self_attn.q_proj":
-                t = permute(t, heads)
-            elif module == "self_attn.k_proj":
-                t = permute(t, kv_heads)
-        w.add_tensor(name, t.numpy())
-    for name, t in extra_tensors:
-        w.add_tensor(name, t.numpy())
-    w.write_header_to_file()
-    w.write_kv_data_to_file()
-    w.write_tensors_to_file()
-    w.close()
+    write_tiny_gguf(path, hf, "llama", permute_qk=True, extra_tensors=extra_tensors)
 
 
 def test_llama31_gguf_uses_its_rope_freqs_tensor(tmp_path):

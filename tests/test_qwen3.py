@@ -13,6 +13,7 @@ from reflectevo.model.lora import NF4Linear, attach_lora, lora_parameters, quant
 from reflectevo.model.peft_io import export_merged
 from reflectevo.model.transformer import RMSNorm
 from test_model import write_tiny_tokenizer
+from gguf_writer import write_tiny_gguf
 
 transformers = pytest.importorskip("transformers")
 
@@ -186,48 +187,13 @@ def test_sampler_greedy_matches_full_forward_with_prefix_cache_and_graph_buffers
 def write_qwen3_gguf(path, hf):
     """A qwen3-architecture GGUF of ``hf`` as llama.cpp's converter writes it: no Q/K row permutation (NeoX RoPE),
     head_dim as key_length / value_length, the per-head norms as f32 attn_q_norm / attn_k_norm, matrices in f16."""
-    gguf = pytest.importorskip("gguf")
-    cfg = hf.config
-    w = gguf.GGUFWriter(str(path), "qwen3")
-    w.add_block_count(cfg.num_hidden_layers)
-    w.add_context_length(cfg.max_position_embeddings)
-    w.add_embedding_length(cfg.hidden_size)
-    w.add_feed_forward_length(cfg.intermediate_size)
-    w.add_head_count(cfg.num_attention_heads)
-    w.add_head_count_kv(cfg.num_key_value_heads)
-    w.add_key_length(cfg.head_dim)
-    w.add_value_length(cfg.head_dim)
-    w.add_rope_dimension_count(cfg.head_dim)
-    w.add_layer_norm_rms_eps(cfg.rms_norm_eps)
-    w.add_rope_freq_base(float(cfg.rope_parameters["rope_theta"]))
-    w.add_tokenizer_model("gpt2")
-    w.add_tokenizer_pre("qwen2")  # what llama.cpp names Qwen3's pre-tokenizer
-    w.add_token_list([f"t{i}" for i in range(cfg.vocab_size)])
-    w.add_token_types([1] * cfg.vocab_size)
-    w.add_token_merges([])
-    w.add_eos_token_id(0)
-    names = {"self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k", "self_attn.v_proj": "attn_v",
-             "self_attn.o_proj": "attn_output", "self_attn.q_norm": "attn_q_norm", "self_attn.k_norm": "attn_k_norm",
-             "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up", "mlp.down_proj": "ffn_down",
-             "input_layernorm": "attn_norm", "post_attention_layernorm": "ffn_norm"}
-    for key, t in hf.state_dict().items():
-        t = t.detach().float()
-        if key == "model.embed_tokens.weight":
-            name = "token_embd.weight"
-        elif key == "model.norm.weight":
-            name = "output_norm.weight"
-        elif key == "lm_head.weight":
-            name = "output.weight"
-        else:
-            _, _, layer, module = key.split(".", 3)
-            module, _, kind = module.rpartition(".")
-            name = f"blk.{layer}.{names[module]}.{kind}"
-        arr = t.numpy()
-        w.add_tensor(name, arr.astype("float16") if arr.ndim == 2 else arr)
-    w.write_header_to_file()
-    w.write_kv_data_to_file()
-    w.write_tensors_to_file()
-    w.close()
+    def qwen3_keys(w):
+        w.add_key_length(hf.config.head_dim)
+        w.add_value_length(hf.config.head_dim)
+        w.add_rope_dimension_count(hf.config.head_dim)
+        w.add_tokenizer_pre("qwen2")  # what llama.cpp names Qwen3's pre-tokenizer
+
+    write_tiny_gguf(path, hf, "qwen3", add_keys=qwen3_keys, f16_matrices=True)
 
 
 def test_gguf_loads_and_matches(pair, tmp_path):

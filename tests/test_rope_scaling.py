@@ -11,6 +11,7 @@ from reflectevo.model import ModelConfig
 from reflectevo.model.config import read_config_json
 from reflectevo.model.gguf_loader import config_from_gguf
 from reflectevo.model.loader import _read_hf_weights, build_model, load_model
+from gguf_writer import write_tiny_gguf
 
 transformers = pytest.importorskip("transformers")
 
@@ -204,42 +205,12 @@ def test_gguf_yarn_metadata_is_read_and_other_kinds_refused():
 
 def write_qwen2_gguf(path, hf, rope):
     """A float32 qwen2 GGUF of ``hf`` with the rope.scaling keys ``rope`` (llama.cpp does not permute qwen2)."""
-    gguf = pytest.importorskip("gguf")
-    cfg = hf.config
-    w = gguf.GGUFWriter(str(path), "qwen2")
-    w.add_block_count(cfg.num_hidden_layers)
-    w.add_context_length(cfg.max_position_embeddings)
-    w.add_embedding_length(cfg.hidden_size)
-    w.add_feed_forward_length(cfg.intermediate_size)
-    w.add_head_count(cfg.num_attention_heads)
-    w.add_head_count_kv(cfg.num_key_value_heads)
-    w.add_layer_norm_rms_eps(cfg.rms_norm_eps)
-    w.add_rope_freq_base(float(cfg.rope_parameters["rope_theta"]))
-    for key, value in rope.items():
-        (w.add_string if isinstance(value, str) else w.add_uint32 if isinstance(value, int) else w.add_float32)(
-            f"qwen2.rope.scaling.{key}", value)
-    w.add_tokenizer_model("gpt2")
-    w.add_token_list([f"t{i}" for i in range(cfg.vocab_size)])
-    w.add_token_types([1] * cfg.vocab_size)
-    w.add_token_merges([])
-    w.add_eos_token_id(0)
-    names = {"self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k", "self_attn.v_proj": "attn_v",
-             "self_attn.o_proj": "attn_output", "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up",
-             "mlp.down_proj": "ffn_down", "input_layernorm": "attn_norm", "post_attention_layernorm": "ffn_norm"}
-    top = {"model.embed_tokens.weight": "token_embd.weight", "model.norm.weight": "output_norm.weight",
-           "lm_head.weight": "output.weight"}
-    for key, t in hf.state_dict().items():
-        if key in top:
-            name = top[key]
-        else:
-            _, _, layer, module = key.split(".", 3)
-            module, _, kind = module.rpartition(".")
-            name = f"blk.{layer}.{names[module]}.{kind}"
-        w.add_tensor(name, t.detach().float().numpy())
-    w.write_header_to_file()
-    w.write_kv_data_to_file()
-    w.write_tensors_to_file()
-    w.close()
+    def scaling_keys(w):
+        for key, value in rope.items():
+            (w.add_string if isinstance(value, str) else w.add_uint32 if isinstance(value, int) else w.add_float32)(
+                f"qwen2.rope.scaling.{key}", value)
+
+    write_tiny_gguf(path, hf, "qwen2", add_keys=scaling_keys)
 
 
 def test_qwen2_yarn_gguf_matches_transformers(tmp_path):
