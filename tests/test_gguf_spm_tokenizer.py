@@ -87,10 +87,17 @@ def spm_vocab(control=(), user=()):
 def write_spm_gguf(path, template=MISTRAL_TEMPLATE, add_bos=None, add_eos=None, pad=None, control=(), user=(),
                    hidden=16, layers=2, seed=0):
     tokens, scores, types = spm_vocab(control, user)
+    return write_spm_vocab_gguf(path, tokens, scores, types, template, add_bos, add_eos, pad, hidden, layers, seed)
+
+
+def write_spm_vocab_gguf(path, tokens, scores, types, template, add_bos=None, add_eos=None, pad=None, hidden=16,
+                         layers=2, seed=0, context=128):
+    """A tiny llama GGUF with the SentencePiece vocabulary (tokens, scores, types) and random weights, as
+    llama.cpp's converter writes a Llama-2 / Mistral model (<unk> 0, <s> 1, </s> 2)."""
     w = gguf.GGUFWriter(str(path), "llama")
     heads, kv_heads, ffn = 4, 2, 32
     w.add_block_count(layers)
-    w.add_context_length(128)
+    w.add_context_length(context)
     w.add_embedding_length(hidden)
     w.add_feed_forward_length(ffn)
     w.add_head_count(heads)

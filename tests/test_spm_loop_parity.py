@@ -54,7 +54,7 @@ gguf = pytest.importorskip("gguf")
 transformers = pytest.importorskip("transformers")
 pytest.importorskip("transformers.integrations.gguf", reason="this transformers has no GGUF tokenizer support")
 
-from test_gguf_spm_tokenizer import LLAMA2_TEMPLATE, MISTRAL_TEMPLATE, write_random_llama_tensors  # noqa: E402
+from test_gguf_spm_tokenizer import LLAMA2_TEMPLATE, MISTRAL_TEMPLATE, write_spm_vocab_gguf  # noqa: E402
 
 TASK = get_task("arithmetic")
 ITEMS = [{"id": f"q{i}", "question": f"Tom has {i + 3} apples and buys {i + 5} more. How many apples does he have?",
@@ -95,29 +95,8 @@ def write_gguf(path, template: str):
         tokens.append(piece)
         types.append(1)
         scores.append(-float(i))
-    hidden, heads, kv_heads, ffn, layers = 16, 4, 2, 32, 1
-    w = gguf.GGUFWriter(str(path), "llama")
-    w.add_block_count(layers)
-    w.add_context_length(4096)
-    w.add_embedding_length(hidden)
-    w.add_feed_forward_length(ffn)
-    w.add_head_count(heads)
-    w.add_head_count_kv(kv_heads)
-    w.add_layer_norm_rms_eps(1e-5)
-    w.add_rope_freq_base(10000.0)
-    w.add_rope_dimension_count(hidden // heads)
-    w.add_vocab_size(len(tokens))
-    w.add_tokenizer_model("llama")
-    w.add_token_list(tokens)
-    w.add_token_scores(scores)
-    w.add_token_types(types)
-    w.add_bos_token_id(BOS)
-    w.add_eos_token_id(EOS)
-    w.add_unk_token_id(0)
-    w.add_add_bos_token(True)       # as Mistral / Llama-2 files: BOS on encode(text) unless told not to
-    w.add_add_eos_token(False)
-    w.add_chat_template(template)
-    write_random_llama_tensors(w, len(tokens), hidden, heads, kv_heads, ffn, layers)
+    # as Mistral / Llama-2 files: BOS on encode(text) unless told not to
+    write_spm_vocab_gguf(path, tokens, scores, types, template, add_bos=True, add_eos=False, layers=1, context=4096)
 
 
 def spm_pieces(tok, text: str, space_prefix: bool) -> list[int]:
