@@ -73,12 +73,10 @@ def test_logits_match_transformers(tmp_path, family):
     assert (got - ref).abs().max().item() <= 1e-4
 
 
-@pytest.mark.parametrize("family", ["llama", "mistral-sliding"])
-def test_packed_rows_equal_separate_sequences(tmp_path, family):
-    _, d = make_hf_model(tmp_path, family)
-    model, _ = load_model(d)
-    lens = [[13, 5], [4, 9, 5]]  # two packed rows; 13 and 9 exceed the sliding window of 8
-    seqs = [[torch.randint(0, 320, (1, n)) for n in row] for row in lens]
+def assert_packed_equals_separate(model, seqs):
+    """``seqs``: rows of [1, n] id tensors. Each row packed into one (positions restarting, seq ids per sequence)
+    gives every sequence the logits it gets alone. Returns the packed (ids, positions, seq_ids)."""
+    lens = [[x.shape[1] for x in row] for row in seqs]
     packed = torch.cat([torch.cat(row, 1) for row in seqs], 0)
     seq_ids = torch.tensor([[i for i, n in enumerate(row) for _ in range(n)] for row in lens])
     positions = torch.tensor([[p for n in row for p in range(n)] for row in lens])
@@ -89,6 +87,16 @@ def test_packed_rows_equal_separate_sequences(tmp_path, family):
             for x in row:
                 torch.testing.assert_close(out[r:r + 1, start:start + x.shape[1]], model(x), atol=1e-5, rtol=1e-5)
                 start += x.shape[1]
+    return packed, positions, seq_ids
+
+
+@pytest.mark.parametrize("family", ["llama", "mistral-sliding"])
+def test_packed_rows_equal_separate_sequences(tmp_path, family):
+    _, d = make_hf_model(tmp_path, family)
+    model, _ = load_model(d)
+    lens = [[13, 5], [4, 9, 5]]  # two packed rows; 13 and 9 exceed the sliding window of 8
+    seqs = [[torch.randint(0, 320, (1, n)) for n in row] for row in lens]
+    assert_packed_equals_separate(model, seqs)
 
 
 def test_packing_bounds_computed_once_per_forward(monkeypatch):

@@ -12,7 +12,7 @@ from reflectevo.model.config import ModelConfig
 from reflectevo.model.lora import NF4Linear, attach_lora, lora_parameters, quantize_model
 from reflectevo.model.peft_io import export_merged
 from reflectevo.model.transformer import RMSNorm
-from test_model import write_tiny_tokenizer
+from test_model import assert_packed_equals_separate, write_tiny_tokenizer
 from gguf_writer import write_tiny_gguf
 
 transformers = pytest.importorskip("transformers")
@@ -105,16 +105,7 @@ def test_packed_rows_and_checkpointing(pair):
     model, _ = load_model(d, dtype="float32")
     lens = [[13, 5], [4, 9, 5]]
     seqs = [[_ids(1, n, seed=10 + n) for n in row] for row in lens]
-    packed = torch.cat([torch.cat(row, 1) for row in seqs], 0)
-    seq_ids = torch.tensor([[i for i, n in enumerate(row) for _ in range(n)] for row in lens])
-    positions = torch.tensor([[p for n in row for p in range(n)] for row in lens])
-    with torch.no_grad():
-        out = model(packed, positions=positions, seq_ids=seq_ids)
-        for r, row in enumerate(seqs):
-            start = 0
-            for x in row:
-                torch.testing.assert_close(out[r:r + 1, start:start + x.shape[1]], model(x), atol=1e-5, rtol=1e-5)
-                start += x.shape[1]
+    packed, positions, seq_ids = assert_packed_equals_separate(model, seqs)
     model.train()
     q_norm = model.layers[1].self_attn.q_norm.weight
     k_norm = model.layers[1].self_attn.k_norm.weight
