@@ -12,6 +12,7 @@ from reflectevo.model.config import ModelConfig
 from reflectevo.model.lora import NF4Linear, attach_lora, lora_parameters, quantize_model
 from reflectevo.model.peft_io import export_merged
 from reflectevo.model.transformer import RMSNorm
+from test_gen import one_thread  # noqa: F401 (fixture)
 from test_model import assert_packed_equals_separate, write_tiny_tokenizer
 from gguf_writer import write_tiny_gguf
 
@@ -28,12 +29,7 @@ VARIANTS = {
 }
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def make_qwen3(d, **extra):
