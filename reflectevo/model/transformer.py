@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from reflectevo.kernels.cpu_attention import causal_attention_fp32_backward, wants_fp32_backward
 from reflectevo.kernels.rmsnorm import rms_norm
 from reflectevo.kernels.rope import apply_rope, dynamic_ntk_inv_freq
 from reflectevo.kernels.swiglu import swiglu
@@ -56,6 +57,8 @@ def causal_attention(q, k, v, window: int | None = None, seq_ids: torch.Tensor |
     Token i sees token j when j <= i, i - j < window (sliding window) and seq_ids match (packing).
     Packed rows (runs of equal seq_ids) without flash-attn run one causal SDPA per sequence: the same result as
     a block-diagonal mask at sum(L^2) instead of T^2 work, and no [B, H, T, T] mask or attention matrix.
+    16-bit CPU tensors under autograd keep SDPA's fused forward and take its backward in fp32 (faster and more
+    exact there: reflectevo.kernels.cpu_attention).
     """
     B, T, Hq, D = q.shape
     if flash_usable(q):
@@ -72,6 +75,8 @@ def causal_attention(q, k, v, window: int | None = None, seq_ids: torch.Tensor |
     qt, kt, vt = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
     gqa = Hq != k.shape[2]
     if window is None or T <= window:
+        if T > 1 and wants_fp32_backward(qt, kt, vt):  # 16-bit CPU training: its backward in fp32
+            return causal_attention_fp32_backward(qt, kt, vt).transpose(1, 2)
         out = F.scaled_dot_product_attention(qt, kt, vt, is_causal=T > 1, enable_gqa=gqa)
     else:
         i = torch.arange(T, device=q.device)
