@@ -152,16 +152,51 @@ class _RMSNormFunction(torch.autograd.Function):
         return (dx.view(ctx.x_shape) if need_dx else None), dweight, None
 
 
-def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
+class _RMSNormCastCPU(torch.autograd.Function):
+    """fp32 RMSNorm on the CPU whose output is written in a 16-bit dtype: y = round(weight * x * rstd), the
+    value an autocast linear would cast the fp32 output to, without the fp32 output tensor or the cast (once per
+    consuming linear under autocast). Backward in fp32 from the 16-bit dy, with xhat recomputed:
+    dx = rstd * (g - xhat * mean(g * xhat)), g = dy * weight; dweight = sum of dy * xhat over rows."""
+
+    @staticmethod
+    def forward(ctx, x, weight, eps: float, out_dtype: torch.dtype):
+        rstd = torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps)
+        y = torch.empty(x.shape, dtype=out_dtype, device=x.device)
+        torch.mul(x * rstd, weight, out=y)
+        ctx.save_for_backward(x, weight, rstd)
+        return y
+
+    @staticmethod
+    def backward(ctx, dy):
+        x, weight, rstd = ctx.saved_tensors
+        xhat = x * rstd
+        g = dy * weight
+        dx = dweight = None
+        if ctx.needs_input_grad[1]:
+            dweight = (dy * xhat).reshape(-1, x.shape[-1]).sum(0).to(weight.dtype)
+        if ctx.needs_input_grad[0]:
+            dot = torch.linalg.vecdot(g, xhat).unsqueeze(-1).div_(x.shape[-1])
+            dx = g.addcmul_(xhat, dot, value=-1).mul_(rstd)
+        return dx, dweight, None, None
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-6,
+             out_dtype: torch.dtype | None = None) -> torch.Tensor:
     """RMSNorm over the last dim of ``x`` (any leading shape), Llama/HF semantics, result in ``x.dtype``.
 
     Triton on CUDA (and on CPU under the interpreter when forced); otherwise torch's rms_norm for fp32 and the
-    PyTorch reference for other dtypes.
+    PyTorch reference for other dtypes. ``out_dtype`` (16-bit, for fp32 CPU tensors): the result rounded to it
+    in the same pass, as the 16-bit input of autocast linears (``_RMSNormCastCPU``); other cases cast after.
     """
     if weight.dim() != 1 or weight.shape[0] != x.shape[-1]:
         raise ValueError(f"rms_norm: weight shape {tuple(weight.shape)} does not match x's last dim {x.shape[-1]}")
     if weight.device != x.device:
         raise ValueError(f"rms_norm: weight is on {weight.device}, x on {x.device}")
+    if out_dtype is not None and out_dtype != x.dtype:
+        if (x.device.type == "cpu" and x.dtype == weight.dtype == torch.float32
+                and out_dtype in (torch.bfloat16, torch.float16) and not use_triton(x)):
+            return _RMSNormCastCPU.apply(x, weight, float(eps), out_dtype)
+        return rms_norm(x, weight, eps).to(out_dtype)
     if use_triton(x) and x.shape[-1] <= _MAX_BLOCK and x.is_floating_point():
         return _RMSNormFunction.apply(x, weight, float(eps))
     if x.dtype == weight.dtype == torch.float32:

@@ -47,8 +47,8 @@ class RMSNorm(nn.Module):
         self.eps = eps
         self.weight = nn.Parameter(torch.ones(dim))
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return rms_norm(x, self.weight, self.eps)
+    def forward(self, x: torch.Tensor, out_dtype: torch.dtype | None = None) -> torch.Tensor:
+        return rms_norm(x, self.weight, self.eps, out_dtype)
 
 
 def causal_attention(q, k, v, window: int | None = None, seq_ids: torch.Tensor | None = None):
@@ -187,8 +187,10 @@ class DecoderLayer(nn.Module):
         self.mlp = MLP(cfg)
 
     def forward(self, x, cos, sin, attention=None, seq_ids=None):
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, attention, seq_ids)
-        return x + self.mlp(self.post_attention_layernorm(x))
+        # fp32 activations under CPU autocast: the norms write the 16-bit input every projection would cast to
+        h = torch.get_autocast_dtype("cpu") if x.device.type == "cpu" and torch.is_autocast_enabled("cpu") else None
+        x = x + self.self_attn(self.input_layernorm(x, h), cos, sin, attention, seq_ids)
+        return x + self.mlp(self.post_attention_layernorm(x, h))
 
 
 class Transformer(nn.Module):
