@@ -137,3 +137,62 @@ def test_model_step_matches_the_op_by_op_autocast_path(monkeypatch):
     torch.testing.assert_close(runs[0][0], runs[1][0], rtol=1e-2, atol=1e-2)
     for got, want in zip(runs[0][1:], runs[1][1:]):
         assert _rel(got, want) < 3e-2
+
+
+def _step_grads(model, ids, seq_ids, positions, checkpointing, seed=5):
+    model.gradient_checkpointing = checkpointing
+    params = lora.lora_parameters(model)
+    for p in params:
+        p.grad = None
+    torch.manual_seed(seed)  # the LoRA dropout masks
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        h = model.hidden_states(ids, positions=positions, seq_ids=seq_ids)
+    (h.float() @ model.lm_head.weight.T).logsumexp(-1).mean().backward()
+    return [p.grad.clone() for p in params]
+
+
+def test_bf16_step_is_deterministic_and_checkpointing_recomputes_it_exactly():
+    """The 16-bit CPU nodes with LoRA dropout: the same step twice gives the same bits, and activation
+    checkpointing (which recomputes each layer, its dropout masks from the restored RNG state) too."""
+    model = _tiny(seed=2)
+    for m in lora.lora_modules(model).values():
+        m.dropout_p = 0.2
+    ids = torch.randint(0, 64, (2, 24), generator=torch.Generator().manual_seed(3))
+    seq_ids = torch.tensor([[0] * 10 + [1] * 14, [0] * 24])
+    positions = torch.stack([torch.cat([torch.arange(10), torch.arange(14)]), torch.arange(24)])
+    first = _step_grads(model, ids, seq_ids, positions, False)
+    again = _step_grads(model, ids, seq_ids, positions, False)
+    ckpt = _step_grads(model, ids, seq_ids, positions, True)
+    for a, b, c in zip(first, again, ckpt):
+        assert a.abs().sum() > 0
+        assert torch.equal(a, b) and torch.equal(a, c)
+
+
+class _Killed(BaseException):
+    pass
+
+
+def test_bf16_cpu_run_killed_and_resumed_equals_the_uninterrupted_run(tmp_path, monkeypatch):
+    """--bf16 on the CPU (the 16-bit nodes, LoRA dropout): a run stopped after step 3 and resumed ends with the
+    same losses and gradient norms, bit for bit, as the run that was never stopped."""
+    import reflectevo.trainer.state as st
+    from reflectevo.trainer import train_sft
+    from trainer_tiny import cfg, d_plus, read_metrics, tiny_model, tiny_tokenizer
+
+    c = dict(max_steps=5, batch_size=2, save_every=2, lr=1e-2, bf16=True, lora_dropout=0.1)
+    train_sft(tiny_model(), tiny_tokenizer(), d_plus(6), cfg(**c), tmp_path / "full")
+    real = st.append_line
+
+    def killed_after_step_3(path, obj):
+        real(path, obj)
+        if path.name == "metrics.jsonl" and obj["step"] == 3:
+            raise _Killed
+
+    monkeypatch.setattr(st, "append_line", killed_after_step_3)
+    with pytest.raises(_Killed):
+        train_sft(tiny_model(), tiny_tokenizer(), d_plus(6), cfg(**c), tmp_path / "run")
+    monkeypatch.setattr(st, "append_line", real)
+    train_sft(tiny_model(), tiny_tokenizer(), d_plus(6), cfg(**c, resume=True), tmp_path / "run")
+    full, resumed = read_metrics(tmp_path / "full"), read_metrics(tmp_path / "run")
+    assert [m["step"] for m in resumed] == [1, 2, 3, 4, 5]
+    assert [(m["loss"], m["grad_norm"]) for m in resumed] == [(m["loss"], m["grad_norm"]) for m in full]
