@@ -168,30 +168,16 @@ def test_bf16_step_is_deterministic_and_checkpointing_recomputes_it_exactly():
         assert torch.equal(a, b) and torch.equal(a, c)
 
 
-class _Killed(BaseException):
-    pass
-
-
 def test_bf16_cpu_run_killed_and_resumed_equals_the_uninterrupted_run(tmp_path, monkeypatch):
     """--bf16 on the CPU (the 16-bit nodes, LoRA dropout): a run stopped after step 3 and resumed ends with the
     same losses and gradient norms, bit for bit, as the run that was never stopped."""
-    import reflectevo.trainer.state as st
     from reflectevo.trainer import train_sft
-    from trainer_tiny import cfg, d_plus, read_metrics, tiny_model, tiny_tokenizer
+    from trainer_tiny import cfg, d_plus, killed_after_step, read_metrics, tiny_model, tiny_tokenizer
 
     c = dict(max_steps=5, batch_size=2, save_every=2, lr=1e-2, bf16=True, lora_dropout=0.1)
     train_sft(tiny_model(), tiny_tokenizer(), d_plus(6), cfg(**c), tmp_path / "full")
-    real = st.append_line
-
-    def killed_after_step_3(path, obj):
-        real(path, obj)
-        if path.name == "metrics.jsonl" and obj["step"] == 3:
-            raise _Killed
-
-    monkeypatch.setattr(st, "append_line", killed_after_step_3)
-    with pytest.raises(_Killed):
+    with killed_after_step(monkeypatch, 3):
         train_sft(tiny_model(), tiny_tokenizer(), d_plus(6), cfg(**c), tmp_path / "run")
-    monkeypatch.setattr(st, "append_line", real)
     train_sft(tiny_model(), tiny_tokenizer(), d_plus(6), cfg(**c, resume=True), tmp_path / "run")
     full, resumed = read_metrics(tmp_path / "full"), read_metrics(tmp_path / "run")
     assert [m["step"] for m in resumed] == [1, 2, 3, 4, 5]

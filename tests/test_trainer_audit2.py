@@ -10,7 +10,7 @@ import torch
 import reflectevo.trainer.state as st
 from reflectevo.trainer import TrainError, train_sft
 from reflectevo.trainer.data import tokenize_records
-from trainer_tiny import cfg, d_plus, read_metrics, tiny_model, tiny_tokenizer
+from trainer_tiny import cfg, d_plus, killed_after_step, read_metrics, tiny_model, tiny_tokenizer
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -42,10 +42,6 @@ def test_infinite_epochs_stop_before_the_run_directory_is_made(tmp_path):
 # ------------------------------------------------------------------------------------------------------------
 # resume: the LoRA layout of the model must be the saved run's
 # ------------------------------------------------------------------------------------------------------------
-class Killed(BaseException):
-    pass
-
-
 @pytest.mark.parametrize("r", [4, 8])   # 4: other shapes (was a RuntimeError); 8: same shapes, other alpha (silent)
 def test_resume_of_a_second_stage_needs_the_same_lora_layout(tmp_path, monkeypatch, r):
     """Stage 2 (--mode correct) continues the stage-1 adapter (r, alpha 8); resuming it without --adapter would
@@ -70,17 +66,8 @@ def test_resume_of_a_second_stage_needs_the_same_lora_layout(tmp_path, monkeypat
         return m
 
     train_sft(model(True), tok, d_plus(4), cfg(**c), tmp_path / "full")
-    real = st.append_line
-
-    def killed_after_step_3(path, obj):
-        real(path, obj)
-        if path.name == "metrics.jsonl" and obj["step"] == 3:
-            raise Killed
-
-    monkeypatch.setattr(st, "append_line", killed_after_step_3)
-    with pytest.raises(Killed):
+    with killed_after_step(monkeypatch, 3):
         train_sft(model(True), tok, d_plus(4), cfg(**c), tmp_path / "run")
-    monkeypatch.setattr(st, "append_line", real)
     with pytest.raises(TrainError, match=r"checkpoint\.pt: .*LoRA"):
         train_sft(model(False), tok, d_plus(4), cfg(**c, resume=True), tmp_path / "run")
     if r == 4:   # a checkpoint that does not record the layout: the shapes are still compared, in one line

@@ -8,7 +8,7 @@ from safetensors.torch import load_file
 
 import reflectevo.model.peft_io as peft_io
 from reflectevo.trainer import TrainError, train_dpo, train_sft
-from trainer_tiny import cfg, d_plus, d_pm, read_metrics, tiny_model, tiny_tokenizer
+from trainer_tiny import cfg, d_plus, d_pm, killed_after_step, read_metrics, tiny_model, tiny_tokenizer
 
 
 def test_crash_during_the_final_save_resumes_to_a_complete_adapter(tmp_path, monkeypatch):
@@ -50,12 +50,7 @@ def test_lora_on_lm_head_is_refused_before_the_first_step(tmp_path):
     assert not (tmp_path / "run").exists()
 
 
-class Killed(BaseException):
-    pass
-
-
 def test_dpo_from_an_adapter_resumes_when_its_path_is_spelled_differently(tmp_path, monkeypatch):
-    import reflectevo.trainer.state as st
     from reflectevo.model.lora import attach_lora, lora_parameters
     from reflectevo.model.peft_io import save_adapter
     from reflectevo.trainer.cli_args import load_adapter_checked
@@ -76,17 +71,8 @@ def test_dpo_from_an_adapter_resumes_when_its_path_is_spelled_differently(tmp_pa
         return train_dpo(model, tok, d_pm(4), cfg(**c, **kw), out, init_adapter=adapter)
 
     run("sft/adapter", tmp_path / "full")
-    real = st.append_line
-
-    def killed_after_step_3(path, obj):
-        real(path, obj)
-        if path.name == "metrics.jsonl" and obj["step"] == 3:
-            raise Killed
-
-    monkeypatch.setattr(st, "append_line", killed_after_step_3)
-    with pytest.raises(Killed):
+    with killed_after_step(monkeypatch, 3):
         run("sft/adapter", tmp_path / "run")
-    monkeypatch.setattr(st, "append_line", real)
     with torch.no_grad():
         lora_parameters(sft)[0].add_(1.0)
     save_adapter(sft, tmp_path / "other")

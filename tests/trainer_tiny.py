@@ -1,14 +1,17 @@
 """The tiny random Llama-family model, word-level ChatML tokenizer and records the trainer tests share."""
 from __future__ import annotations
 
+import contextlib
 import json
 from pathlib import Path
 
+import pytest
 import torch
 from tokenizers import AddedToken, models, pre_tokenizers
 from tokenizers import Tokenizer as HFTokenizer
 
 from reflectevo.model import ModelConfig, Tokenizer, Transformer
+import reflectevo.trainer.state as st
 from reflectevo.trainer import TrainConfig
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -81,3 +84,25 @@ def tiny_model_with_random_lora(r=4, alpha=8, std=0.2):
 
 def read_metrics(run):
     return [json.loads(line) for line in (Path(run) / "metrics.jsonl").read_text().splitlines()]
+
+
+class Killed(BaseException):
+    """Stands for a SIGKILL in the middle of a run (a BaseException: nothing in the trainer catches it)."""
+
+
+@contextlib.contextmanager
+def killed_after_step(monkeypatch, step: int):
+    """The run inside the block dies right after metrics.jsonl gets the line of ``step``; the block expects it."""
+    real = st.append_line
+
+    def append_then_die(path, obj):
+        real(path, obj)
+        if path.name == "metrics.jsonl" and obj["step"] == step:
+            raise Killed
+
+    monkeypatch.setattr(st, "append_line", append_then_die)
+    try:
+        with pytest.raises(Killed):
+            yield
+    finally:
+        monkeypatch.setattr(st, "append_line", real)
