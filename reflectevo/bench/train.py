@@ -449,11 +449,14 @@ if __name__ == "__main__":  # pragma: no cover
     ap.add_argument("--out", default=None)
     ap.add_argument("--memory-only", action="store_true", help="print only the peak memory of each step (JSON)")
     ap.add_argument("--bf16", action="store_true", help="CPU: both stacks under bf16 autocast")
+    ap.add_argument("--repeats", type=int, default=2, help="timed steps of each stack after the warm-up (median)")
     a = ap.parse_args()
+    if a.repeats < 1:
+        ap.error(f"--repeats {a.repeats}: must be at least 1")
     if a.memory_only:
         print(json.dumps(run(a.device, quick=a.quick, memory_only=True, bf16=a.bf16)))
         raise SystemExit(0)
-    result = run(a.device, quick=a.quick, bf16=a.bf16)
+    result = run(a.device, quick=a.quick, bf16=a.bf16, repeats=a.repeats)
     print(format_table(result))
     if a.out:
         with open(a.out, "w") as f:
