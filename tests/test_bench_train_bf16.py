@@ -28,5 +28,10 @@ def test_cpu_bf16_train_bench_times_the_reference_with_bf16_weights_too(monkeypa
     # the same model and tokens: first losses agree to bf16 precision on all three stacks
     assert r["ours_sft"]["first_loss"] == pytest.approx(r["ref_sft"]["first_loss"], rel=2e-2)
     assert r["ref16_sft"]["first_loss"] == pytest.approx(r["ref_sft"]["first_loss"], rel=2e-2)
+    for key, ref, ours in (("sft", "ref_sft", "ours_sft"), ("dpo_ref_on_the_fly", "ref_dpo", "ours_dpo_onthefly")):
+        rounds = r[f"round_ratios_{key}"]  # each round's two steps, back to back
+        assert rounds == [a / b for a, b in zip(r[ref]["times_s"], r[ours]["times_s"])]
+        assert sorted(rounds)[(len(rounds) - 1) // 2] <= r[f"median_round_ratio_{key}"] <= max(rounds)
     table = train.format_table(res)
     assert "bf16 weights" in table and "Against the reference with bf16 weights" in table
+    assert "Median of the per-round ratios" in table

@@ -332,6 +332,12 @@ def _bench_pair(ours_factory, ref_factory, pairs, seq, device, sft_seqs, warmup,
     if "ref16_sft" in rows:
         rows["speedup_sft_vs_bf16_weights"] = rows["ref16_sft"]["median_s"] / rows["ours_sft"]["median_s"]
         rows["speedup_dpo_cached_ref_vs_bf16_weights"] = rows["ref16_dpo"]["median_s"] / rows["ours_dpo"]["median_s"]
+    for key, ref_name, ours_name in (("sft", "ref_sft", "ours_sft"), ("dpo_cached_ref", "ref_dpo", "ours_dpo"),
+                                      ("dpo_ref_on_the_fly", "ref_dpo", "ours_dpo_onthefly")):
+        if not separate:  # the same round's steps ran back to back: their ratio cancels the machine's drift
+            per_round = [a / b for a, b in zip(rows[ref_name]["times_s"], rows[ours_name]["times_s"])]
+            rows[f"round_ratios_{key}"] = per_round
+            rows[f"median_round_ratio_{key}"] = statistics.median(per_round)
     rows["ours_reference_pass_s"] = ref_s
     return rows
 
@@ -432,6 +438,10 @@ def format_table(res: dict) -> str:
         lines += ["", f"Speed-up (reference time / ours): SFT {r['speedup_sft']:.2f}x, DPO with cached reference "
                       f"{r['speedup_dpo_cached_ref']:.2f}x, DPO with reference on the fly "
                       f"{r['speedup_dpo_ref_on_the_fly']:.2f}x."]
+        if "median_round_ratio_sft" in r:
+            lines.append(f"Median of the per-round ratios (each round's reference step / ours, run back to back): SFT "
+                         f"{r['median_round_ratio_sft']:.2f}x, DPO {r['median_round_ratio_dpo_cached_ref']:.2f}x / "
+                         f"{r['median_round_ratio_dpo_ref_on_the_fly']:.2f}x.")
         if "speedup_sft_vs_bf16_weights" in r:
             lines.append(f"Against the reference with bf16 weights: SFT {r['speedup_sft_vs_bf16_weights']:.2f}x, DPO "
                          f"with cached reference {r['speedup_dpo_cached_ref_vs_bf16_weights']:.2f}x.")

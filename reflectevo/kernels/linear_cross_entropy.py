@@ -19,8 +19,8 @@ from __future__ import annotations
 import torch
 
 from reflectevo.kernels._dispatch import use_triton
-from reflectevo.kernels.linear_logprobs import (chunked_pass, empty_batch_zeros, linear_logprobs,
-                                                linear_logprobs_reference, prepare)
+from reflectevo.kernels.linear_logprobs import (chunked_pass, cpu_bf16_products, empty_batch_zeros,
+                                                linear_logprobs, linear_logprobs_reference, prepare)
 
 REDUCTIONS = ("mean", "sum", "none")
 
@@ -45,10 +45,10 @@ def _reduce(ce: torch.Tensor, valid: torch.Tensor, reduction: str) -> torch.Tens
 class LinearCrossEntropyFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden, weight, labels, valid, scale, triton_rows: bool, want_dx: bool, want_dw: bool,
-                low_precision: bool):
+                low_precision: bool, bf16_products: bool = False):
         loss_weight = valid.float() * scale  # loss = -sum_i loss_weight_i logp_i
         logp, dx, dw = chunked_pass(hidden, weight, labels, valid, -loss_weight, want_dx, want_dw, triton_rows,
-                                    low_precision)
+                                    low_precision, bf16_products)
         ctx.grads = (dx, dw)  # scaled in place by the backward: no second [V, H] buffer
         ctx.hidden_dtype, ctx.weight_dtype = hidden.dtype, weight.dtype
         return -(logp * loss_weight).sum()
@@ -63,7 +63,7 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
         need_dx, need_dw = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         gx = dx.mul_(grad_loss.to(dx.dtype)).to(ctx.hidden_dtype) if need_dx else None
         gw = dw.mul_(grad_loss.to(dw.dtype)).to(ctx.weight_dtype) if need_dw else None
-        return gx, gw, None, None, None, None, None, None, None
+        return gx, gw, None, None, None, None, None, None, None, None
 
 
 def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor,
@@ -86,7 +86,7 @@ def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, labels: tor
     grad_on = torch.is_grad_enabled()
     return LinearCrossEntropyFunction.apply(x, w, flat_labels, valid, scale, use_triton(x),
                                             grad_on and x.requires_grad, grad_on and w.requires_grad,
-                                            impl == "chunks16")
+                                            impl == "chunks16", cpu_bf16_products(x))
 
 
 __all__ = ["linear_cross_entropy", "linear_cross_entropy_reference", "linear_logprobs_reference"]

@@ -26,6 +26,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from reflectevo.kernels import cpu_compiled
 from reflectevo.kernels._dispatch import HAS_TRITON, cdiv, next_power_of_2, sm_count, use_triton
 
 if HAS_TRITON:
@@ -156,19 +157,26 @@ class _RMSNormCastCPU(torch.autograd.Function):
     """fp32 RMSNorm on the CPU whose output is written in a 16-bit dtype: y = round(weight * x * rstd), the
     value an autocast linear would cast the fp32 output to, without the fp32 output tensor or the cast (once per
     consuming linear under autocast). Backward in fp32 from the 16-bit dy, with xhat recomputed:
-    dx = rstd * (g - xhat * mean(g * xhat)), g = dy * weight; dweight = sum of dy * xhat over rows."""
+    dx = rstd * (g - xhat * mean(g * xhat)), g = dy * weight; dweight = sum of dy * xhat over rows.
+    Inside ``cpu_compiled.compiled_cpu_kernels`` each direction is one compiled loop (a trained weight: eager)."""
 
     @staticmethod
     def forward(ctx, x, weight, eps: float, out_dtype: torch.dtype):
-        rstd = torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps)
-        y = torch.empty(x.shape, dtype=out_dtype, device=x.device)
-        torch.mul(x * rstd, weight, out=y)
+        ctx.compiled = cpu_compiled.active(x)
+        if ctx.compiled:
+            y, rstd = cpu_compiled.rmsnorm_cast_fwd(x, weight, eps, out_dtype)
+        else:
+            rstd = torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps)
+            y = torch.empty(x.shape, dtype=out_dtype, device=x.device)
+            torch.mul(x * rstd, weight, out=y)
         ctx.save_for_backward(x, weight, rstd)
         return y
 
     @staticmethod
     def backward(ctx, dy):
         x, weight, rstd = ctx.saved_tensors
+        if ctx.compiled and not ctx.needs_input_grad[1]:
+            return cpu_compiled.rmsnorm_cast_bwd(dy, x, weight, rstd), None, None, None
         xhat = x * rstd
         g = dy * weight
         dx = dweight = None

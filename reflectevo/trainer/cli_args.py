@@ -71,6 +71,9 @@ def add_train_args(parser: argparse.ArgumentParser, dpo: bool) -> argparse.Argum
                    help="recompute each decoder layer in backward (default: on with CUDA)")
     g.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=None,
                    help="bf16 autocast (default: on with CUDA)")
+    g.add_argument("--cpu-compile", action=argparse.BooleanOptionalAction, default=None,
+                   help="CPU: compiled one-pass RMSNorm / RoPE / SwiGLU loops (default: on with --bf16 on a CPU; "
+                        "the first step compiles them, ~10-20 s)")
     if dpo:
         g = parser.add_argument_group("DPO")
         g.add_argument("--beta", type=float, default=0.1)
@@ -99,7 +102,7 @@ def config_from_args(args, dpo: bool) -> TrainConfig:
         scheduler=args.scheduler, warmup_ratio=args.warmup_ratio, max_grad_norm=args.max_grad_norm,
         optim=args.optim, seed=args.seed, lora_r=args.lora_r, lora_alpha=args.lora_alpha,
         lora_dropout=args.lora_dropout, target_modules=targets, use_rslora=args.rslora, qlora=args.qlora,
-        gradient_checkpointing=args.gradient_checkpointing, bf16=args.bf16,
+        gradient_checkpointing=args.gradient_checkpointing, bf16=args.bf16, cpu_compile=args.cpu_compile,
         beta=getattr(args, "beta", 0.1), loss_type=getattr(args, "loss", "sigmoid"),
         label_smoothing=getattr(args, "label_smoothing", 0.0), ref_on_the_fly=getattr(args, "ref_on_the_fly", False),
         save_every=args.save_every, eval_every=args.eval_every, log_every=args.log_every, resume=args.resume,

@@ -53,6 +53,7 @@ class TrainConfig:
     qlora: bool | None = None               # None = on for CUDA, off for CPU (used by run_sft/run_dpo loading)
     gradient_checkpointing: bool | None = None   # None = on for CUDA, off for CPU
     bf16: bool | None = None                # None = autocast bf16 on CUDA
+    cpu_compile: bool | None = None         # compiled CPU elementwise loops; None = on for CPU runs under bf16
     # DPO
     beta: float = 0.1
     loss_type: str = "sigmoid"

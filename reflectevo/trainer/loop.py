@@ -11,6 +11,7 @@ function of the step, which makes --resume exact together with the saved RNG, op
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -20,6 +21,7 @@ from pathlib import Path
 
 import torch
 
+from reflectevo.kernels.cpu_compiled import compiled_cpu_kernels
 from reflectevo.trainer import state as st
 from reflectevo.trainer.config import TrainConfig, TrainError
 from reflectevo.trainer.data import Example, data_digest, make_batch
@@ -202,9 +204,14 @@ def _hms(seconds: float) -> str:
     return f"{s // 3600}:{s % 3600 // 60:02d}:{s % 60:02d}"
 
 
+@contextlib.contextmanager
 def _autocast(device: torch.device, cfg: TrainConfig):
-    on = cfg.bf16 if cfg.bf16 is not None else device.type == "cuda"
-    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=bool(on))
+    """bf16 autocast per ``cfg.bf16``, and on a CPU the compiled elementwise loops per ``cfg.cpu_compile``
+    (None: with autocast). The nodes built inside keep their choice for the backward, which runs outside."""
+    on = bool(cfg.bf16 if cfg.bf16 is not None else device.type == "cuda")
+    compiled = device.type == "cpu" and (cfg.cpu_compile if cfg.cpu_compile is not None else on)
+    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=on), compiled_cpu_kernels(bool(compiled)):
+        yield
 
 
 def reset_peak_memory(device: torch.device) -> None:
