@@ -25,7 +25,7 @@ the rest of the process.
 from __future__ import annotations
 
 import contextlib
-import warnings
+import sys
 
 import torch
 import torch.nn.functional as F
@@ -64,15 +64,18 @@ class _Compiled:
                 if self.compiled is None:
                     self.compiled = torch.compile(self.fn, dynamic=True, fullgraph=True,
                                                   options={"emulate_precision_casts": True})
-                with torch._dynamo.config.patch(recompile_limit=_VARIANTS):
+                try:
                     return self.compiled(*args)
+                except torch._dynamo.exc.FailOnRecompileLimitHit:  # raise the limit only then: patching the
+                    with torch._dynamo.config.patch(recompile_limit=_VARIANTS):  # config costs ~0.1 ms a call
+                        return self.compiled(*args)
             except Exception as err:  # a bad call raises again below, from the eager formula
                 out = self.fn(*args)
                 if type(err).__name__ == "FailOnRecompileLimitHit":
                     return out
                 _STATE["failed"] = f"{type(err).__name__}: {str(err).strip().splitlines()[0][:200]}"
-                warnings.warn(f"reflectevo: compiling the CPU elementwise kernels failed ({_STATE['failed']}); "
-                              f"the eager PyTorch paths run instead", RuntimeWarning, stacklevel=2)
+                print(f"[reflectevo] warning: compiling the CPU elementwise kernels failed ({_STATE['failed']}); "
+                      f"the eager PyTorch paths run instead", file=sys.stderr, flush=True)
                 return out
         return self.fn(*args)
 
