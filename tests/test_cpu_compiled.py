@@ -15,7 +15,7 @@ from reflectevo.kernels.swiglu import swiglu
 from reflectevo.trainer.config import TrainConfig
 
 loop = importlib.import_module("reflectevo.trainer.loop")
-BF16_STEP = 2.0 ** -7  # one bf16 step relative to the value
+STEP = {torch.bfloat16: 2.0 ** -7, torch.float16: 2.0 ** -10}  # one rounding step relative to the value
 
 
 def run(fn, inputs, upstream, compiled: bool):
@@ -31,7 +31,7 @@ def close_16bit(got, want, max_fraction=0.01):
     """Equal, except a few elements one 16-bit rounding step apart (an fp32 value on a rounding boundary)."""
     assert got.dtype == want.dtype and got.shape == want.shape
     diff = (got.double() - want.double()).abs()
-    step = want.double().abs().clamp(min=1e-3) * BF16_STEP
+    step = want.double().abs().clamp(min=1e-3) * STEP[want.dtype]
     assert bool((diff <= step * 1.01).all())
     assert (diff > 0).double().mean().item() <= max_fraction
 

@@ -28,7 +28,6 @@ import contextlib
 import sys
 
 import torch
-import torch.nn.functional as F
 
 _STATE = {"on": False, "failed": None}
 
@@ -111,9 +110,13 @@ def _rotate(x, cos, sin, backward: bool):
     return out.to(x.dtype)
 
 
+def _silu(g):
+    return g / (1 + torch.exp(-g))  # PyTorch's CPU silu kernel's formula (Inductor's F.silu is g * sigmoid(g))
+
+
 def _swiglu16_fwd(gate, up):
     """Hugging Face's bf16 MLP: silu(gate) rounded to the input dtype, then the product rounded."""
-    silu = F.silu(gate.float()).to(gate.dtype)
+    silu = _silu(gate.float()).to(gate.dtype)
     return (silu.float() * up.float()).to(gate.dtype)
 
 
@@ -124,7 +127,7 @@ def _swiglu16_bwd(dy, gate, up):
     s = torch.sigmoid(g)
     dy_up = (dy.float() * up.float()).to(gate.dtype).float()
     d_gate = (dy_up * (s * (1 + g * (1 - s)))).to(gate.dtype)
-    d_up = ((g * s).to(gate.dtype).float() * dy.float()).to(gate.dtype)
+    d_up = (_silu(g).to(gate.dtype).float() * dy.float()).to(gate.dtype)
     return d_gate, d_up
 
 

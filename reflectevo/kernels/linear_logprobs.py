@@ -50,8 +50,7 @@ bf16 (AMX / AVX512-BF16): then they take bf16 products with fp32 sums, as on CUD
 oneDNN's "bf16" fp32-matmul precision, so the logits stay fp32; G and W rounded to bf16 for dH = G @ W, the
 head's bf16 copy cached while the weight is unchanged). That is 2-3x faster than fp32 there (a [170, 576] x
 [576, 49152] chunk: 23 vs 50 ms on a 2-core AMX Xeon). fp32 CUDA inputs follow torch's TF32 setting (off by
-default). The log-sum-exp subtracts the row max first, so |logits|
-~ 1e4 stay exact to fp32.
+default). The log-sum-exp subtracts the row max first, so |logits| ~ 1e4 stay exact to fp32.
 """
 from __future__ import annotations
 
