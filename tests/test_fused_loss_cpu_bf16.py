@@ -8,6 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from reflectevo.kernels import frozen_cast as fc
 from reflectevo.kernels.linear_cross_entropy import linear_cross_entropy
 from reflectevo.kernels.linear_logprobs import cpu_bf16_products, linear_logprobs, linear_logprobs_reference
 
@@ -145,11 +146,11 @@ def test_head_bf16_copy_is_reused_refreshed_and_dropped():
     xk = x.clone().requires_grad_()
     with autocast():
         linear_cross_entropy(xk, w, labels).backward()
-    first = ll._BF16_COPY[id(w)][3]
+    first = fc._COPIES[(id(w), torch.bfloat16)][3]
     assert torch.equal(first, w.bfloat16())
     with autocast():
         linear_cross_entropy(xk, w, labels).backward()
-    assert ll._BF16_COPY[id(w)][3] is first  # unchanged weight: no new conversion
+    assert fc._COPIES[(id(w), torch.bfloat16)][3] is first  # unchanged weight: no new conversion
     with torch.no_grad():
         w.mul_(-1.0)  # an in-place update (an optimizer step on a trained head) must not be served stale
     xk.grad = None
@@ -158,8 +159,8 @@ def test_head_bf16_copy_is_reused_refreshed_and_dropped():
     xr = rounded(x).requires_grad_()
     F.cross_entropy(xr @ rounded(w).T, labels, ignore_index=-100).backward()
     assert rel(xk.grad, xr.grad) < 1e-2
-    assert torch.equal(ll._BF16_COPY[id(w)][3], w.bfloat16())
-    key = id(w)
+    assert torch.equal(fc._COPIES[(id(w), torch.bfloat16)][3], w.bfloat16())
+    key = (id(w), torch.bfloat16)
     del w
     gc.collect()
-    assert key not in ll._BF16_COPY
+    assert key not in fc._COPIES

@@ -96,6 +96,20 @@ def _rmsnorm_cast_bwd(dy, x, weight, rstd):
     return (g - xhat * ((g * xhat).sum(-1, keepdim=True) / x.shape[-1])) * rstd
 
 
+def _add_rmsnorm_cast_fwd(x, y, weight, eps: float, out_dtype: torch.dtype):
+    """(s = x + y in x's dtype, round(s * rstd * weight) in out_dtype, rstd): a residual add and the RMSNorm
+    after it in one pass."""
+    s = x + y
+    h, rstd = _rmsnorm_cast_fwd(s, weight, eps, out_dtype)
+    return s, h, rstd
+
+
+def _add_rmsnorm_cast_bwd(ds, dh, s, weight, rstd, y_dtype: torch.dtype):
+    """(dx, dy): ds + the norm's input gradient, and the same rounded to y's dtype."""
+    d = ds + _rmsnorm_cast_bwd(dh, s, weight, rstd)
+    return d, d.to(y_dtype)
+
+
 def _rotate(x, cos, sin, backward: bool):
     """x [B, T, H, D] rotated by cos / sin [B|1, T, 1, D] (``backward``: the transposed rotation), computed in
     fp32 (fp64 for fp64 x) and rounded once to x's dtype."""
@@ -133,6 +147,8 @@ def _swiglu16_bwd(dy, gate, up):
 
 rmsnorm_cast_fwd = _Compiled(_rmsnorm_cast_fwd)
 rmsnorm_cast_bwd = _Compiled(_rmsnorm_cast_bwd)
+add_rmsnorm_cast_fwd = _Compiled(_add_rmsnorm_cast_fwd)
+add_rmsnorm_cast_bwd = _Compiled(_add_rmsnorm_cast_bwd)
 rotate = _Compiled(_rotate)
 swiglu16_fwd = _Compiled(_swiglu16_fwd)
 swiglu16_bwd = _Compiled(_swiglu16_bwd)

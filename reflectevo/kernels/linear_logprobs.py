@@ -55,11 +55,11 @@ default). The log-sum-exp subtracts the row max first, so |logits| ~ 1e4 stay ex
 from __future__ import annotations
 
 import contextlib
-import weakref
 
 import torch
 
 from reflectevo.kernels._dispatch import next_power_of_2, use_triton
+from reflectevo.kernels.frozen_cast import cast_frozen
 from reflectevo.kernels.linear_logprobs_tiles import TiledLogprobsFunction
 
 try:
@@ -171,7 +171,6 @@ def _logits_fp32(xc, w):
 
 _ONEDNN_BF16 = (hasattr(torch.backends.mkldnn, "matmul") and torch.backends.mkldnn.is_available()
                 and torch.ops.mkldnn._is_mkldnn_bf16_supported())
-_BF16_COPY: dict = {}  # id(weight) -> (weakref, _version, data_ptr, bf16 copy); dropped with the weight
 
 
 def cpu_bf16_products(x: torch.Tensor) -> bool:
@@ -196,20 +195,6 @@ def _onednn_bf16_matmuls():
         yield
     finally:
         flags.fp32_precision = before
-
-
-def _bf16_copy(w: torch.Tensor) -> torch.Tensor:
-    """w in bf16, the copy kept while w is alive and unchanged (a frozen head converts once, not every step)."""
-    if w.dtype == torch.bfloat16:
-        return w
-    hit = _BF16_COPY.get(id(w))
-    if hit is not None and hit[0]() is w and hit[1] == w._version and hit[2] == w.data_ptr():
-        return hit[3]
-    copy = w.detach().to(torch.bfloat16)
-    if hit is None:
-        weakref.finalize(w, _BF16_COPY.pop, id(w), None)
-    _BF16_COPY[id(w)] = (weakref.ref(w), w._version, w.data_ptr(), copy)
-    return copy
 
 
 def _chunk_rows(n, v, device, bytes_per_logit: int = 6) -> int:
@@ -241,7 +226,7 @@ def _chunked_pass(x, w, labels, valid, row_weight, want_dx, want_dw, triton_rows
     cuda = x.is_cuda
     low = low_precision and triton_rows and x.dtype in (torch.bfloat16, torch.float16)
     bf16 = bf16_products and not cuda and not low and _ONEDNN_BF16
-    w16 = _bf16_copy(w) if bf16 and want_dx else None
+    w16 = cast_frozen(w, torch.bfloat16) if bf16 and want_dx else None
     if not cuda and not low:  # fp32 buffers on the CPU; bf16 products only through oneDNN (``bf16``)
         x, w = x.float(), w.float()
     safe_labels = torch.where(valid, labels, 0)

@@ -188,6 +188,38 @@ class _RMSNormCastCPU(torch.autograd.Function):
         return dx, dweight, None, None
 
 
+class _AddRMSNormCastCPU(torch.autograd.Function):
+    """s = x + y (fp32 x, y of any float dtype) and h = round(RMSNorm(s)) in a 16-bit dtype, as one compiled loop
+    each way (``cpu_compiled.add_rmsnorm_cast_*``): the residual add and the norm read x and y once, and the
+    backward writes dx = ds + dnorm and its rounding to y's dtype in the same pass (the eager graph: the norm's
+    backward, the sum of the two gradients of s, the cast for y: three passes). Frozen weight only."""
+
+    @staticmethod
+    def forward(ctx, x, y, weight, eps: float, out_dtype: torch.dtype):
+        s, h, rstd = cpu_compiled.add_rmsnorm_cast_fwd(x, y, weight, eps, out_dtype)
+        ctx.save_for_backward(s, weight, rstd)
+        ctx.y_dtype = y.dtype
+        return s, h
+
+    @staticmethod
+    def backward(ctx, ds, dh):
+        s, weight, rstd = ctx.saved_tensors
+        dx, dy = cpu_compiled.add_rmsnorm_cast_bwd(ds, dh, s, weight, rstd, ctx.y_dtype)
+        return dx, dy, None, None, None
+
+
+def add_rms_norm(x: torch.Tensor, y: torch.Tensor, weight: torch.Tensor, eps: float,
+                 out_dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """(x + y, rms_norm(x + y, weight, eps, out_dtype)): one fused node for fp32 CPU x, a frozen fp32 weight and
+    a 16-bit out_dtype inside ``cpu_compiled.compiled_cpu_kernels``; otherwise the two ops."""
+    if (cpu_compiled.active(x) and x.dtype == weight.dtype == torch.float32 and not weight.requires_grad
+            and y.device == x.device and y.is_floating_point() and y.dtype != torch.float64 and y.shape == x.shape
+            and out_dtype in (torch.bfloat16, torch.float16) and not use_triton(x)):
+        return _AddRMSNormCastCPU.apply(x, y, weight, float(eps), out_dtype)
+    s = x + y
+    return s, rms_norm(s, weight, eps, out_dtype)
+
+
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-6,
              out_dtype: torch.dtype | None = None) -> torch.Tensor:
     """RMSNorm over the last dim of ``x`` (any leading shape), Llama/HF semantics, result in ``x.dtype``.

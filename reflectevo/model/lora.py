@@ -43,6 +43,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from reflectevo.kernels.frozen_cast import cast_frozen
 from reflectevo.kernels.nf4 import NF4Tensor, nf4_dequantize, nf4_quantize
 from reflectevo.kernels.nf4_matmul import forward_2d, input_grad, nf4_matmul, plan
 
@@ -324,13 +325,13 @@ class _DenseLoRA16(torch.autograd.Function):
     (autocast casts it for each product, and casts each input gradient back), s · u Bᵀ added into y in place (an
     out-of-place addmm first copies y) and dx = dy W + m ⊙ (du A) accumulated in place in ``ldt`` (one rounding
     more than autocast's fp32 sum of the two rounded products). Saved: m ⊙ x and W in ``ldt``, u, the cast A and
-    B, the mask (autocast keeps the same casts)."""
+    B, the mask (autocast keeps the same casts). W's cast is kept while W is unchanged (``cast_frozen``)."""
 
     @staticmethod
     def forward(ctx, x, w, bias, a, b, keep, scale: float, ldt: torch.dtype):
         x2d = x.reshape(-1, x.shape[-1])
         xl = x2d if x2d.dtype == ldt else x2d.to(ldt)
-        w_, a_, b_ = w.to(ldt), a.to(ldt), b.to(ldt)
+        w_, a_, b_ = cast_frozen(w, ldt), a.to(ldt), b.to(ldt)
         y = xl @ w_.T if bias is None else torch.addmm(bias.to(ldt), xl, w_.T)
         xa = xl if keep is None else xl * keep
         u = xa @ a_.T

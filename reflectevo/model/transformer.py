@@ -25,7 +25,8 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from reflectevo.kernels.cpu_attention import causal_attention_fp32_backward, wants_fp32_backward
-from reflectevo.kernels.rmsnorm import rms_norm
+from reflectevo.kernels import cpu_compiled
+from reflectevo.kernels.rmsnorm import add_rms_norm, rms_norm
 from reflectevo.kernels.rope import apply_rope, dynamic_ntk_inv_freq
 from reflectevo.kernels.swiglu import swiglu
 from reflectevo.model.config import ModelConfig
@@ -34,6 +35,9 @@ try:  # optional: FlashAttention-2 for packed (varlen) training batches on CUDA
     from flash_attn import flash_attn_func, flash_attn_varlen_func
 except Exception:  # pragma: no cover - not installed on CPU machines
     flash_attn_func = flash_attn_varlen_func = None
+
+
+FUSED_RESIDUAL_NORM = True  # CPU 16-bit autocast: residual adds fused into the norms (DecoderLayer.forward_deferred)
 
 
 def flash_usable(x: torch.Tensor) -> bool:
@@ -192,6 +196,19 @@ class DecoderLayer(nn.Module):
         x = x + self.self_attn(self.input_layernorm(x, h), cos, sin, attention, seq_ids)
         return x + self.mlp(self.post_attention_layernorm(x, h))
 
+    def forward_deferred(self, x, pending, cos, sin, attention=None, seq_ids=None):
+        """``forward`` for CPU 16-bit autocast with each residual add fused into the norm after it: takes the
+        previous layer's MLP output not yet added (``pending``, None for the first layer) and returns
+        (the residual stream, this layer's MLP output not yet added)."""
+        h = torch.get_autocast_dtype("cpu")
+        if pending is None:
+            normed = self.input_layernorm(x, h)
+        else:
+            x, normed = add_rms_norm(x, pending, self.input_layernorm.weight, self.input_layernorm.eps, h)
+        attn = self.self_attn(normed, cos, sin, attention, seq_ids)
+        x, normed = add_rms_norm(x, attn, self.post_attention_layernorm.weight, self.post_attention_layernorm.eps, h)
+        return x, self.mlp(normed)
+
 
 class Transformer(nn.Module):
     def __init__(self, config: ModelConfig):
@@ -266,8 +283,18 @@ class Transformer(nn.Module):
             positions = torch.arange(T, device=input_ids.device).expand(B, T)
         x = self.embed_tokens(input_ids)
         cos, sin = self.rope_tables(positions, x.dtype, per_token=attention is not None)
+        recompute = self.gradient_checkpointing and self.training and torch.is_grad_enabled()
+        if FUSED_RESIDUAL_NORM and x.device.type == "cpu" and torch.is_autocast_enabled("cpu") and cpu_compiled.active(x):
+            pending = None
+            for layer in self.layers:
+                if recompute:
+                    x, pending = checkpoint(layer.forward_deferred, x, pending, cos, sin, attention, seq_ids,
+                                            use_reentrant=False)
+                else:
+                    x, pending = layer.forward_deferred(x, pending, cos, sin, attention, seq_ids)
+            return self.norm(x if pending is None else x + pending)
         for layer in self.layers:
-            if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
+            if recompute:
                 x = checkpoint(layer, x, cos, sin, attention, seq_ids, use_reentrant=False)
             else:
                 x = layer(x, cos, sin, attention, seq_ids)
