@@ -87,3 +87,67 @@ def test_packed_rows_train_like_separate_sequences():
         want = _run(_ours, q[:, s:e], k[:, s:e], v[:, s:e], dout[:, s:e])
         for x, y in zip(got, want):
             assert torch.equal(x[:, s:e], y)
+
+
+def _packed_case(lens_by_row, hq=6, hkv=2, d=16, seed=5):
+    """q, k, v, dout [R, T, H, D] in bf16 and seq_ids for rows holding sequences of ``lens_by_row`` (a row shorter
+    than the longest ends in padding, seq_id -1)."""
+    T = max(sum(r) for r in lens_by_row)
+    q, k, v, dout = _qkv(len(lens_by_row), T, hq, hkv, d, torch.bfloat16, seed)
+    seq_ids = torch.full((len(lens_by_row), T), -1)
+    for r, lens in enumerate(lens_by_row):
+        at = 0
+        for i, n in enumerate(lens):
+            seq_ids[r, at:at + n] = i
+            at += n
+    return q, k, v, dout, seq_ids
+
+
+@pytest.mark.parametrize("lens_by_row,stacked", [
+    ([[40, 41, 42, 39]], True), ([[30, 33], [31, 32]], True), ([[50]] * 3, True),
+    ([[30, 33], [31, 29]], False)])  # the last: row 2 ends in 3 padding tokens, a span 11 times shorter
+def test_packed_rows_take_one_stacked_backward_equal_to_separate_calls(lens_by_row, stacked):
+    q, k, v, dout, seq_ids = _packed_case(lens_by_row)
+    leaves = [t.detach().requires_grad_(True) for t in (q, k, v)]
+    out = causal_attention(*leaves, seq_ids=seq_ids)
+    assert (type(out.grad_fn).__name__ == "_PackedCausalAttention16Backward") == stacked
+    out.backward(dout)
+    got = [out.detach()] + [t.grad for t in leaves]
+    exact = _run(lambda a, b_, c: causal_attention(a, b_, c, seq_ids=seq_ids), q, k, v, dout, torch.float64)
+    for r, bounds in enumerate(seq_ids.tolist()):
+        ids = torch.tensor(bounds)
+        for sid in ids.unique().tolist():
+            span = (ids == sid).nonzero().flatten()
+            s, e = int(span[0]), int(span[-1]) + 1
+            want = _run(_ours, q[r:r + 1, s:e], k[r:r + 1, s:e], v[r:r + 1, s:e], dout[r:r + 1, s:e])
+            assert torch.equal(got[0][r:r + 1, s:e], want[0])  # the forward: the same kernel call per sequence
+            for x, y, z in zip(got[1:], want[1:], exact[1:]):
+                x, y, z = x[r:r + 1, s:e].double(), y.double(), z[r:r + 1, s:e]
+                step = y.abs().clamp(min=1e-2) * 2.0 ** -7  # the fp32 sums' order differs: at most a bf16 rounding
+                assert bool(((x - y).abs() <= step * 1.01).all())
+                assert (x - z).norm() <= (y - z).norm() * 1.05 + 1e-6
+
+
+def test_packed_rows_of_uneven_lengths_run_one_call_per_sequence():
+    q, k, v, dout, seq_ids = _packed_case([[60, 8]])  # padding 2 x 60^2 vs 60^2 + 8^2: per-sequence calls
+    out = causal_attention(*(t.detach().requires_grad_(True) for t in (q, k, v)), seq_ids=seq_ids)
+    assert type(out.grad_fn).__name__ != "_PackedCausalAttention16Backward"
+
+
+def test_stacked_backward_with_padding_is_exact_in_fp32_terms():
+    """The padded batch adds nothing: against the fp32 kernel run per sequence without padding, to fp32 rounding."""
+    from reflectevo.kernels.cpu_attention import _BWD, _FWD, _padded_fp32
+
+    q, k, v, dout, _ = _packed_case([[35 + 8 * i for i in range(3)]], seed=9)
+    spans = [(0, 0, 35), (0, 35, 78), (0, 78, 129)]
+    views = lambda t: [t[:, s:e].transpose(1, 2) for _, s, e in spans]  # noqa: E731
+    fw = [_FWD(a, b_, c, 0.0, True) for a, b_, c in zip(views(q), views(k), views(v))]
+    want = [_BWD(*(x.float() for x in (do, a, b_, c, o)), lse, 0.0, True)[:3]
+            for do, a, b_, c, (o, lse) in zip(views(dout), views(q), views(k), views(v), fw)]
+    padded = [_padded_fp32(p, 51) for p in (views(dout), views(q), views(k), views(v), [o for o, _ in fw])]
+    lse = _padded_fp32([x[..., None] for _, x in fw], 51)[..., 0]
+    got = _BWD(*padded, lse, 0.0, True)[:3]
+    for i, (_, s, e) in enumerate(spans):
+        for g, w in zip(got, want[i]):
+            torch.testing.assert_close(g[i:i + 1, :, :e - s], w, rtol=1e-5, atol=1e-6)
+            assert not g[i, :, e - s:].any()  # padded rows and keys get exactly zero

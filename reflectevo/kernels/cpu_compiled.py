@@ -2,10 +2,11 @@
 
 Why: on the CPU every PyTorch op is a pass over memory, and the two cores share the memory bus, so the
 elementwise work between the matmuls costs more than its FLOPs. The eager CPU paths of RMSNorm with a 16-bit
-output (``rmsnorm._RMSNormCastCPU``: 4 passes forward, 5 backward), RoPE (``rope._rotate_cpu``: upcast, 4 half
-products, downcast) and the 16-bit SwiGLU (``swiglu._SwiGLUHalfCPU``: 2 passes forward, 3 backward) each become
-one C++ loop here (Inductor's OpenMP loops over rows, vectorised): they read their inputs once and write their
-outputs once.
+output (``rmsnorm._RMSNormCastCPU``: 4 passes forward, 5 backward), the residual add before such a norm with it
+(``rmsnorm._AddRMSNormCastCPU``: the add, the norm, and in backward the sum of the two gradients of the residual
+stream and their cast for the 16-bit branch), RoPE (``rope._rotate_cpu``: upcast, 4 half products, downcast) and
+the 16-bit SwiGLU (``swiglu._SwiGLUHalfCPU``: 2 passes forward, 3 backward) each become one C++ loop here
+(Inductor's OpenMP loops over rows, vectorised): they read their inputs once and write their outputs once.
 
 Math: the formulas of the eager paths they stand in for, written once below, in the same order of operations and
 with the same roundings to 16 bits (``.to(dtype)`` where the eager path rounds; Inductor's
@@ -34,7 +35,8 @@ _STATE = {"on": False, "failed": None}
 
 @contextlib.contextmanager
 def compiled_cpu_kernels(on: bool = True):
-    """Within the block, CPU RMSNorm-to-16-bit, RoPE and 16-bit SwiGLU calls take the compiled loops."""
+    """Within the block, CPU (residual add +) RMSNorm-to-16-bit, RoPE and 16-bit SwiGLU calls take the compiled
+    loops."""
     before = _STATE["on"]
     _STATE["on"] = bool(on)
     try:

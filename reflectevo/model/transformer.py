@@ -15,7 +15,9 @@ Seams for the rest of the project:
 - ``hidden_states`` stops before the lm_head (the fused losses take the hidden states and the head weight);
 - ``attention=`` takes the sampler's paged-KV backend, called as ``backend(layer_idx, q, k, v)``;
 - ``seq_ids=`` packs several sequences in one row with block-diagonal causal attention;
-- ``gradient_checkpointing`` recomputes each decoder layer in backward.
+- ``gradient_checkpointing`` recomputes each decoder layer in backward;
+- under CPU 16-bit autocast with the compiled CPU loops on (``cpu_compiled``), each residual add runs fused into
+  the norm after it (``DecoderLayer.forward_deferred``; ``FUSED_RESIDUAL_NORM = False`` keeps them apart).
 """
 from __future__ import annotations
 
@@ -24,7 +26,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from reflectevo.kernels.cpu_attention import causal_attention_fp32_backward, wants_fp32_backward
+from reflectevo.kernels.cpu_attention import (causal_attention_fp32_backward, packed_causal_attention,
+                                              wants_fp32_backward)
 from reflectevo.kernels import cpu_compiled
 from reflectevo.kernels.rmsnorm import add_rms_norm, rms_norm
 from reflectevo.kernels.rope import apply_rope, dynamic_ntk_inv_freq
@@ -68,6 +71,12 @@ def causal_attention(q, k, v, window: int | None = None, seq_ids: torch.Tensor |
     if flash_usable(q):
         return _flash_attention(q, k, v, window, seq_ids)
     if seq_ids is not None:
+        if wants_fp32_backward(q, k, v):  # all sequences' backward in one fp32 call (kernels/cpu_attention.py)
+            spans = [(b, s, e) for b, bounds in enumerate(_segments(seq_ids)) for s, e in zip(bounds[:-1], bounds[1:])]
+            if window is None or max(e - s for _, s, e in spans) <= window:
+                out = packed_causal_attention(q, k, v, spans)
+                if out is not None:
+                    return out
         rows = []
         for b, bounds in enumerate(_segments(seq_ids)):
             # split views: their backward concatenates the gradients, where slices would each zero-fill a full row

@@ -72,8 +72,8 @@ def add_train_args(parser: argparse.ArgumentParser, dpo: bool) -> argparse.Argum
     g.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=None,
                    help="bf16 autocast (default: on with CUDA)")
     g.add_argument("--cpu-compile", action=argparse.BooleanOptionalAction, default=None,
-                   help="CPU: compiled one-pass loops for the bf16 RMSNorm and SwiGLU and for RoPE (default: on "
-                        "with --bf16 on a CPU; the first step compiles them, ~10-20 s)")
+                   help="CPU: compiled one-pass loops for the residual add + bf16 RMSNorm, the bf16 SwiGLU and RoPE "
+                        "(default: on with --bf16 on a CPU; the first step compiles them, ~10-30 s)")
     if dpo:
         g = parser.add_argument_group("DPO")
         g.add_argument("--beta", type=float, default=0.1)
