@@ -54,10 +54,11 @@ class _CausalAttention16(torch.autograd.Function):
 
 def _padded_fp32(parts: list[torch.Tensor], length: int) -> torch.Tensor:
     """[1, h, L_i, D] (any dtype / strides) -> [n, h, length, D] fp32, zero beyond each L_i."""
-    out = torch.zeros(len(parts), parts[0].shape[1], length, parts[0].shape[3], dtype=torch.float32,
+    out = torch.empty(len(parts), parts[0].shape[1], length, parts[0].shape[3], dtype=torch.float32,
                       device=parts[0].device)
     for i, t in enumerate(parts):
         out[i, :, :t.shape[2]] = t[0]
+        out[i, :, t.shape[2]:] = 0
     return out
 
 
