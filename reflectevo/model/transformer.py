@@ -33,6 +33,7 @@ from reflectevo.kernels.rmsnorm import add_rms_norm, rms_norm
 from reflectevo.kernels.rope import apply_rope, dynamic_ntk_inv_freq
 from reflectevo.kernels.swiglu import swiglu
 from reflectevo.model.config import ModelConfig
+from reflectevo.model.lora_group import grouped_projections
 
 try:  # optional: FlashAttention-2 for packed (varlen) training batches on CUDA
     from flash_attn import flash_attn_func, flash_attn_varlen_func
@@ -166,9 +167,11 @@ class Attention(nn.Module):
 
     def forward(self, x, cos, sin, attention=None, seq_ids=None):
         B, T, _ = x.shape
-        q = self.q_proj(x).view(B, T, self.num_heads, self.head_dim)
-        k = self.k_proj(x).view(B, T, self.num_kv_heads, self.head_dim)
-        v = self.v_proj(x).view(B, T, self.num_kv_heads, self.head_dim)
+        qkv = grouped_projections(x, (self.q_proj, self.k_proj, self.v_proj))
+        q, k, v = qkv if qkv is not None else (self.q_proj(x), self.k_proj(x), self.v_proj(x))
+        q = q.view(B, T, self.num_heads, self.head_dim)
+        k = k.view(B, T, self.num_kv_heads, self.head_dim)
+        v = v.view(B, T, self.num_kv_heads, self.head_dim)
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
         q, k = apply_rope(q, k, cos, sin)
@@ -188,7 +191,9 @@ class MLP(nn.Module):
         self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=bias)
 
     def forward(self, x):
-        return self.down_proj(swiglu(self.gate_proj(x), self.up_proj(x)))
+        gate_up = grouped_projections(x, (self.gate_proj, self.up_proj))
+        gate, up = gate_up if gate_up is not None else (self.gate_proj(x), self.up_proj(x))
+        return self.down_proj(swiglu(gate, up))
 
 
 class DecoderLayer(nn.Module):
