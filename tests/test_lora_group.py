@@ -34,7 +34,8 @@ def _run(layers, x0, ups, grouped, dtype=torch.bfloat16):
     if grouped:
         assert type(ys[0].grad_fn).__name__ == "_GroupedLoRA16Backward"
     torch.autograd.backward(ys, ups)
-    return [y.detach() for y in ys] + [x.grad] + [g for m in layers for g in (m.lora_A.weight.grad, m.lora_B.weight.grad)]
+    adapters = [g for m in layers for g in (m.lora_A.weight.grad, m.lora_B.weight.grad)]
+    return [y.detach() for y in ys] + [x.grad] + adapters
 
 
 def _fp64(layers, x0, ups):

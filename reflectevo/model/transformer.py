@@ -298,7 +298,8 @@ class Transformer(nn.Module):
         x = self.embed_tokens(input_ids)
         cos, sin = self.rope_tables(positions, x.dtype, per_token=attention is not None)
         recompute = self.gradient_checkpointing and self.training and torch.is_grad_enabled()
-        if FUSED_RESIDUAL_NORM and x.device.type == "cpu" and torch.is_autocast_enabled("cpu") and cpu_compiled.active(x):
+        if (FUSED_RESIDUAL_NORM and x.device.type == "cpu" and torch.is_autocast_enabled("cpu")
+                and cpu_compiled.active(x)):
             pending = None
             for layer in self.layers:
                 if recompute:
