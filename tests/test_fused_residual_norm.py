@@ -1,5 +1,6 @@
 """The residual add fused into the RMSNorm after it (``rmsnorm.add_rms_norm``, ``DecoderLayer.forward_deferred``)
-and the cached 16-bit copy of a frozen weight (``frozen_cast.cast_frozen``), against the unfused ops and fp64."""
+and the kept 16-bit [W | s B] buffer of a frozen LoRA base (``lora_node16.augmented``), against the unfused ops
+and fp64."""
 from __future__ import annotations
 
 import gc
@@ -9,9 +10,9 @@ import torch
 from torch import nn
 
 import reflectevo.model.transformer as transformer
-from reflectevo.kernels import cpu_compiled, frozen_cast, kernel_backend
+from reflectevo.kernels import cpu_compiled, kernel_backend
 from reflectevo.kernels.rmsnorm import add_rms_norm, rms_norm
-from reflectevo.model import ModelConfig, Transformer
+from reflectevo.model import ModelConfig, Transformer, lora_node16
 from reflectevo.model.lora import LoRALinear, attach_lora, lora_parameters
 
 STEP = {torch.bfloat16: 2.0 ** -7, torch.float16: 2.0 ** -10}
@@ -119,18 +120,18 @@ def test_dense_lora_reuses_the_16bit_base_and_sees_in_place_updates():
     w = layer.base.weight
     with torch.autocast("cpu", dtype=torch.bfloat16):
         y1 = layer(x)
-    key = (id(w), torch.bfloat16)
-    first = frozen_cast._COPIES[key][3]
-    assert torch.equal(first, w.bfloat16())
+    key = (id(w), torch.bfloat16, 32 + 4, 32)  # [W | s B]: K + r columns, B from column K
+    first = lora_node16._BUFFERS[key][3]
+    assert torch.equal(first[:, :32], w.bfloat16())
     with torch.autocast("cpu", dtype=torch.bfloat16):
         assert torch.equal(layer(x), y1)
-    assert frozen_cast._COPIES[key][3] is first  # unchanged: converted once
+    assert lora_node16._BUFFERS[key][3] is first  # unchanged: converted once
     with torch.no_grad():
         w.mul_(2.0)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         y2 = layer(x)
-    assert torch.equal(frozen_cast._COPIES[key][3], w.bfloat16())
+    assert torch.equal(lora_node16._BUFFERS[key][3][:, :32], w.bfloat16())
     torch.testing.assert_close(y2.float(), (x.bfloat16() @ w.bfloat16().T).float(), rtol=1e-2, atol=1e-2)
     del layer, w, y1, y2, first
     gc.collect()
-    assert key not in frozen_cast._COPIES
+    assert key not in lora_node16._BUFFERS

@@ -26,6 +26,11 @@ import copy
 import statistics
 import time
 
+try:
+    import resource
+except ImportError:  # pragma: no cover - not on Windows
+    resource = None
+
 import torch
 
 from reflectevo.bench.common import cpu_peak_extra_bytes, cuda_peak_extra_bytes, env_info
@@ -136,7 +141,8 @@ class Reference:
                                                    task_type="CAUSAL_LM"))
         self.model.train()
         self.params = [p for p in self.model.parameters() if p.requires_grad]
-        self.opt = torch.optim.AdamW(self.params, lr=2e-4, **({"fused": True} if cuda else {}))
+        # fused: the default optimizer of transformers' Trainer with torch >= 2.8 ("adamw_torch_fused"), CPU too
+        self.opt = torch.optim.AdamW(self.params, lr=2e-4, fused=True)
         sft = [pairs[i % len(pairs)] for i in range(sft_seqs)]
         self.sft_batch = _padded([p + c for p, c, _ in sft], [len(p) for p, _, _ in sft], self.device)
         seqs = [p + c for p, c, _ in pairs] + [p + rj for p, _, rj in pairs]
@@ -246,20 +252,28 @@ def _llama8b_hf(device):
 # ------------------------------------------------------------------------------------------------------------
 # timing
 # ------------------------------------------------------------------------------------------------------------
+def _minor_faults() -> int:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt if resource is not None else 0
+
+
 def _time_interleaved(fns: dict, device, warmup: int, repeats: int) -> dict:
-    times = {k: [] for k in fns}
+    """Each round runs every step once, in order; also counts each step's minor page faults (first touches of
+    memory the allocator got from the kernel: on a CPU they cost time, and they depend on what ran before)."""
+    times, faults = {k: [] for k in fns}, {k: [] for k in fns}
     first = {}
     for rep in range(warmup + repeats):
         for name, fn in fns.items():
             _sync(device)
-            t0 = time.perf_counter()
+            f0, t0 = _minor_faults(), time.perf_counter()
             loss = fn()
             _sync(device)
             if rep == 0:
                 first[name] = loss
             if rep >= warmup:
                 times[name].append(time.perf_counter() - t0)
-    return {k: {"median_s": statistics.median(v), "times_s": v, "first_loss": first[k]} for k, v in times.items()}
+                faults[name].append(_minor_faults() - f0)
+    return {k: {"median_s": statistics.median(v), "times_s": v, "first_loss": first[k],
+                "minor_faults": faults[k]} for k, v in times.items()}
 
 
 def _peak(fn, device) -> int:

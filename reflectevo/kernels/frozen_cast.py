@@ -5,7 +5,8 @@ for leaves that require grad: a frozen base (LoRA) or head is converted again at
 one write of 2 bytes a parameter (SmolLM2-135M: ~60 ms a step on a 2-core CPU). ``cast_frozen`` keeps the copy
 while the weight is alive and unchanged (its ``_version`` and storage checked at each call, so an in-place update
 or a new storage converts again) and drops it with the weight. The copy is exactly ``w.to(dtype)``.
-Memory: 2 bytes a cached parameter, for as long as the weight lives.
+Memory: 2 bytes a cached parameter, for as long as the weight lives. Used for the frozen head
+(``linear_logprobs``); frozen LoRA bases keep a wider buffer of their own ([W | s B], ``model/lora_node16.py``).
 """
 from __future__ import annotations
 

@@ -21,11 +21,11 @@ input gradient adds the adapter's part into the base's with one addmm. Host time
 backward of a 4-layer model at tiny shapes (dequantisation cached, so only dispatch and autograd are left; 2-core
 CPU, 5 interleaved runs): 1.06-1.16x shorter; ``QLORA_NODE = False`` computes op by op.
 
-Dense node under CPU autocast (a float base, 16-bit autocast training on the CPU): ``_DenseLoRA16`` does the
-same for a dense base, casting x once instead of once per product and adding the adapter's product into the base
-output in place; with the norms writing the 16-bit projection inputs (transformer.DecoderLayer), an SFT step of
-SmolLM2-135M under bf16 autocast on a 2-core AMX Xeon: median 4.55 s vs 4.87 s op by op (6 interleaved runs);
-``DENSE16_NODE = False`` computes op by op.
+Dense node under CPU autocast (a frozen float base, 16-bit autocast training on the CPU): one node
+(``lora_node16``) casts x once instead of once per product and computes the adapter inside the base product
+(x̂ = [x | u], Ŵ = [W | s B]); layers sharing an input take one node together (``lora_group``). The first version
+(adapter added into the base output in place), SmolLM2-135M SFT step under bf16 autocast on a 2-core AMX Xeon:
+median 4.55 s vs 4.87 s op by op (6 interleaved runs); ``DENSE16_NODE = False`` computes op by op.
 
 Dropout (training only) multiplies x by a keep-mask drawn from 16-bit uniform integers, four from each full-range
 64-bit draw, so P(drop) is p rounded to a multiple of 2^-16 (0.05 -> 0.0500031); the 1/P(keep) rescaling is
@@ -43,9 +43,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from reflectevo.kernels.frozen_cast import cast_frozen
 from reflectevo.kernels.nf4 import NF4Tensor, nf4_dequantize, nf4_quantize
 from reflectevo.kernels.nf4_matmul import forward_2d, input_grad, nf4_matmul, plan
+from reflectevo.model.lora_node16 import lora_projections16
 
 DEFAULT_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 MERGED_COMPUTE = True
@@ -185,8 +185,8 @@ class LoRALinear(nn.Module):
                 keep, inv_keep = dropout_keep_mask((x.numel() // x.shape[-1], x.shape[-1]), self.dropout_p,
                                                    x.device)
                 scale *= inv_keep
-            return _DenseLoRA16.apply(x, self.base.weight, self.base.bias, a, b, keep, scale,
-                                      torch.get_autocast_dtype("cpu"))
+            return lora_projections16(x, [(self.base.weight, self.base.bias, a, b, keep, scale)],
+                                      torch.get_autocast_dtype("cpu"))[0]
         y = self.base(x)
         # under autocast F.linear casts x to the autocast dtype itself: an fp32 copy of x first would be a wasted
         # round trip (and two more [tokens, in] conversions in backward)
@@ -317,48 +317,6 @@ class _QLoRA(torch.autograd.Function):
         if ctx.needs_input_grad[2]:
             db = (dyl.T @ u).mul_(ctx.scale).to(ctx.b_dtype)
         return dx, da, db, None, None, None, None
-
-
-class _DenseLoRA16(torch.autograd.Function):
-    """A frozen dense base and its adapter under CPU autocast as one node: y = x Wᵀ + bias + s · (m ⊙ x) Aᵀ Bᵀ,
-    every product in the autocast dtype ``ldt`` as autocast's F.linear / addmm compute them, with x cast once
-    (autocast casts it for each product, and casts each input gradient back), s · u Bᵀ added into y in place (an
-    out-of-place addmm first copies y) and dx = dy W + m ⊙ (du A) accumulated in place in ``ldt`` (one rounding
-    more than autocast's fp32 sum of the two rounded products). Saved: m ⊙ x and W in ``ldt``, u, the cast A and
-    B, the mask (autocast keeps the same casts). W's cast is kept while W is unchanged (``cast_frozen``)."""
-
-    @staticmethod
-    def forward(ctx, x, w, bias, a, b, keep, scale: float, ldt: torch.dtype):
-        x2d = x.reshape(-1, x.shape[-1])
-        xl = x2d if x2d.dtype == ldt else x2d.to(ldt)
-        w_, a_, b_ = cast_frozen(w, ldt), a.to(ldt), b.to(ldt)
-        y = xl @ w_.T if bias is None else torch.addmm(bias.to(ldt), xl, w_.T)
-        xa = xl if keep is None else xl * keep
-        u = xa @ a_.T
-        y.addmm_(u, b_.T, alpha=scale)
-        ctx.save_for_backward(xa, u, w_, a_, b_, keep)
-        ctx.scale, ctx.x_dtype, ctx.a_dtype, ctx.b_dtype = scale, x.dtype, a.dtype, b.dtype
-        return y.view(*x.shape[:-1], y.shape[-1])
-
-    @staticmethod
-    def backward(ctx, dy):
-        xa, u, w_, a_, b_, keep = ctx.saved_tensors
-        dy2 = dy.reshape(-1, dy.shape[-1])
-        dy2 = dy2 if dy2.dtype == w_.dtype else dy2.to(w_.dtype)
-        du = (dy2 @ b_).mul_(ctx.scale)
-        dx = da = db = None
-        if ctx.needs_input_grad[0]:
-            dx = dy2 @ w_
-            if keep is None:
-                dx.addmm_(du, a_)
-            else:
-                dx.add_((du @ a_).mul_(keep))
-            dx = dx.to(ctx.x_dtype).view(*dy.shape[:-1], dx.shape[-1])
-        if ctx.needs_input_grad[3]:
-            da = (du.T @ xa).to(ctx.a_dtype)
-        if ctx.needs_input_grad[4]:
-            db = (dy2.T @ u).mul_(ctx.scale).to(ctx.b_dtype)
-        return dx, None, None, da, db, None, None, None
 
 
 def _module_device(m: nn.Module) -> torch.device:
