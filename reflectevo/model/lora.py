@@ -45,7 +45,7 @@ from torch import nn
 
 from reflectevo.kernels.nf4 import NF4Tensor, nf4_dequantize, nf4_quantize
 from reflectevo.kernels.nf4_matmul import forward_2d, input_grad, nf4_matmul, plan
-from reflectevo.model.lora_node16 import lora_projections16
+from reflectevo.model.lora_node16 import apply_keep, lora_projections16
 
 DEFAULT_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 MERGED_COMPUTE = True
@@ -193,7 +193,7 @@ class LoRALinear(nn.Module):
         xa, scale = (x if autocast else x.to(a.dtype)), self.scaling
         if self.training and self.dropout_p > 0:
             keep, inv_keep = dropout_keep_mask(xa.shape, self.dropout_p, xa.device)
-            xa, scale = xa * keep, scale * inv_keep
+            xa, scale = apply_keep(xa, keep), scale * inv_keep
         u = F.linear(xa, a)
         if autocast or y.dtype == u.dtype == b.dtype:
             # y + scale · u B^T in one BLAS call: no [tokens, out] temporaries for the product, scale and sum
@@ -283,7 +283,7 @@ class _QLoRA(torch.autograd.Function):
         y = forward_2d(x2d, q, bias, path, triton_ok)
         xa = x2d if ldt == cdt else x.reshape(-1, x.shape[-1]).to(ldt)
         if keep is not None:
-            xa = xa * keep
+            xa = apply_keep(xa, keep)
         a_, b_ = a.to(ldt), b.to(ldt)
         u = xa @ a_.T
         if y.dtype == ldt:
@@ -309,7 +309,7 @@ class _QLoRA(torch.autograd.Function):
             else:
                 lora_dx = du @ a_
                 if keep is not None:
-                    lora_dx.mul_(keep)
+                    apply_keep(lora_dx, keep, inplace=True)
                 dx = dx.add_(lora_dx.to(dx.dtype))
             dx = dx.to(ctx.x_dtype).view(*dy.shape[:-1], dx.shape[-1])
         if ctx.needs_input_grad[1]:

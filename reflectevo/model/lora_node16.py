@@ -33,6 +33,12 @@ import torch
 _BUFFERS: dict = {}  # (id(w), dtype, width, column) -> (weakref, _version, data_ptr, buffer)
 
 
+def apply_keep(t: torch.Tensor, keep: torch.Tensor, inplace: bool = False) -> torch.Tensor:
+    """t ⊙ keep for a bool keep-mask, read as its 0 / 1 bytes: a bool operand takes a slow conversion path on the
+    CPU (a [1822, 576] bf16 product: 2.0 ms with the bool, 0.7 ms with its uint8 view)."""
+    return t.mul_(keep.view(torch.uint8)) if inplace else t * keep.view(torch.uint8)
+
+
 def augmented(w: torch.Tensor, ldt: torch.dtype, width: int, col: int, b_scaled: torch.Tensor) -> torch.Tensor:
     """The [N, width] ``ldt`` buffer [W | 0 .. b_scaled (at column ``col``) .. 0] for the frozen W [N, K]."""
     key = (id(w), ldt, width, col)
@@ -66,7 +72,7 @@ class _LoRANode16(torch.autograd.Function):
         else:
             col = k
             for a, keep in zip(a_l, keeps):
-                xh[:, col:col + a.shape[0]] = (xl if keep is None else xl * keep) @ a.T
+                xh[:, col:col + a.shape[0]] = (xl if keep is None else apply_keep(xl, keep)) @ a.T
                 col += a.shape[0]
         b_sc = [(b.detach() * s).to(ldt) for b, s in zip(b_s, scales)]
         outs, col = [], k
@@ -104,7 +110,7 @@ class _LoRANode16(torch.autograd.Function):
             else:
                 dx = dxh[:, :k].clone()
                 for dui, a, keep in zip(dus, a_l, keeps):
-                    dx.add_(dui @ a if keep is None else (dui @ a).mul_(keep))
+                    dx.add_(dui @ a if keep is None else apply_keep(dui @ a, keep, inplace=True))
             dx = dx.to(ctx.x_dtype).view(*dys[0].shape[:-1], k)
         else:
             dx = None
@@ -112,7 +118,7 @@ class _LoRANode16(torch.autograd.Function):
         if any(want_a) and not any(ctx.has_keep):
             das = (du.T @ xl).split(ctx.ranks, dim=0)
         else:
-            das = [(dui.T @ (xl if keep is None else xl * keep)) if want else None
+            das = [(dui.T @ (xl if keep is None else apply_keep(xl, keep))) if want else None
                    for dui, keep, want in zip(dus, keeps, want_a)]
         col = k
         for i, (d, s) in enumerate(zip(dy2, ctx.scales)):
