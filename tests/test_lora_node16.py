@@ -74,3 +74,21 @@ def test_rank_product_and_input_gradient_against_fp64():
     y64.backward(dy.double())
     for got, want in ((y, y64), (x.grad, x64.grad), (a.grad, a64.grad), (b.grad, b64.grad)):
         assert ((got.double() - want).norm() / want.norm()).item() < 1.5e-2
+
+
+def test_adapter_gradients_without_an_input_gradient_are_the_same():
+    """x without grad (a first layer's input) skips the base products of the backward; dA and dB unchanged."""
+    specs = [_spec(7 + i, n=16 + 8 * i) for i in range(2)]
+    x = torch.randn(6, 32, generator=torch.Generator().manual_seed(8))
+    dys = [torch.randn(6, 16 + 8 * i, generator=torch.Generator().manual_seed(9 + i)).bfloat16() for i in range(2)]
+    runs = []
+    for need_dx in (True, False):
+        for _, a, b in specs:
+            a.grad = b.grad = None
+        ys = lora_projections16(x.clone().requires_grad_(need_dx), [(w, None, a, b, None, 2.0) for w, a, b in specs],
+                                torch.bfloat16)
+        torch.autograd.backward(ys, dys)
+        runs.append([t.grad.clone() for _, a, b in specs for t in (a, b)])
+    for got, want in zip(*runs):  # du from its own small product or from the base product's extra columns: the
+        # same sums, possibly blocked in another order, so equal to a bf16 rounding of du
+        assert ((got - want).norm() / want.norm()).item() <= 2.0 ** -8

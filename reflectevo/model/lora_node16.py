@@ -96,12 +96,16 @@ class _LoRANode16(torch.autograd.Function):
         width = xh.shape[1]
         dy2 = [dy.reshape(-1, dy.shape[-1]) for dy in dys]
         dy2 = [d if d.dtype == ldt else d.to(ldt) for d in dy2]
-        dxh, col = None, k
-        for d, w, bs in zip(dy2, ctx.ws, b_sc):
-            wh = augmented(w, ldt, width, col, bs)
-            dxh = d @ wh if dxh is None else dxh.addmm_(d, wh)
-            col += bs.shape[1]
-        du, xl = dxh[:, k:], xh[:, :k]
+        xl, dx = xh[:, :k], None
+        if ctx.needs_input_grad[0]:
+            dxh, col = None, k
+            for d, w, bs in zip(dy2, ctx.ws, b_sc):
+                wh = augmented(w, ldt, width, col, bs)
+                dxh = d @ wh if dxh is None else dxh.addmm_(d, wh)
+                col += bs.shape[1]
+            du = dxh[:, k:]
+        else:  # no dx (the first layer's input): only the adapters' du_i = dy_i (s_i B_i)
+            du = torch.cat([d @ bs for d, bs in zip(dy2, b_sc)], dim=1) if n > 1 else dy2[0] @ b_sc[0]
         grads = [None] * (5 * n)
         dus = du.split(ctx.ranks, dim=1)
         if ctx.needs_input_grad[0]:
@@ -112,8 +116,6 @@ class _LoRANode16(torch.autograd.Function):
                 for dui, a, keep in zip(dus, a_l, keeps):
                     dx.add_(dui @ a if keep is None else apply_keep(dui @ a, keep, inplace=True))
             dx = dx.to(ctx.x_dtype).view(*dys[0].shape[:-1], k)
-        else:
-            dx = None
         want_a = [ctx.needs_input_grad[3 + 5 * i + 2] for i in range(n)]
         if any(want_a) and not any(ctx.has_keep):
             das = (du.T @ xl).split(ctx.ranks, dim=0)
