@@ -22,7 +22,8 @@ Memory: Ŵ_i is a persistent 16-bit buffer per base weight (``augmented``): the 
 only when W changes (its ``_version`` and storage are checked at each call; it goes with W), the B columns are
 rewritten at every call (forward and backward, so they always hold the B this graph saw). For an fp32 base it takes
 the place of the 16-bit cast autocast would make (2 bytes a parameter, plus R columns); a 16-bit base gets one copy
-more. Saved for backward: x̂, the cast A's, the s_i B_i and the keep-masks (bool) — not m_i ⊙ x, recomputed.
+more. Saved for backward: x (its 16-bit cast when it is fp32) and u, the cast A's, the s_i B_i and the keep-masks
+(bool) — not m_i ⊙ x, recomputed.
 """
 from __future__ import annotations
 
@@ -81,7 +82,10 @@ class _LoRANode16(torch.autograd.Function):
             y = xh @ wh.T if bias is None else torch.addmm(bias.to(ldt), xh, wh.T)
             outs.append(y.view(*x.shape[:-1], y.shape[-1]))
             col += bs.shape[1]
-        ctx.save_for_backward(xh, *a_l, *b_sc, *(kp for kp in keeps if kp is not None))
+        # x and u saved apart when x is already 16-bit: x is often saved by its producer too (the attention output
+        # before o_proj), and a copy inside x̂ would be a second one
+        xs, us = (x2, xh[:, k:].clone()) if x2.dtype == ldt else (xl, xh[:, k:])
+        ctx.save_for_backward(xs, us, *a_l, *b_sc, *(kp for kp in keeps if kp is not None))
         ctx.ws, ctx.ranks, ctx.scales, ctx.k, ctx.ldt = ws, ranks, scales, k, ldt
         ctx.has_keep = [kp is not None for kp in keeps]
         ctx.x_dtype, ctx.a_dtypes, ctx.b_dtypes = x.dtype, [a.dtype for a in a_s], [b.dtype for b in b_s]
@@ -90,13 +94,13 @@ class _LoRANode16(torch.autograd.Function):
     @staticmethod
     def backward(ctx, *dys):
         n, k, ldt = len(ctx.ws), ctx.k, ctx.ldt
-        xh, *rest = ctx.saved_tensors
+        xl, u, *rest = ctx.saved_tensors
         a_l, b_sc, masks = rest[:n], rest[n:2 * n], iter(rest[2 * n:])
         keeps = [next(masks) if has else None for has in ctx.has_keep]
-        width = xh.shape[1]
+        width = k + u.shape[1]
         dy2 = [dy.reshape(-1, dy.shape[-1]) for dy in dys]
         dy2 = [d if d.dtype == ldt else d.to(ldt) for d in dy2]
-        xl, dx = xh[:, :k], None
+        dx = None
         if ctx.needs_input_grad[0]:
             dxh, col = None, k
             for d, w, bs in zip(dy2, ctx.ws, b_sc):
@@ -122,13 +126,11 @@ class _LoRANode16(torch.autograd.Function):
         else:
             das = [(dui.T @ (xl if keep is None else apply_keep(xl, keep))) if want else None
                    for dui, keep, want in zip(dus, keeps, want_a)]
-        col = k
-        for i, (d, s) in enumerate(zip(dy2, ctx.scales)):
+        for i, (d, ui, s) in enumerate(zip(dy2, u.split(ctx.ranks, dim=1), ctx.scales)):
             if want_a[i]:
                 grads[5 * i + 2] = das[i].to(ctx.a_dtypes[i])
             if ctx.needs_input_grad[3 + 5 * i + 3]:
-                grads[5 * i + 3] = (d.T @ xh[:, col:col + ctx.ranks[i]]).mul_(s).to(ctx.b_dtypes[i])
-            col += ctx.ranks[i]
+                grads[5 * i + 3] = (d.T @ ui).mul_(s).to(ctx.b_dtypes[i])
         return (dx, None, None, *grads)
 
 
