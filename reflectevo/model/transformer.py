@@ -26,8 +26,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from reflectevo.kernels.cpu_attention import (causal_attention_fp32_backward, packed_causal_attention,
-                                              wants_fp32_backward)
+from reflectevo.kernels.cpu_attention import (causal_attention_fp32_backward, causal_forward16, is_cpu16,
+                                              packed_causal_attention, wants_fp32_backward)
 from reflectevo.kernels import cpu_compiled
 from reflectevo.kernels.rmsnorm import add_rms_norm, rms_norm
 from reflectevo.kernels.rope import apply_rope, dynamic_ntk_inv_freq
@@ -91,6 +91,8 @@ def causal_attention(q, k, v, window: int | None = None, seq_ids: torch.Tensor |
     if window is None or T <= window:
         if T > 1 and wants_fp32_backward(qt, kt, vt):  # 16-bit CPU training: its backward in fp32
             return causal_attention_fp32_backward(qt, kt, vt).transpose(1, 2)
+        if T > 1 and is_cpu16(qt, kt, vt):  # no gradient wanted here (the branch above)
+            return causal_forward16(qt, kt, vt)[0].transpose(1, 2)
         out = F.scaled_dot_product_attention(qt, kt, vt, is_causal=T > 1, enable_gqa=gqa)
     else:
         i = torch.arange(T, device=q.device)
