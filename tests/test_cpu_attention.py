@@ -162,8 +162,12 @@ def test_stacked_backward_with_padding_is_exact_in_fp32_terms():
     fw = [_FWD(a, b_, c, 0.0, True) for a, b_, c in zip(views(q), views(k), views(v))]
     want = [_BWD(*(x.float() for x in (do, a, b_, c, o)), lse, 0.0, True)[:3]
             for do, a, b_, c, (o, lse) in zip(views(dout), views(q), views(k), views(v), fw)]
-    padded = [_padded_fp32(p, 51) for p in (views(dout), views(q), views(k), views(v), [o for o, _ in fw])]
-    lse = _padded_fp32([x[..., None] for _, x in fw], 51)[..., 0]
+    rows = lambda t: [t[0, s:e] for _, s, e in spans]  # noqa: E731
+    outs = [o[0].transpose(0, 1) for o, _ in fw]
+    padded = [_padded_fp32(p, 51) for p in (rows(dout), rows(q), rows(k), rows(v), outs)]
+    lse = torch.zeros(3, fw[0][1].shape[1], 51)
+    for i, (_, x) in enumerate(fw):
+        lse[i, :, :x.shape[2]] = x[0]
     got = _BWD(*padded, lse, 0.0, True)[:3]
     for i, (_, s, e) in enumerate(spans):
         for g, w in zip(got, want[i]):

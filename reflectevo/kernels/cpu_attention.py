@@ -63,7 +63,7 @@ def causal_forward16(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple
 
 
 def _fp32(t: torch.Tensor) -> torch.Tensor:
-    return t.to(torch.float32, memory_format=torch.contiguous_format)
+    return t.to(torch.float32)  # strides kept: the model's [B, H, T, D] views of [B, T, H, D] memory suit the kernel
 
 
 class _CausalAttention16(torch.autograd.Function):
@@ -81,13 +81,13 @@ class _CausalAttention16(torch.autograd.Function):
 
 
 def _padded_fp32(parts: list[torch.Tensor], length: int) -> torch.Tensor:
-    """[1, h, L_i, D] (any dtype / strides) -> [n, h, length, D] fp32, zero beyond each L_i."""
-    out = torch.empty(len(parts), parts[0].shape[1], length, parts[0].shape[3], dtype=torch.float32,
-                      device=parts[0].device)
+    """[L_i, h, D] pieces (any dtype) -> [n, h, length, D] fp32, zero beyond each L_i: a view of [n, length, h, D]
+    memory, the layout the kernel works in (given [n, h, length, D] memory, it copies one input to its own)."""
+    out = torch.empty(len(parts), length, *parts[0].shape[1:], dtype=torch.float32, device=parts[0].device)
     for i, t in enumerate(parts):
-        out[i, :, :t.shape[2]] = t[0]
-        out[i, :, t.shape[2]:] = 0
-    return out
+        out[i, :t.shape[0]] = t
+        out[i, t.shape[0]:] = 0
+    return out.transpose(1, 2)
 
 
 class _PackedCausalAttention16(torch.autograd.Function):
@@ -111,9 +111,10 @@ class _PackedCausalAttention16(torch.autograd.Function):
         q, k, v, out, *lses = ctx.saved_tensors
         spans, length = ctx.spans, max(e - s for _, s, e in ctx.spans)
         grads = [torch.empty_like(t) for t in (q, k, v)]
-        views = [[t[r:r + 1, s:e].transpose(1, 2) for r, s, e in spans] for t in (dout, q, k, v, out)]
-        padded = [_padded_fp32(parts, length) for parts in views]
-        lse = _padded_fp32([x[..., None] for x in lses], length)[..., 0]
+        padded = [_padded_fp32([t[r, s:e] for r, s, e in spans], length) for t in (dout, q, k, v, out)]
+        lse = torch.zeros(len(spans), lses[0].shape[1], length, dtype=torch.float32, device=q.device)
+        for i, x in enumerate(lses):
+            lse[i, :, :x.shape[2]] = x[0]
         dq, dk, dv = _BWD(*padded, lse, 0.0, True)[:3]
         for i, (r, s, e) in enumerate(spans):
             for g, d in zip(grads, (dq, dk, dv)):
