@@ -113,10 +113,10 @@ class _LoRANode16(torch.autograd.Function):
         grads = [None] * (5 * n)
         dus = du.split(ctx.ranks, dim=1)
         if ctx.needs_input_grad[0]:
+            dx = dxh[:, :k]  # accumulated in place: a strided view of dxh (du, its other columns, stays intact)
             if not any(ctx.has_keep):
-                dx = torch.addmm(dxh[:, :k], du, torch.cat(a_l) if n > 1 else a_l[0])
+                dx.addmm_(du, torch.cat(a_l) if n > 1 else a_l[0])
             else:
-                dx = dxh[:, :k].clone()
                 for dui, a, keep in zip(dus, a_l, keeps):
                     dx.add_(dui @ a if keep is None else apply_keep(dui @ a, keep, inplace=True))
             dx = dx.to(ctx.x_dtype).view(*dys[0].shape[:-1], k)
