@@ -8,7 +8,7 @@ Backward, with P recomputed from lse and D_i = rowsum(dO ∘ O):
 
 Why: ``scaled_dot_product_attention`` on bf16 CPU tensors runs the backward of
 ``_scaled_dot_product_flash_attention_for_cpu`` in bf16, which is both slower than the same kernel in fp32 and
-less exact. Here the forward is that kernel's 16-bit call (bitwise what SDPA returns), and the backward upcasts
+less exact. Here the forward is that kernel's 16-bit call (at a padded length, below), and the backward upcasts
 dO, Q, K, V and O (each [heads, tokens, D], small next to the attention work) and runs the kernel's fp32
 backward with the forward's fp32 lse; the gradients are rounded once to the input dtype. Measured on a 2-core
 AMX Xeon, one sequence of 460 tokens, 9 query heads over 3 KV heads, D = 64, torch 2.13: backward 8.3-8.6 ms vs
