@@ -32,6 +32,10 @@ Dropout (training only) multiplies x by a keep-mask drawn from 16-bit uniform in
 folded into the adapter's scale, which the small [tokens, r] product carries instead of x. Autograd keeps the
 mask as bool (1 byte an element; nn.Dropout's CPU path keeps a float one). Against nn.Dropout, which draws one
 Bernoulli per element from the CPU generator, mask + multiply take about a third of the time on a 2-core CPU.
+On the CPU the 64-bit words come from numpy's PCG64 seeded by one draw from torch's default generator (so a seed,
+and a resumed generator state, still fix every mask): torch's CPU generator (mt19937) takes 2.5 ms for the 262k
+words of a [1822, 576] mask, PCG64 1.2 ms; the SmolLM2 SFT step of the CPU benchmark with dropout 0.05 on every
+adapter: 5.36 vs 5.63 s (8 interleaved rounds, per-round median 1.08).
 """
 from __future__ import annotations
 
@@ -39,6 +43,7 @@ import contextlib
 import math
 import re
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -119,9 +124,14 @@ class NF4Linear(nn.Module):
 
 
 def dropout_keep_mask(shape, p: float, device) -> tuple[torch.Tensor, float]:
-    """(bool keep-mask of ``shape``, 1 / P(keep)) with P(drop) = round(p · 2^16) / 2^16, from the default generator."""
+    """(bool keep-mask of ``shape``, 1 / P(keep)) with P(drop) = round(p · 2^16) / 2^16, from the default generator
+    (on the CPU: one 63-bit seed from it, expanded by numpy's PCG64)."""
     numel = math.prod(shape)
-    words = torch.empty((numel + 3) // 4, dtype=torch.int64, device=device).random_(-2 ** 63, None)  # all 64 bits
+    if torch.device(device).type == "cpu":
+        seed = int(torch.randint(0, 2 ** 63 - 1, (), dtype=torch.int64))
+        words = torch.from_numpy(np.random.PCG64(seed).random_raw((numel + 3) // 4).view(np.int64))
+    else:
+        words = torch.empty((numel + 3) // 4, dtype=torch.int64, device=device).random_(-2 ** 63, None)  # 64 bits
     threshold = min(round(p * 65536), 65535)
     keep = words.view(torch.int16)[:numel].view(shape) >= threshold - 32768
     return keep, 65536 / (65536 - threshold)
