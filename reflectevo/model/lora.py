@@ -127,13 +127,14 @@ def dropout_keep_mask(shape, p: float, device) -> tuple[torch.Tensor, float]:
     """(bool keep-mask of ``shape``, 1 / P(keep)) with P(drop) = round(p · 2^16) / 2^16, from the default generator
     (on the CPU: one 63-bit seed from it, expanded by numpy's PCG64)."""
     numel = math.prod(shape)
-    if torch.device(device).type == "cpu":
+    threshold = min(round(p * 65536), 65535)
+    if torch.device(device).type == "cpu":  # numpy's compare: 0.14 vs 0.39 ms for torch's on a [1822, 576] mask
         seed = int(torch.randint(0, 2 ** 63 - 1, (), dtype=torch.int64))
-        words = torch.from_numpy(np.random.PCG64(seed).random_raw((numel + 3) // 4).view(np.int64))
+        lanes = np.random.PCG64(seed).random_raw((numel + 3) // 4).view(np.int16)[:numel]
+        keep = torch.from_numpy(lanes >= threshold - 32768).view(shape)
     else:
         words = torch.empty((numel + 3) // 4, dtype=torch.int64, device=device).random_(-2 ** 63, None)  # 64 bits
-    threshold = min(round(p * 65536), 65535)
-    keep = words.view(torch.int16)[:numel].view(shape) >= threshold - 32768
+        keep = words.view(torch.int16)[:numel].view(shape) >= threshold - 32768
     return keep, 65536 / (65536 - threshold)
 
 
